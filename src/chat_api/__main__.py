@@ -1,0 +1,3 @@
+from chat_api.cli import main
+
+raise SystemExit(main())

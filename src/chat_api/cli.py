@@ -1,0 +1,94 @@
+"""The `chat-api` command: `serve`, and (with keys on) `keys`, `usage`, `db`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from chat_api.config import Settings, settings_error_line, unknown_variables
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; a bad value exits with one plain line."""
+    unknown = unknown_variables()
+    if unknown:
+        raise SystemExit(
+            f"chat-api: unknown setting {unknown[0]}: no such variable (see the README's settings)."
+        )
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SystemExit(f"chat-api: {settings_error_line(exc)}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from chat_api import logs
+
+    overrides: dict[str, object] = {}
+    if args.demo:
+        overrides["demo"] = True
+    settings = load_settings(**overrides)
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    level = args.log_level or settings.log_level
+    logs.configure(level, settings.log_format)
+    if args.workers > 1 or args.demo:
+        # Workers are separate processes that read the environment again.
+        import os
+
+        if args.demo:
+            os.environ["CHAT_API_DEMO"] = "1"
+        uvicorn.run(
+            "chat_api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=args.workers,
+            log_config=None,
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=int(settings.shutdown_grace),
+        )
+        return 0
+    from chat_api.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chat-api", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", help="address to listen on (CHAT_API_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (CHAT_API_PORT)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--demo", action="store_true", help="use the offline demo model")
+    serve.set_defaults(handler=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

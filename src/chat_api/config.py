@@ -1,0 +1,185 @@
+"""Settings: the only place that reads the environment.
+
+Every setting comes from an environment variable (or a `.env` file in the
+working directory). Bad values stop startup with one line that names the
+variable; `settings_error_line` builds that line from pydantic's error.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODELS = (
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4-turbo",
+    "gpt-4",
+    "gpt-3.5-turbo",
+    "o1-preview",
+    "o1-mini",
+)
+
+ENV_PREFIX = "CHAT_API_"
+
+
+class ModelOverride(BaseModel):
+    """What an operator may say about one model in `CHAT_API_MODEL_CAPABILITIES`."""
+
+    model_config = {"extra": "forbid"}
+
+    system_role: bool | None = None
+    streaming: bool | None = None
+    sampling: bool | None = None
+    token_field: Literal["max_tokens", "max_completion_tokens"] | None = None
+
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything chat-api can be told, with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    # --- upstream -----------------------------------------------------------
+    openai_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_API_KEY_CYB_SEC", "OPENAI_API_KEY", "openai_api_key"),
+    )
+    openai_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
+    )
+    upstream_timeout: float = Field(default=120.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    upstream_retries: int = Field(default=2, ge=0, le=10)
+    upstream_max_connections: int = Field(default=10_000, ge=1)
+    stream_deadline: float = Field(default=900.0, gt=0)
+    keepalive_interval: float = Field(default=15.0, gt=0)
+
+    # --- models -------------------------------------------------------------
+    models: CommaList = DEFAULT_MODELS
+    default_model: str = "gpt-4o-mini"
+    model_capabilities: dict[str, ModelOverride] = Field(default_factory=dict)
+    prices: dict[str, tuple[Decimal, Decimal]] = Field(default_factory=dict)
+
+    # --- demo ---------------------------------------------------------------
+    demo: bool = False
+    demo_delay: float = Field(default=0.03, ge=0)
+
+    # --- HTTP ---------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=5000, ge=0, le=65535)
+    cors_origins: CommaList = ("*",)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "plain"] = "plain"
+
+    # --- input limits -------------------------------------------------------
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_messages: int = Field(default=500, ge=1)
+    max_message_chars: int = Field(default=200_000, ge=1)
+    max_tokens_limit: int = Field(default=65_536, ge=1)
+    max_choices: int = Field(default=8, ge=1)
+
+    # --- keys, limits, storage -----------------------------------------------
+    master_key: SecretStr | None = None
+    database_url: str = "sqlite+aiosqlite:///./chat-api.db"
+    redis_url: str | None = None
+    auth_failures_per_minute: int = Field(default=30, ge=1)
+    ledger_flush_interval: float = Field(default=0.5, gt=0)
+    ledger_batch_size: int = Field(default=200, ge=1)
+    migrate_on_start: bool = True
+    shutdown_grace: float = Field(default=20.0, ge=0)
+
+    _split = field_validator("models", "cors_origins", mode="before")(_split_commas)
+
+    @field_validator("openai_api_key", "master_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _models_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must name at least one model")
+        return value
+
+    @model_validator(mode="after")
+    def _default_is_allowed(self) -> Settings:
+        if self.default_model not in self.models:
+            raise ValueError(
+                f"CHAT_API_DEFAULT_MODEL {self.default_model!r} is not in CHAT_API_MODELS"
+            )
+        if self.master_key is not None and len(self.master_key.get_secret_value()) < 16:
+            raise ValueError("CHAT_API_MASTER_KEY must be at least 16 characters long")
+        return self
+
+    @property
+    def has_upstream_key(self) -> bool:
+        return self.openai_api_key is not None
+
+    @property
+    def keys_enabled(self) -> bool:
+        return self.master_key is not None
+
+
+_VARIABLE_FOR_FIELD = {
+    "openai_api_key": "OPENAI_API_KEY_CYB_SEC",
+    "openai_base_url": "OPENAI_BASE_URL",
+}
+
+
+_SECRET_FIELDS = {"openai_api_key", "master_key"}
+
+
+def variable_name(field: str) -> str:
+    """The environment variable a settings field is read from."""
+    return _VARIABLE_FOR_FIELD.get(field, ENV_PREFIX + field.upper())
+
+
+def settings_error_line(error: ValidationError) -> str:
+    """One plain line naming the variable that stopped startup."""
+    first = error.errors()[0]
+    loc = first.get("loc") or ()
+    message = str(first.get("msg", "is not valid")).removeprefix("Value error, ")
+    if not loc:
+        return message
+    value = first.get("input")
+    secret = str(loc[0]) in _SECRET_FIELDS
+    plain = not (secret or isinstance(value, dict) or value is None)
+    shown = f" (got {str(value)[:60]!r})" if plain else ""
+    return f"{variable_name(str(loc[0]))}: {message}{shown}"
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """`CHAT_API_*` variables that no setting reads: almost always a typo."""
+    env = os.environ if environ is None else environ
+    known = {variable_name(name) for name in Settings.model_fields}
+    return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)

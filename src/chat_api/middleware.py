@@ -1,0 +1,92 @@
+"""The gateway's one middleware, written as plain ASGI (no per-request task).
+
+For every HTTP request it: picks the request id (the client's `X-Request-ID`
+when it is sane, else a new one) and returns it; caps the body size (413),
+whether or not a Content-Length was sent; adds security headers.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chat_api.errors import PayloadTooLarge
+
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
+
+def is_openai_dialect(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = ""
+        declared = -1
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _SANE_ID.match(candidate):
+                    request_id = candidate
+            elif name == b"content-length":
+                declared = int(value) if value.isdigit() else -1
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), id_header, *SECURITY_HEADERS]
+            await send(message)
+
+        if declared > self.max_body:
+            await _reject_too_large(scope, send_with_headers, self.max_body)
+            return
+
+        max_body = self.max_body
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > max_body:
+                    raise PayloadTooLarge(max_body)
+            return message
+
+        await self.app(scope, counting_receive, send_with_headers)
+
+
+async def _reject_too_large(scope: Scope, send: Send, limit: int) -> None:
+    error = PayloadTooLarge(limit)
+    body = error.body(is_openai_dialect(scope["path"]))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,19 @@
+"""Where answers come from: OpenAI (or any compatible server), or the offline demo."""
+
+from __future__ import annotations
+
+from chat_api.config import Settings
+from chat_api.providers.base import Completion, Provider, UpstreamStream
+from chat_api.providers.demo import DemoProvider
+from chat_api.providers.openai import OpenAIProvider
+
+__all__ = ["Completion", "Provider", "UpstreamStream", "build_provider"]
+
+
+def build_provider(settings: Settings) -> Provider | None:
+    """The provider the settings ask for, or None when there is no key and no demo."""
+    if settings.demo:
+        return DemoProvider(settings)
+    if settings.openai_api_key is not None:
+        return OpenAIProvider(settings)
+    return None

@@ -1,0 +1,55 @@
+"""The interface every provider offers the engine.
+
+A provider speaks OpenAI's chat-completions wire format: it takes a request
+body (a dict) and gives back raw JSON bytes, so the gateway can relay what it
+receives without rebuilding it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole (non-streamed) answer: the bytes as received, and their parse."""
+
+    raw: bytes
+    data: dict[str, Any]
+    upstream_request_id: str | None = None
+
+
+class UpstreamStream(Protocol):
+    """An open streamed answer.
+
+    Iterating yields each event's `data` payload (JSON bytes) and stops at
+    `[DONE]`; `saw_done` tells whether that marker arrived. `aclose` closes
+    the upstream connection at once; it is safe to call twice.
+    """
+
+    upstream_request_id: str | None
+    saw_done: bool
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Provider(Protocol):
+    """A source of chat completions."""
+
+    name: str
+
+    async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
+        """One whole answer. Raises `ChatAPIError` subclasses or SDK errors."""
+        ...
+
+    async def open_stream(self, body: dict[str, Any], request_id: str) -> UpstreamStream:
+        """Start a streamed answer; returns once the upstream has answered with 200."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections at shutdown."""
+        ...

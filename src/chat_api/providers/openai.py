@@ -1,0 +1,118 @@
+"""OpenAI, or any server that speaks its chat-completions API, through the official SDK.
+
+One `AsyncOpenAI` client is shared by every request. We ask it for the raw
+HTTP response (`cast_to=httpx2.Response`) so answers are relayed as the bytes
+OpenAI sent, with no model objects built per chunk; the SDK still does what
+it is good at: auth, retries with backoff before any byte is read, timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+from openai._constants import RAW_RESPONSE_HEADER
+
+from chat_api.config import Settings
+from chat_api.errors import UpstreamError, UpstreamTimeout, from_upstream
+from chat_api.providers.base import Completion
+from chat_api.sse import SSEParser
+
+PATH = "/chat/completions"
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
+
+
+class OpenAIProvider:
+    """Calls the configured upstream with the operator's key."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.openai_api_key is not None
+        timeout = httpx2.Timeout(settings.upstream_timeout, connect=settings.connect_timeout)
+        limits = httpx2.Limits(
+            max_connections=settings.upstream_max_connections,
+            max_keepalive_connections=min(settings.upstream_max_connections, 1000),
+            keepalive_expiry=30,
+        )
+        self._client = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            max_retries=settings.upstream_retries,
+            timeout=timeout,
+            http_client=openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits),
+        )
+        self._deadline = settings.stream_deadline
+
+    async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
+        response = await self._post(body, request_id, stream=False)
+        raw = response.content
+        if len(raw) > MAX_BODY_BYTES:
+            raise UpstreamError("OpenAI sent an answer that is too large to relay.")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("OpenAI sent an answer that is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise UpstreamError("OpenAI sent an answer that is not a JSON object.")
+        return Completion(raw, data, response.headers.get("x-request-id"))
+
+    async def open_stream(self, body: dict[str, Any], request_id: str) -> _OpenAIStream:
+        response = await self._post(body, request_id, stream=True)
+        return _OpenAIStream(response, asyncio.get_running_loop().time() + self._deadline)
+
+    async def _post(
+        self, body: dict[str, Any], request_id: str, *, stream: bool
+    ) -> httpx2.Response:
+        headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+        if stream:
+            headers[RAW_RESPONSE_HEADER] = "stream"  # hand back the response unread
+        try:
+            return await self._client.post(
+                PATH,
+                cast_to=httpx2.Response,
+                content=orjson.dumps(body),
+                options={"headers": headers},
+            )
+        except openai.OpenAIError as exc:
+            raise from_upstream(exc) from None
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+class _OpenAIStream:
+    """The SSE body of one upstream answer, read as it arrives."""
+
+    def __init__(self, response: httpx2.Response, deadline: float) -> None:
+        self._response = response
+        self._deadline = deadline
+        self.upstream_request_id: str | None = response.headers.get("x-request-id")
+        self.saw_done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        parser = SSEParser()
+        loop = asyncio.get_running_loop()
+        try:
+            async for chunk in self._response.aiter_bytes():
+                if loop.time() > self._deadline:
+                    raise UpstreamTimeout("The answer took longer than the server allows.")
+                for payload in parser.feed(chunk):
+                    if payload == b"[DONE]":
+                        self.saw_done = True
+                        return
+                    yield payload
+            for payload in parser.finish():
+                if payload == b"[DONE]":
+                    self.saw_done = True
+                    return
+                yield payload
+        except httpx2.HTTPError as exc:
+            raise from_upstream(exc) from None
+
+    async def aclose(self) -> None:
+        await self._response.aclose()

@@ -1,0 +1,117 @@
+"""Responses that notice when the client goes away.
+
+`EventStreamResponse` streams SSE and, the moment the client disconnects,
+cancels the producer so the upstream call is closed at once (Starlette's own
+streaming response leaves that to the next write). `until_disconnect` does the
+same for a non-streamed call still waiting on the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import TypeVar
+
+import orjson
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from chat_api.sse import PING, SSE_HEADERS
+
+T = TypeVar("T")
+
+
+class JSONResponse(Response):
+    """JSON via orjson: several times faster than the standard library."""
+
+    media_type = "application/json"
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content)
+
+
+class EventStreamResponse(Response):
+    """`text/event-stream` from an iterator of ready-framed events.
+
+    Three tasks share the connection: the producer writes events, a watcher
+    waits for the client's disconnect and cancels the producer, and a pinger
+    writes `: ping` whenever nothing was written for `keepalive` seconds.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        *,
+        keepalive: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.events = events
+        self.keepalive = keepalive
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**SSE_HEADERS, **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        last_write = loop.time()
+
+        async def produce() -> None:
+            nonlocal last_write
+            async for event in self.events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                last_write = loop.time()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def ping() -> None:
+            nonlocal last_write
+            while True:
+                await asyncio.sleep(max(0.0, last_write + self.keepalive - loop.time()))
+                if loop.time() - last_write >= self.keepalive:
+                    await send({"type": "http.response.body", "body": PING, "more_body": True})
+                    last_write = loop.time()
+
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        producer = asyncio.ensure_future(produce())
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        pinger = asyncio.ensure_future(ping())
+        try:
+            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pinger, watcher, producer):
+                task.cancel()
+            # Let the producer's cleanup (closing the upstream) run to the end.
+            await asyncio.gather(producer, watcher, pinger, return_exceptions=True)
+        if producer.done() and not producer.cancelled():
+            error = producer.exception()
+            if error is not None and not isinstance(error, OSError | ClientDisconnect):
+                raise error
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnect()
+    return task.result()

@@ -1,0 +1,1 @@
+"""HTTP routes: thin adapters from each API dialect to the one chat engine."""

@@ -1,0 +1,106 @@
+"""Server-sent events: reading the upstream's, writing ours, keeping idle ones alive.
+
+Both dialects frame their events here. Parsing works on bytes, so a UTF-8
+character split across two network reads is put back together before
+anyone decodes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+from chat_api.errors import UpstreamError
+
+T = TypeVar("T")
+
+PING = b": ping\n\n"
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def frame(payload: bytes) -> bytes:
+    """One `data:` event."""
+    return b"data: " + payload + b"\n\n"
+
+
+class SSEParser:
+    """Turns raw upstream bytes into the `data` payload of each event.
+
+    Comment lines and other fields are skipped; a multi-line `data` is joined
+    with newlines as the SSE spec says. `max_event_bytes` caps how much one
+    event may hold, so a broken upstream cannot fill our memory.
+    """
+
+    __slots__ = ("_buffer", "_max")
+
+    def __init__(self, max_event_bytes: int = 8 * 1024 * 1024) -> None:
+        self._buffer = b""
+        self._max = max_event_bytes
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events = buffer.split(b"\n\n")
+        self._buffer = events.pop()
+        if len(self._buffer) > self._max:
+            raise UpstreamError("OpenAI sent an event that is too large to relay.")
+        payloads: list[bytes] = []
+        for block in events:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                payloads.append(block[6:])  # the common case: one data line
+            elif block:
+                payload = _data_of(block)
+                if payload is not None:
+                    payloads.append(payload)
+        return payloads
+
+    def finish(self) -> list[bytes]:
+        """Whatever the upstream sent after its last blank line."""
+        rest, self._buffer = self._buffer, b""
+        payload = _data_of(rest) if rest.strip() else None
+        return [payload] if payload is not None else []
+
+
+def _data_of(block: bytes) -> bytes | None:
+    lines = [
+        line[5:].removeprefix(b" ") for line in block.split(b"\n") if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None
+
+
+async def with_keepalive(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
+    """Yield what `source` yields, and None whenever `interval` seconds pass without an item.
+
+    The caller turns None into a `: ping` comment. The pending read is
+    cancelled, and `source` closed, whatever ends the iteration.
+    """
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait((pending,), timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

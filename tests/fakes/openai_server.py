@@ -1,0 +1,246 @@
+"""A fake OpenAI server: a real ASGI app, served by a real uvicorn on loopback.
+
+It speaks `POST /v1/chat/completions` (whole and streamed, with usage and
+tool-call deltas) and misbehaves on demand. Tests queue `Plan`s; each request
+takes the next one (or the default answer). It records every request it
+received and whether each stream was closed early by its client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import Message, Receive, Scope, Send
+
+DEFAULT_TEXT = "Hello from the fake upstream. It has several words to stream."
+
+
+@dataclass
+class Plan:
+    """How the fake answers one request."""
+
+    text: str = DEFAULT_TEXT
+    status: int = 200
+    error_body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: str = "stop"
+    usage: dict[str, int] | None = None  # default: words counted
+    send_usage: bool = True
+    delay_before_headers: float = 0.0
+    chunk_interval: float = 0.0
+    first_chunk_delay: float = 0.0
+    drop_after_chunks: int | None = None  # break the connection after N chunks
+    stall_after_chunks: int | None = None  # stop sending (forever) after N chunks
+    error_event_after_chunks: int | None = None  # send an error event after N chunks
+    malformed_after_chunks: int | None = None  # send broken JSON after N chunks
+    omit_done: bool = False
+    raw_chunks: list[bytes] | None = None  # send these bytes as the body, as they are
+    comments_forever: bool = False  # only ': keep-alive' lines, never data
+
+
+@dataclass
+class Received:
+    body: dict[str, Any]
+    headers: dict[str, str]
+    path: str
+    at: float = field(default_factory=time.monotonic)
+    closed_early: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeOpenAI:
+    """The ASGI app plus what it saw."""
+
+    def __init__(self) -> None:
+        self.plans: list[Plan] = []
+        self.received: list[Received] = []
+        self.lock = threading.Lock()
+        self.api_key = "sk-test-fake-upstream-key-0123456789abcdef"
+
+    # --- test-side helpers --------------------------------------------------
+
+    def queue(self, *plans: Plan) -> None:
+        with self.lock:
+            self.plans.extend(plans)
+
+    @property
+    def hits(self) -> int:
+        return len(self.received)
+
+    def last(self) -> Received:
+        return self.received[-1]
+
+    def _next_plan(self) -> Plan:
+        with self.lock:
+            return self.plans.pop(0) if self.plans else Plan()
+
+    # --- ASGI -----------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        if scope["path"] == "/v1/models":
+            await _send_json(send, 200, {"object": "list", "data": []})
+            return
+        if scope["path"] != "/v1/chat/completions":
+            await _send_json(send, 404, {"error": {"message": "no such path"}})
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        record = Received(json.loads(raw or b"{}"), headers, scope["path"])
+        self.received.append(record)
+        plan = self._next_plan()
+        if headers.get("authorization") != f"Bearer {self.api_key}":
+            plan = Plan(status=401, error_body=_error("Incorrect API key provided: sk-te****", 401))
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, record))
+        try:
+            await self._answer(plan, record, send)
+            record.finished.set()
+        finally:
+            await asyncio.sleep(0)
+            watcher.cancel()
+
+    async def _answer(self, plan: Plan, record: Received, send: Send) -> None:
+        if plan.delay_before_headers:
+            await asyncio.sleep(plan.delay_before_headers)
+        if plan.status != 200:
+            await _send_json(send, plan.status, plan.error_body or _error("fake error", plan.status),
+                             plan.headers)
+            return
+        body = record.body
+        model = body.get("model", "gpt-4o-mini")
+        words = _words(plan.text)
+        usage = plan.usage or {
+            "prompt_tokens": 7,
+            "completion_tokens": len(words),
+            "total_tokens": 7 + len(words),
+        }
+        if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": plan.text, "refusal": None}
+            if plan.tool_calls:
+                message = {"role": "assistant", "content": None, "tool_calls": plan.tool_calls}
+            n = int(body.get("n") or 1)
+            answer = {
+                "id": "chatcmpl-fake123",
+                "object": "chat.completion",
+                "created": 1700000000,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {"index": i, "message": message, "logprobs": None,
+                     "finish_reason": "tool_calls" if plan.tool_calls else plan.finish_reason}
+                    for i in range(n)
+                ],
+                "usage": usage,
+            }
+            await _send_json(send, 200, answer, {"x-request-id": "req_fake_upstream", **plan.headers})
+            return
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream"), (b"x-request-id", b"req_fake_upstream")],
+        })
+        if plan.raw_chunks is not None:
+            for piece in plan.raw_chunks:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                await asyncio.sleep(plan.chunk_interval)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if plan.comments_forever:
+            while not record.closed_early.is_set():
+                await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                await asyncio.sleep(0.05)
+            return
+        head = {"id": "chatcmpl-fake123", "object": "chat.completion.chunk", "created": 1700000000,
+                "model": model, "system_fingerprint": "fp_fake"}
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
+
+        chunks = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+        if plan.tool_calls:
+            for i, call in enumerate(plan.tool_calls):
+                args = call["function"]["arguments"]
+                first = {"index": i, "id": call["id"], "type": "function",
+                         "function": {"name": call["function"]["name"], "arguments": ""}}
+                chunks.append(event([{"index": 0, "delta": {"tool_calls": [first]}, "finish_reason": None}]))
+                for start in range(0, len(args), 8):
+                    piece = {"index": i, "function": {"arguments": args[start:start + 8]}}
+                    chunks.append(event([{"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]))
+        else:
+            chunks += [event([{"index": 0, "delta": {"content": w}, "finish_reason": None}]) for w in words]
+        finish = "tool_calls" if plan.tool_calls else plan.finish_reason
+        chunks.append(event([{"index": 0, "delta": {}, "finish_reason": finish}]))
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if wants_usage and plan.send_usage:
+            chunks.append(event([], usage=usage))
+
+        for index, chunk in enumerate(chunks):
+            if index == 1 and plan.first_chunk_delay:
+                await asyncio.sleep(plan.first_chunk_delay)
+            if plan.drop_after_chunks is not None and index >= plan.drop_after_chunks:
+                raise ConnectionAbortedError("fake upstream drops the connection")
+            if plan.stall_after_chunks is not None and index >= plan.stall_after_chunks:
+                while not record.closed_early.is_set():
+                    await asyncio.sleep(0.05)
+                return
+            if plan.error_event_after_chunks is not None and index >= plan.error_event_after_chunks:
+                err = b'data: {"error": {"message": "The server had an error while processing your request.", "type": "server_error"}}\n\n'
+                await send({"type": "http.response.body", "body": err, "more_body": False})
+                return
+            if plan.malformed_after_chunks is not None and index >= plan.malformed_after_chunks:
+                await send({"type": "http.response.body", "body": b"data: {not json\n\n", "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if plan.chunk_interval:
+                await asyncio.sleep(plan.chunk_interval)
+        tail = b"" if plan.omit_done else b"data: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+def _words(text: str) -> list[str]:
+    parts = text.split(" ")
+    return [parts[0]] + [" " + p for p in parts[1:]] if text else []
+
+
+def _error(message: str, status: int) -> dict[str, Any]:
+    kind = {401: "invalid_request_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+async def _send_json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *extra],
+    })
+    await send({"type": "http.response.body", "body": raw})
+
+
+async def _watch_disconnect(receive: Receive, record: Received) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            if not record.finished.is_set():
+                record.closed_early.set()
+            return
