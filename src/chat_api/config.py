@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     master_key: SecretStr | None = None
     database_url: str = "sqlite+aiosqlite:///./chat-api.db"
     redis_url: str | None = None
+    redis_prefix: str = "chatapi:"
+    replicas: int = Field(default=1, ge=1)
     auth_failures_per_minute: int = Field(default=30, ge=1)
     ledger_flush_interval: float = Field(default=0.5, gt=0)
     ledger_batch_size: int = Field(default=200, ge=1)

@@ -36,6 +36,7 @@ class CallContext:
     request_id: str
     endpoint: str
     caller: Caller | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # rate-limit headers for the answer
 
 
 @dataclass(slots=True)

@@ -4,13 +4,12 @@
 request and token rates and reserves the worst-case cost against its budget.
 `Admission.settle` runs after, whatever happened: it writes the ledger row
 (queued, never on the response path) and replaces the reservation with the
-real cost.
+real cost. The implementation is `chat_api.limits.policy.KeyMeter`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
@@ -104,26 +103,3 @@ class Admission(Protocol):
 
 class Meter(Protocol):
     async def admit(self, ctx: CallContext, prepared: Prepared) -> Admission: ...
-
-
-Sink = Callable[[CallResult], None]
-
-
-@dataclass(slots=True)
-class _Recorded:
-    cost_of: Callable[[CallResult], Decimal]
-    sink: Sink
-
-    def settle(self, result: CallResult) -> None:
-        result.cost = self.cost_of(result)
-        self.sink(result)
-
-
-class RecordingMeter:
-    """Lets every call through and records it: the meter when keys are off."""
-
-    def __init__(self, cost_of: Callable[[CallResult], Decimal], sink: Sink) -> None:
-        self._admission = _Recorded(cost_of, sink)
-
-    async def admit(self, ctx: CallContext, prepared: Prepared) -> Admission:
-        return self._admission

@@ -140,10 +140,12 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
     if prepared.stream:
         chunks = await engine.stream(prepared, ctx)
         return EventStreamResponse(
-            _openai_events(chunks), keepalive=request.app.state.settings.keepalive_interval
+            _openai_events(chunks),
+            keepalive=request.app.state.settings.keepalive_interval,
+            headers=ctx.headers,
         )
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
-    headers = {}
+    headers = dict(ctx.headers)
     if completion.upstream_request_id:
         headers["X-Upstream-Request-ID"] = completion.upstream_request_id
     return Response(completion.raw, media_type="application/json", headers=headers)

@@ -155,7 +155,7 @@ async def chat(request: Request, caller: CallerDep) -> Response:
             ],
             "usage": _usage_of(completion.data.get("usage"), prepared, len(text)),
         },
-        headers=_upstream_id(completion.upstream_request_id),
+        headers={**ctx.headers, **_upstream_id(completion.upstream_request_id)},
     )
 
 
@@ -180,10 +180,12 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
     engine = engine_of(request)
     chat_request = parse_chat_request(await read_json(request))
     prepared = engine.prepare(_openai_body(chat_request, stream=True), caller=caller)
-    chunks = await engine.stream(prepared, context(request, "/chat/stream", caller))
+    ctx = context(request, "/chat/stream", caller)
+    chunks = await engine.stream(prepared, ctx)
     return EventStreamResponse(
         _simple_events(chunks, prepared),
         keepalive=request.app.state.settings.keepalive_interval,
+        headers=ctx.headers,
     )
 
 

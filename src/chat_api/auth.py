@@ -1,0 +1,71 @@
+"""Who is calling: the master key, a client key, or nobody we know.
+
+Every failure looks the same (401), whether the key is missing, wrong,
+expired or revoked. An address that fails too often in a minute is told to
+wait (429) before its keys are even looked at.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from fastapi import Request
+
+from chat_api.config import Settings
+from chat_api.errors import RateLimited, Unauthorized
+from chat_api.limits.counters import Counter
+from chat_api.meter import Caller
+from chat_api.store.database import utcnow
+from chat_api.store.keys import KeyStore, same_secret
+
+MASTER = Caller(key_id=None, name="master")
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class Guard:
+    def __init__(self, settings: Settings, keys: KeyStore, counter: Counter) -> None:
+        assert settings.master_key is not None
+        self._master = settings.master_key.get_secret_value()
+        self._keys = keys
+        self._counter = counter
+        self._per_minute = settings.auth_failures_per_minute
+        self._blocked: dict[str, float] = {}
+
+    async def authenticate(self, request: Request) -> Caller:
+        address = request.client.host if request.client else "unknown"
+        blocked_until = self._blocked.get(address)
+        if blocked_until is not None:
+            if blocked_until > time.monotonic():
+                raise self._slow_down(blocked_until - time.monotonic())
+            del self._blocked[address]
+        token = bearer_token(request.headers.get("authorization"))
+        if token is not None:
+            if same_secret(token, self._master):
+                return MASTER
+            record = await self._keys.find(token)
+            if record is not None and record.usable(utcnow()):
+                return record.caller()
+        await self._failed(address)
+        raise Unauthorized()
+
+    async def _failed(self, address: str) -> None:
+        hit = await self._counter.hit(f"authfail:{address}", 1, self._per_minute)
+        if not hit.allowed:
+            self._blocked[address] = time.monotonic() + hit.reset_in
+            raise self._slow_down(hit.reset_in)
+
+    @staticmethod
+    def _slow_down(seconds: float) -> RateLimited:
+        return RateLimited(
+            "Too many failed attempts with a wrong key from your address. "
+            f"Try again in {math.ceil(seconds)} seconds.",
+            retry_after=seconds,
+        )

@@ -1,0 +1,136 @@
+"""Money budgets per key and period, in micro-dollars.
+
+Before a call, `reserve` takes the call's worst-case cost out of what is
+left, atomically, but never more than what is left: a request is refused
+only once nothing is left, and concurrent requests can overshoot by at most
+one request's cost. After the call, `adjust` swaps the reservation for the
+real cost. The running total starts from the ledger (`seed`) the first time
+a key's period is seen.
+
+`RedisBudgets` keeps totals in Redis for all replicas; when Redis cannot be
+reached it fails closed (503), because money is not guessed.
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from chat_api.errors import ServiceUnavailable
+
+Seed = Callable[[], Awaitable[int]]
+
+
+def period_bounds(period: str | None, now: datetime) -> tuple[str, datetime | None, float]:
+    """(bucket name, start of the period, seconds until it resets)."""
+    if period == "daily":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + timedelta(days=1)
+        return f"d{start:%Y%m%d}", start, (end - now).total_seconds()
+    if period == "monthly":
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        days = calendar.monthrange(start.year, start.month)[1]
+        end = start + timedelta(days=days)
+        return f"m{start:%Y%m}", start, (end - now).total_seconds()
+    return "t", None, 86_400.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Budgets(Protocol):
+    async def reserve(self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed) -> int:
+        """Micro-dollars reserved (0 when nothing is left)."""
+        ...
+
+    async def adjust(self, key_id: str, bucket: str, delta: int) -> None: ...
+
+    async def used(self, key_id: str, bucket: str, seed: Seed) -> int: ...
+
+
+class MemoryBudgets:
+    def __init__(self) -> None:
+        self._used: dict[tuple[str, str], int] = {}
+
+    async def used(self, key_id: str, bucket: str, seed: Seed) -> int:
+        key = (key_id, bucket)
+        if key not in self._used:
+            seeded = await seed()
+            self._used.setdefault(key, seeded)  # another request may have seeded meanwhile
+        return self._used[key]
+
+    async def reserve(self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed) -> int:
+        used = await self.used(key_id, bucket, seed)
+        # No await from here on: check and take happen as one step.
+        used = self._used[(key_id, bucket)]
+        if used >= limit:
+            return 0
+        taken = min(amount, limit - used)
+        self._used[(key_id, bucket)] = used + taken
+        return taken
+
+    async def adjust(self, key_id: str, bucket: str, delta: int) -> None:
+        key = (key_id, bucket)
+        if key in self._used:
+            self._used[key] += delta
+
+
+_RESERVE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return -1 end
+cur = tonumber(cur)
+local limit = tonumber(ARGV[2])
+if cur >= limit then return 0 end
+local take = math.min(tonumber(ARGV[1]), limit - cur)
+redis.call('INCRBY', KEYS[1], take)
+return take
+"""
+
+_UNAVAILABLE = "Budgets cannot be checked right now (the shared store is away). Try again shortly."
+
+
+class RedisBudgets:
+    def __init__(self, redis: Redis, *, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._reserve = redis.register_script(_RESERVE)
+
+    def _key(self, key_id: str, bucket: str) -> str:
+        return f"{self._prefix}budget:{key_id}:{bucket}"
+
+    async def _seed(self, key: str, seed: Seed) -> None:
+        value = await seed()
+        await self._redis.set(key, value, nx=True, ex=60 * 60 * 24 * 40)
+
+    async def used(self, key_id: str, bucket: str, seed: Seed) -> int:
+        key = self._key(key_id, bucket)
+        try:
+            value = await self._redis.get(key)
+            if value is None:
+                await self._seed(key, seed)
+                value = await self._redis.get(key)
+            return int(value or 0)
+        except (RedisError, OSError):
+            raise ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"}) from None
+
+    async def reserve(self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed) -> int:
+        key = self._key(key_id, bucket)
+        try:
+            for _ in range(2):
+                taken = int(await self._reserve(keys=[key], args=[amount, limit]))
+                if taken >= 0:
+                    return taken
+                await self._seed(key, seed)
+        except (RedisError, OSError):
+            raise ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"}) from None
+        return 0
+
+    async def adjust(self, key_id: str, bucket: str, delta: int) -> None:
+        if delta:
+            await self._redis.incrby(self._key(key_id, bucket), delta)

@@ -1,0 +1,129 @@
+"""Per-minute counters for request and token rates.
+
+Windows are whole minutes of the clock, so every replica counts in the same
+window. `MemoryCounter` counts in this process; `RedisCounter` counts in
+Redis with one atomic script per hit, so N replicas together hold the limit.
+When Redis cannot be reached, `RedisCounter` falls back to counting here
+against this replica's share of the limit, and tries Redis again a second
+later.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("chat_api.limits")
+
+WINDOW = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    allowed: bool
+    used: int
+    window: int
+    reset_in: float
+
+
+class Counter(Protocol):
+    async def hit(self, name: str, amount: int, limit: int) -> Hit:
+        """Count `amount` if it fits under `limit` in this minute."""
+        ...
+
+    async def add(self, name: str, window: int, amount: int) -> None:
+        """Correct a window's count (after the real token usage is known)."""
+        ...
+
+
+def _window(now: float) -> tuple[int, float]:
+    window = int(now // WINDOW)
+    return window, (window + 1) * WINDOW - now
+
+
+class MemoryCounter:
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, int], int] = {}
+        self._last_window = 0
+
+    async def hit(self, name: str, amount: int, limit: int) -> Hit:
+        return self.hit_now(name, amount, limit)
+
+    def hit_now(self, name: str, amount: int, limit: int) -> Hit:
+        window, reset = _window(time.time())
+        if window != self._last_window:
+            self._counts = {k: v for k, v in self._counts.items() if k[1] >= window - 1}
+            self._last_window = window
+        used = self._counts.get((name, window), 0)
+        if used + amount > limit:
+            return Hit(False, used, window, reset)
+        self._counts[(name, window)] = used + amount
+        return Hit(True, used + amount, window, reset)
+
+    async def add(self, name: str, window: int, amount: int) -> None:
+        key = (name, window)
+        if key in self._counts:
+            self._counts[key] = max(0, self._counts[key] + amount)
+
+
+_HIT = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], 120) end
+if n > tonumber(ARGV[2]) then
+  redis.call('DECRBY', KEYS[1], ARGV[1])
+  return {0, n - tonumber(ARGV[1])}
+end
+return {1, n}
+"""
+
+
+class RedisCounter:
+    def __init__(self, redis: Redis, *, prefix: str, replicas: int) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._replicas = max(1, replicas)
+        self._hit = redis.register_script(_HIT)
+        self._local = MemoryCounter()
+        self._down_until = 0.0
+
+    @property
+    def degraded(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _went_down(self, exc: Exception) -> None:
+        if not self.degraded:
+            log.warning(
+                "Redis unreachable: rate limits fall back to this replica's share",
+                extra={"error": type(exc).__name__},
+            )
+        self._down_until = time.monotonic() + 1.0
+
+    async def hit(self, name: str, amount: int, limit: int) -> Hit:
+        if not self.degraded:
+            window, reset = _window(time.time())
+            try:
+                allowed, used = await self._hit(
+                    keys=[f"{self._prefix}{name}:{window}"], args=[amount, limit]
+                )
+                return Hit(bool(allowed), int(used), window, reset)
+            except (RedisError, OSError) as exc:
+                self._went_down(exc)
+        share = max(1, math.ceil(limit / self._replicas))
+        return self._local.hit_now(name, amount, share)
+
+    async def add(self, name: str, window: int, amount: int) -> None:
+        if amount == 0:
+            return
+        await self._local.add(name, window, amount)
+        if self.degraded:
+            return
+        try:
+            await self._redis.incrby(f"{self._prefix}{name}:{window}", amount)
+        except (RedisError, OSError) as exc:
+            self._went_down(exc)

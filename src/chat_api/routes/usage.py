@@ -1,0 +1,63 @@
+"""`GET /usage`: what the calling key spent, and what it has left. A key sees only its own."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from chat_api.errors import BadRequest
+from chat_api.limits.budgets import period_bounds, utcnow
+from chat_api.responses import JSONResponse
+from chat_api.routes.deps import CallerDep
+from chat_api.store.ledger import Ledger
+
+router = APIRouter(tags=["usage"])
+
+
+def parse_day(value: str | None, name: str) -> datetime | None:
+    """`2026-11-25` or a full ISO time, as UTC; a clear 400 otherwise."""
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), time(), tzinfo=UTC)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadRequest(f"'{name}' must be a date like 2026-11-25.", param=name) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@router.get("/usage")
+async def my_usage(
+    request: Request, caller: CallerDep, since: str | None = None, until: str | None = None
+) -> Response:
+    """Totals, by model and by day, for the calling key, with its budget and limits."""
+    ledger: Ledger = request.app.state.ledger
+    await ledger.flush()
+    key_id = caller.key_id if caller else None
+    body: dict[str, Any] = await ledger.summary(
+        key_id=key_id, since=parse_day(since, "since"), until=parse_day(until, "until")
+    )
+    body["key"] = {"id": key_id, "name": caller.name if caller else None}
+    body["limits"] = {
+        "rpm": caller.rpm if caller else None,
+        "tpm": caller.tpm if caller else None,
+        "models": list(caller.models) if caller and caller.models else None,
+    }
+    body["budget"] = None
+    if caller is not None and caller.key_id is not None and caller.budget_usd is not None:
+        _, start, reset_in = period_bounds(caller.budget_period, utcnow())
+        spent = await ledger.spent(caller.key_id, start)
+        remaining = max(Decimal(0), caller.budget_usd - spent)
+        body["budget"] = {
+            "limit_usd": float(caller.budget_usd),
+            "period": caller.budget_period,
+            "spent_usd": round(float(spent), 6),
+            "remaining_usd": round(float(remaining), 6),
+            "renews_in_seconds": int(reset_in) if caller.budget_period != "total" else None,
+        }
+    return JSONResponse(body)

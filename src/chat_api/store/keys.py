@@ -1,0 +1,211 @@
+"""Client keys: made random, shown once, kept only as a hash.
+
+A key looks like `cak_` + 43 URL-safe characters (256 bits). Its SHA-256 is
+stored; the first 12 characters are kept to let people tell keys apart.
+Keys are looked up on every request, so a revocation is seen by the very
+next request on every replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chat_api.meter import Caller
+from chat_api.store.database import as_utc, utcnow
+from chat_api.store.schema import client_keys
+
+KEY_PREFIX = "cak_"
+Period = Literal["daily", "monthly", "total"]
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison of two secrets of any length."""
+    return hmac.compare_digest(hash_key(given), hash_key(expected))
+
+
+class KeySpec(BaseModel):
+    """What a new key may carry. Used by `POST /admin/keys` and `chat-api keys create`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    models: list[str] = Field(default_factory=list, description="Allowed models; empty = all.")
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute.")
+    budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=18, decimal_places=6)
+    budget_period: Period | None = Field(
+        default=None, description="daily, monthly or total (the default when a budget is set)."
+    )
+    expires_at: datetime | None = None
+    expires_in_days: float | None = Field(default=None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    name: str
+    prefix: str
+    models: tuple[str, ...]
+    rpm: int | None
+    tpm: int | None
+    budget_usd: Decimal | None
+    budget_period: str | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> KeyRecord:
+        models = tuple(m for m in (row["models"] or "").split(",") if m)
+        budget = row["budget_usd"]
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            prefix=row["prefix"],
+            models=models,
+            rpm=row["rpm"],
+            tpm=row["tpm"],
+            budget_usd=Decimal(str(budget)) if budget is not None else None,
+            budget_period=row["budget_period"],
+            expires_at=as_utc(row["expires_at"]),
+            revoked_at=as_utc(row["revoked_at"]),
+            created_at=as_utc(row["created_at"]) or utcnow(),
+        )
+
+    def usable(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def caller(self) -> Caller:
+        return Caller(
+            key_id=self.id,
+            name=self.name,
+            models=self.models,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            budget_usd=self.budget_usd,
+            budget_period=self.budget_period,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """Everything about the key except anything secret."""
+        now = utcnow()
+        status = "revoked" if self.revoked_at else "active" if self.usable(now) else "expired"
+        return {
+            "id": self.id,
+            "name": self.name,
+            "prefix": self.prefix,
+            "status": status,
+            "models": list(self.models),
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "budget_usd": float(self.budget_usd) if self.budget_usd is not None else None,
+            "budget_period": self.budget_period,
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+class KeyStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(self, spec: KeySpec) -> tuple[KeyRecord, str]:
+        """A new key; the secret is returned here and never again."""
+        secret = new_secret()
+        now = utcnow()
+        expires = spec.expires_at
+        if spec.expires_in_days is not None:
+            expires = now + timedelta(days=spec.expires_in_days)
+        period = spec.budget_period or ("total" if spec.budget_usd is not None else None)
+        values = {
+            "id": "key_" + secrets.token_hex(8),
+            "name": spec.name,
+            "prefix": secret[:12],
+            "key_hash": hash_key(secret),
+            "models": ",".join(spec.models),
+            "rpm": spec.rpm,
+            "tpm": spec.tpm,
+            "budget_usd": spec.budget_usd,
+            "budget_period": period,
+            "expires_at": expires,
+            "revoked_at": None,
+            "created_at": now,
+        }
+        async with self._engine.begin() as connection:
+            await connection.execute(client_keys.insert().values(**values))
+        record = await self.get(str(values["id"]))
+        assert record is not None
+        return record, secret
+
+    async def find(self, secret: str) -> KeyRecord | None:
+        """The key whose secret this is, if any (usable or not)."""
+        if not secret.startswith(KEY_PREFIX):
+            return None
+        digest = hash_key(secret)
+        async with self._engine.connect() as connection:
+            row = (
+                (
+                    await connection.execute(
+                        select(client_keys).where(client_keys.c.key_hash == digest)
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if row is None or not hmac.compare_digest(row["key_hash"], digest):
+            return None
+        return KeyRecord.from_row(row)
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        async with self._engine.connect() as connection:
+            row = (
+                (await connection.execute(select(client_keys).where(client_keys.c.id == key_id)))
+                .mappings()
+                .first()
+            )
+        return KeyRecord.from_row(row) if row else None
+
+    async def all(self) -> list[KeyRecord]:
+        async with self._engine.connect() as connection:
+            rows = (
+                (await connection.execute(select(client_keys).order_by(client_keys.c.created_at)))
+                .mappings()
+                .all()
+            )
+        return [KeyRecord.from_row(row) for row in rows]
+
+    async def revoke(self, key_id: str) -> KeyRecord | None:
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                update(client_keys)
+                .where(client_keys.c.id == key_id, client_keys.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+        return await self.get(key_id)

@@ -1,0 +1,201 @@
+"""The usage ledger: one row for every call that reached the upstream.
+
+Rows are queued in memory by `add` (no I/O on the response path) and written
+in batches by a background task. A failed write keeps its rows and tries
+again; `close` writes whatever is left, so a normal stop loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from chat_api.meter import CallResult
+from chat_api.store.schema import usage
+
+log = logging.getLogger("chat_api.ledger")
+
+MAX_PENDING = 200_000  # rows held while the database is away (~60 MB)
+
+
+def _row(result: CallResult) -> dict[str, Any]:
+    return {
+        "at": datetime.fromtimestamp(result.at, UTC),
+        "key_id": result.key_id,
+        "endpoint": result.endpoint,
+        "model": result.model,
+        "streamed": result.streamed,
+        "outcome": result.outcome,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "estimated": result.estimated,
+        "cost_usd": result.cost,
+        "latency_ms": round(result.latency * 1000, 3),
+        "ttft_ms": round(result.first_token * 1000, 3) if result.first_token is not None else None,
+        "request_id": result.request_id,
+        "upstream_request_id": result.upstream_request_id,
+    }
+
+
+class Ledger:
+    def __init__(self, engine: AsyncEngine, *, flush_interval: float, batch_size: int) -> None:
+        self._engine = engine
+        self._interval = flush_interval
+        self._batch = batch_size
+        self._pending: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.dropped = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    def add(self, result: CallResult) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.pop(0)
+            self.dropped += 1
+            log.error("ledger backlog full: dropped the oldest row")
+        self._pending.append(_row(result))
+        if len(self._pending) >= self._batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log.warning(
+                    "ledger write failed; rows kept for the next try",
+                    extra={"backlog": self.backlog, "error": type(exc).__name__},
+                )
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+
+    async def flush(self) -> None:
+        """Write every queued row now."""
+        async with self._lock:
+            while self._pending:
+                batch = self._pending[: self._batch * 5]
+                async with self._engine.begin() as connection:
+                    await connection.execute(insert(usage), batch)
+                del self._pending[: len(batch)]
+                self.written += len(batch)
+
+    async def close(self, give_up_after: float = 10.0) -> None:
+        """Stop the writer and write what is left, trying for `give_up_after` seconds."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + give_up_after
+        while self._pending:
+            try:
+                await self.flush()
+            except Exception:
+                if loop.time() > deadline:
+                    log.error("ledger: %d rows could not be written at shutdown", self.backlog)
+                    return
+                await asyncio.sleep(0.2)
+
+    # --- reading ----------------------------------------------------------------
+
+    async def summary(
+        self,
+        *,
+        key_id: str | None = None,
+        all_keys: bool = False,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Totals, by model and by day (and by key when `all_keys`)."""
+        conditions: list[ColumnElement[bool]] = []
+        if not all_keys:
+            conditions.append(
+                usage.c.key_id.is_(None) if key_id is None else usage.c.key_id == key_id
+            )
+        if model:
+            conditions.append(usage.c.model == model)
+        if since:
+            conditions.append(usage.c.at >= since)
+        if until:
+            conditions.append(usage.c.at < until)
+        measures = (
+            func.count().label("requests"),
+            func.coalesce(func.sum(usage.c.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
+            func.coalesce(func.sum(usage.c.cost_usd), 0).label("cost_usd"),
+        )
+        day = func.date(usage.c.at).label("day")
+        async with self._engine.connect() as connection:
+            totals = (await connection.execute(select(*measures).where(*conditions))).mappings()
+            total_row = _numbers(totals.one())
+            by_model = await connection.execute(
+                select(usage.c.model, *measures).where(*conditions).group_by(usage.c.model)
+            )
+            by_day = await connection.execute(
+                select(day, *measures).where(*conditions).group_by(day).order_by(day)
+            )
+            result: dict[str, Any] = {
+                "totals": total_row,
+                "by_model": [_numbers(row) for row in by_model.mappings()],
+                "by_day": [_numbers(row) for row in by_day.mappings()],
+            }
+            if all_keys:
+                by_key = await connection.execute(
+                    select(usage.c.key_id, *measures).where(*conditions).group_by(usage.c.key_id)
+                )
+                result["by_key"] = [_numbers(row) for row in by_key.mappings()]
+        return result
+
+    async def spent(self, key_id: str, since: datetime | None) -> Decimal:
+        """What a key spent since `since` (ever, when None), by the rows written so far."""
+        query = select(func.coalesce(func.sum(usage.c.cost_usd), 0)).where(usage.c.key_id == key_id)
+        if since is not None:
+            query = query.where(usage.c.at >= since)
+        async with self._engine.connect() as connection:
+            value = (await connection.execute(query)).scalar_one()
+        queued = sum(
+            (
+                row["cost_usd"]
+                for row in self._pending
+                if row["key_id"] == key_id and (since is None or row["at"] >= since)
+            ),
+            Decimal(0),
+        )
+        return Decimal(str(value)) + queued
+
+
+def _numbers(row: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dict(row).items():
+        name = str(key)  # SQLAlchemy hands back str subclasses, which orjson refuses
+        if isinstance(value, Decimal):
+            out[name] = float(round(value, 6))
+        elif name == "cost_usd" and value is not None:
+            out[name] = round(float(value), 6)
+        elif name == "day" and value is not None:
+            out[name] = str(value)[:10]
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,186 @@
+"""Client keys: who may call, and how every failure looks the same."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.fakes.openai_server import FakeOpenAI
+from tests.keys.conftest import MASTER, auth, make_key
+from tests.servers import ServerThread
+
+UNAUTHORIZED = "A valid API key is required. Send it as 'Authorization: Bearer <key>'."
+
+
+@pytest.fixture
+def keyed(gateway_factory: GatewayFactory) -> ServerThread:
+    return gateway_factory(master_key=MASTER)
+
+
+def test_public_paths_stay_open_and_chat_needs_a_key(keyed: ServerThread, fake: FakeOpenAI) -> None:
+    for path in ("/health", "/models", "/api", "/"):
+        assert httpx.get(keyed.url + path).status_code == 200, path
+    bodies = []
+    for headers in ({}, auth("wrong"), auth("cak_" + "x" * 43), {"Authorization": "Basic abc"}):
+        for method, path in (
+            ("POST", "/chat"),
+            ("POST", "/chat/stream"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v1/models"),
+            ("GET", "/usage"),
+        ):
+            response = httpx.request(
+                method, keyed.url + path, json={"message": "hi"}, headers=headers
+            )
+            assert response.status_code == 401, (path, headers)
+            bodies.append(response.json())
+    simple = [b for b in bodies if isinstance(b["error"], str)]
+    assert {b["error"] for b in simple} == {UNAUTHORIZED}
+    assert fake.hits == 0
+
+
+def test_master_and_client_keys_work_on_both_dialects(
+    keyed: ServerThread, fake: FakeOpenAI
+) -> None:
+    assert (
+        httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(MASTER)).status_code
+        == 200
+    )
+    secret, _ = make_key(keyed.url)
+    assert secret.startswith("cak_") and len(secret) >= 40
+    response = httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(secret))
+    assert response.status_code == 200
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=secret)
+    answer = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    # the operator's key went upstream, never the client's
+    assert all(r.headers["authorization"] == f"Bearer {fake.api_key}" for r in fake.received)
+
+
+def test_expired_and_revoked_keys_get_the_same_401(keyed: ServerThread) -> None:
+    secret, key_id = make_key(keyed.url, expires_in_days=0.00002)  # about 2 seconds
+    assert (
+        httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
+        == 200
+    )
+    time.sleep(2.2)
+    expired = httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(secret))
+    assert expired.status_code == 401 and expired.json()["error"] == UNAUTHORIZED
+
+    secret, key_id = make_key(keyed.url)
+    assert (
+        httpx.delete(keyed.url + f"/admin/keys/{key_id}", headers=auth(MASTER)).json()["status"]
+        == "revoked"
+    )
+    revoked = httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(secret))
+    assert revoked.status_code == 401 and revoked.json()["error"] == UNAUTHORIZED
+
+
+def test_revocation_is_seen_by_another_replica_at_once(
+    gateway_factory: GatewayFactory, postgres_url: str
+) -> None:
+    one = gateway_factory(master_key=MASTER, database_url=postgres_url)
+    two = gateway_factory(master_key=MASTER, database_url=postgres_url)
+    secret, key_id = make_key(one.url)
+    assert (
+        httpx.post(two.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
+        == 200
+    )
+    assert httpx.delete(one.url + f"/admin/keys/{key_id}", headers=auth(MASTER)).status_code == 200
+    assert (
+        httpx.post(two.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
+        == 401
+    )
+
+
+def test_a_key_limited_to_some_models(keyed: ServerThread, fake: FakeOpenAI) -> None:
+    secret, _ = make_key(keyed.url, models=["gpt-4o"])
+    refused = httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(secret))
+    assert (
+        refused.status_code == 403
+        and "may not use the model 'gpt-4o-mini'" in refused.json()["error"]
+    )
+    ok = httpx.post(
+        keyed.url + "/chat", json={"message": "hi", "model": "gpt-4o"}, headers=auth(secret)
+    )
+    assert ok.status_code == 200
+    listed = httpx.get(keyed.url + "/v1/models", headers=auth(secret)).json()
+    assert [m["id"] for m in listed["data"]] == ["gpt-4o"]
+    assert fake.hits == 1
+
+
+def test_admin_api_is_for_the_master_key_only(
+    keyed: ServerThread, gateway_factory: GatewayFactory
+) -> None:
+    secret, key_id = make_key(keyed.url, name="client")
+    for method, path in (
+        ("GET", "/admin/keys"),
+        ("POST", "/admin/keys"),
+        ("GET", f"/admin/keys/{key_id}"),
+        ("DELETE", f"/admin/keys/{key_id}"),
+        ("GET", "/admin/usage"),
+    ):
+        response = httpx.request(method, keyed.url + path, headers=auth(secret), json={"name": "x"})
+        assert response.status_code == 403, path
+    open_server = gateway_factory()
+    response = httpx.get(open_server.url + "/admin/keys")
+    assert response.status_code == 403 and "CHAT_API_MASTER_KEY" in response.json()["error"]
+
+
+def test_secrets_are_shown_once_and_stored_only_as_a_hash(
+    keyed: ServerThread, tmp_path: Path
+) -> None:
+    secret, key_id = make_key(keyed.url, name="shown once")
+    listing = httpx.get(keyed.url + "/admin/keys", headers=auth(MASTER)).text
+    one = httpx.get(keyed.url + f"/admin/keys/{key_id}", headers=auth(MASTER)).json()
+    assert secret not in listing and secret not in str(one)
+    assert one["prefix"] == secret[:12]
+    database = (tmp_path / "gateway.db").read_bytes()
+    wal = tmp_path / "gateway.db-wal"
+    stored = database + (wal.read_bytes() if wal.exists() else b"")
+    assert secret.encode() not in stored
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({}, "'name' is required"),
+        ({"name": "x", "rpm": 0}, "'rpm' is out of range"),
+        ({"name": "x", "models": ["gpt-99"]}, "not in CHAT_API_MODELS"),
+        ({"name": "x", "budget_period": "weekly"}, "budget_period"),
+        ({"name": "x", "colour": "red"}, "Unknown field 'colour'"),
+    ],
+)
+def test_bad_key_specs_are_refused_plainly(
+    keyed: ServerThread, spec: dict[str, object], says: str
+) -> None:
+    response = httpx.post(keyed.url + "/admin/keys", json=spec, headers=auth(MASTER))
+    assert response.status_code == 400
+    assert says in response.json()["error"]
+
+
+def test_too_many_wrong_keys_from_one_address_are_slowed_down(
+    gateway_factory: GatewayFactory,
+) -> None:
+    server = gateway_factory(master_key=MASTER, auth_failures_per_minute=5)
+    statuses = [
+        httpx.post(
+            server.url + "/chat", json={"message": "hi"}, headers=auth(f"bad{i}")
+        ).status_code
+        for i in range(8)
+    ]
+    assert statuses[:5] == [401] * 5
+    assert statuses[5:] == [429] * 3
+    blocked = httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(MASTER))
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1

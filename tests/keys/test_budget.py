@@ -1,0 +1,88 @@
+"""Money budgets: reserved before the call, settled after, never overspent by more than one call."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
+from tests.keys.conftest import MASTER, RedisPlace, auth, make_key
+
+# Expensive prices make a few calls cost real money: $0.001 a token.
+PRICES = {"gpt-4o-mini": (Decimal(1000), Decimal(1000))}
+ONE_CALL = Decimal("0.001") * (7 + len(DEFAULT_TEXT.split(" ")))  # the fake's usage
+
+
+def _fire(base_url: str, key: str, count: int) -> list[httpx.Response]:
+    def call(_: int) -> httpx.Response:
+        return httpx.post(
+            base_url + "/chat",
+            json={"message": "hi", "max_tokens": 20},
+            headers=auth(key),
+            timeout=30,
+        )
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+def test_fifty_concurrent_calls_overshoot_by_at_most_one(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, shared: bool, request: pytest.FixtureRequest
+) -> None:
+    settings: dict[str, object] = {"master_key": MASTER, "prices": PRICES}
+    if shared:
+        place: RedisPlace = request.getfixturevalue("shared_redis")
+        settings |= {"redis_url": place.url, "redis_prefix": place.prefix}
+    server = gateway_factory(**settings)
+    budget = Decimal("0.1")
+    secret, key_id = make_key(server.url, budget_usd=str(budget))
+    fake.queue(*[Plan(delay_before_headers=0.3) for _ in range(50)])
+    responses = _fire(server.url, secret, 50)
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(ok) + len(refused) == 50
+    assert ok and refused
+    assert all("used up its budget" in r.json()["error"] for r in refused)
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert _spent(server.url, key_id) <= budget + ONE_CALL
+    assert fake.hits == len(ok)
+    # What in-flight reservations held back is still there to spend, one call at a time.
+    calls = len(ok)
+    while _fire(server.url, secret, 1)[0].status_code == 200:
+        calls += 1
+        assert calls < 50
+    spent = _spent(server.url, key_id)
+    assert budget <= spent <= budget + ONE_CALL
+    assert fake.hits == calls
+
+
+def _spent(base_url: str, key_id: str) -> Decimal:
+    usage = httpx.get(
+        base_url + "/admin/usage", params={"key_id": key_id}, headers=auth(MASTER)
+    ).json()
+    return Decimal(str(usage["totals"]["cost_usd"]))
+
+
+def test_budget_shows_in_usage_and_renews_by_period(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory(master_key=MASTER, prices=PRICES)
+    secret, _ = make_key(server.url, budget_usd="0.05", budget_period="daily")
+    statuses = [
+        httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
+        for _ in range(5)
+    ]
+    assert statuses.count(200) in (2, 3)
+    refused = httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(secret))
+    assert refused.status_code == 429 and "renews in" in refused.json()["error"]
+    mine = httpx.get(server.url + "/usage", headers=auth(secret)).json()
+    budget = mine["budget"]
+    assert budget["limit_usd"] == 0.05 and budget["period"] == "daily"
+    assert budget["spent_usd"] == pytest.approx(float(ONE_CALL) * statuses.count(200))
+    assert budget["remaining_usd"] == pytest.approx(max(0, 0.05 - budget["spent_usd"]))
+    assert 0 < budget["renews_in_seconds"] <= 86_400

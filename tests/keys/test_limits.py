@@ -1,0 +1,106 @@
+"""Rate limits per key: in one process, shared through Redis, and when Redis goes away."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import httpx
+
+from tests.conftest import GatewayFactory
+from tests.fakes.openai_server import FakeOpenAI
+from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, avoid_minute_edge, make_key
+
+
+def _chat(base_url: str, key: str, **extra: object) -> httpx.Response:
+    return httpx.post(base_url + "/chat", json={"message": "hi", **extra}, headers=auth(key))
+
+
+def test_requests_per_minute_on_both_dialects(gateway_factory: GatewayFactory) -> None:
+    server = gateway_factory(master_key=MASTER)
+    secret, _ = make_key(server.url, rpm=4)
+    avoid_minute_edge()
+    ok = [_chat(server.url, secret) for _ in range(2)]
+    ok += [
+        httpx.post(
+            server.url + "/v1/chat/completions",
+            headers=auth(secret),
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        )
+        for _ in range(2)
+    ]
+    assert [r.status_code for r in ok] == [200] * 4
+    assert ok[0].headers["x-ratelimit-limit-requests"] == "4"
+    assert ok[0].headers["x-ratelimit-remaining-requests"] == "3"
+    refused = _chat(server.url, secret)
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "4 requests a minute" in refused.json()["error"]
+    v1 = httpx.post(
+        server.url + "/v1/chat/completions",
+        headers=auth(secret),
+        json={"messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert v1.status_code == 429 and v1.json()["error"]["code"] == "rate_limit_exceeded"
+    # the master key is not limited
+    assert _chat(server.url, MASTER).status_code == 200
+
+
+def test_tokens_per_minute(gateway_factory: GatewayFactory, fake: FakeOpenAI) -> None:
+    server = gateway_factory(master_key=MASTER)
+    secret, _ = make_key(server.url, tpm=100)
+    avoid_minute_edge()
+    # each call: ~8 prompt tokens estimated + 40 max_tokens reserved, then 7 + 12 real tokens
+    statuses = [_chat(server.url, secret, max_tokens=40).status_code for _ in range(8)]
+    assert statuses[:2] == [200, 200]
+    assert 429 in statuses
+    hits_when_refused = fake.hits
+    assert hits_when_refused == statuses.count(200)
+    assert statuses.count(200) <= 100 // 19 + 1
+
+
+def test_two_replicas_sharing_redis_hold_one_limit(
+    gateway_factory: GatewayFactory, shared_redis: RedisPlace
+) -> None:
+    settings = {
+        "master_key": MASTER,
+        "redis_url": shared_redis.url,
+        "redis_prefix": shared_redis.prefix,
+    }
+    one = gateway_factory(**settings)
+    two = gateway_factory(**settings)
+    secret, _ = make_key(one.url, rpm=6)
+    avoid_minute_edge()
+    statuses = [_chat(server.url, secret).status_code for server in (one, two) * 6]
+    assert statuses.count(200) == 6
+    assert statuses.count(429) == 6
+
+
+def test_redis_gone_falls_back_to_each_replicas_share_and_budgets_fail_closed(
+    gateway_factory: GatewayFactory, private_redis: PrivateRedis
+) -> None:
+    server = gateway_factory(
+        master_key=MASTER,
+        redis_url=private_redis.url,
+        replicas=2,
+        prices={"gpt-4o-mini": (Decimal(1), Decimal(1))},
+    )
+    limited, _ = make_key(server.url, rpm=6)
+    budgeted, _ = make_key(server.url, budget_usd=10)
+    avoid_minute_edge()
+    assert _chat(server.url, budgeted).status_code == 200
+    private_redis.stop()
+    # requests: this replica's share of 6 with 2 replicas is 3
+    statuses = [_chat(server.url, limited).status_code for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    # money: never guessed
+    refused = _chat(server.url, budgeted)
+    assert refused.status_code == 503
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "Try again" in refused.json()["error"]
+    private_redis.start()
+    deadline = time.monotonic() + 5
+    while _chat(server.url, budgeted).status_code != 200:
+        assert time.monotonic() < deadline, "budgets did not recover within 5 s of Redis"
+        time.sleep(0.2)
