@@ -1,0 +1,30 @@
+"""The original deployment shape: `gunicorn -c gunicorn.conf.py`.
+
+Two uvicorn workers behind gunicorn, 120-second timeout, listening on every
+address on port 5000. Each worker is an async process that holds thousands
+of open streams, not one. Settings still come from the environment (and
+`.env`), as for `chat-api serve`.
+"""
+
+import os
+
+# The app warns at start when it listens beyond this machine without keys.
+os.environ.setdefault("CHAT_API_HOST", "0.0.0.0")  # noqa: S104
+
+wsgi_app = "chat_api.app:create_app()"
+worker_class = "uvicorn_worker.UvicornWorker"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:5000")  # noqa: S104
+timeout = 120
+graceful_timeout = 30
+keepalive = 5
+accesslog = None
+
+
+def on_starting(server: object) -> None:
+    """Check the settings once, before any worker starts, and set up our log lines."""
+    from chat_api import logs
+    from chat_api.cli import load_settings
+
+    settings = load_settings()  # a bad value stops here with one plain line
+    logs.configure(settings.log_level, settings.log_format)
