@@ -14,7 +14,7 @@ os.environ.setdefault("CHAT_API_HOST", "0.0.0.0")  # noqa: S104
 wsgi_app = "chat_api.app:create_app()"
 worker_class = "uvicorn_worker.UvicornWorker"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:5000")  # noqa: S104
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:5000")
 timeout = 120
 graceful_timeout = 30
 keepalive = 5
