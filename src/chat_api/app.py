@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
@@ -23,22 +22,21 @@ from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from chat_api import __version__
-from chat_api.auth import Guard
 from chat_api.catalog import Catalog
 from chat_api.config import Settings
-from chat_api.engine import ChatEngine
-from chat_api.errors import BadRequest, ChatAPIError, MethodNotAllowed, NotFound
-from chat_api.limits.budgets import Budgets, MemoryBudgets, RedisBudgets
-from chat_api.limits.counters import Counter, MemoryCounter, RedisCounter
-from chat_api.limits.policy import KeyMeter
-from chat_api.meter import CallResult
+from chat_api.errors import (
+    BadRequest,
+    ChatAPIError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+)
+from chat_api.metrics import Metrics
 from chat_api.middleware import GatewayMiddleware, is_openai_dialect
-from chat_api.providers import build_provider
-from chat_api.routes import admin, openai_compat, simple, usage
+from chat_api.observe import RequestObserver
+from chat_api.routes import admin, openai_compat, ops, simple, usage
 from chat_api.routes.schemas import ChatRequest
-from chat_api.store.database import migrate, open_engine
-from chat_api.store.keys import KeyStore
-from chat_api.store.ledger import Ledger
+from chat_api.services import open_services
 
 log = logging.getLogger("chat_api")
 
@@ -50,90 +48,17 @@ PAGE_CSP = (
 )
 
 
-def log_call(result: CallResult) -> None:
-    """One line per upstream call, with ids only: never a key."""
-    log.info(
-        "call",
-        extra={
-            "request_id": result.request_id,
-            "key_id": result.key_id,
-            "endpoint": result.endpoint,
-            "model": result.model,
-            "streamed": result.streamed,
-            "outcome": result.outcome,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "estimated": result.estimated,
-            "latency_ms": round(result.latency * 1000, 1),
-        },
-    )
-
-
-async def _open(app: FastAPI, settings: Settings, catalog: Catalog, stack: AsyncExitStack) -> None:
-    """Open storage, Redis and the upstream client; `stack` closes them in reverse."""
-    database = open_engine(settings.database_url)
-    stack.push_async_callback(database.dispose)
-    if settings.migrate_on_start:
-        await migrate(database)
-    ledger = Ledger(
-        database,
-        flush_interval=settings.ledger_flush_interval,
-        batch_size=settings.ledger_batch_size,
-    )
-    ledger.start()
-    stack.push_async_callback(ledger.close)
-
-    counter: Counter = MemoryCounter()
-    budgets: Budgets = MemoryBudgets()
-    if settings.redis_url:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        stack.push_async_callback(redis.aclose)
-        counter = RedisCounter(redis, prefix=settings.redis_prefix, replicas=settings.replicas)
-        budgets = RedisBudgets(redis, prefix=settings.redis_prefix)
-
-    def record(result: CallResult) -> None:
-        ledger.add(result)
-        log_call(result)
-
-    meter = KeyMeter(catalog, counter, budgets, record, ledger.spent)
-    stack.push_async_callback(meter.drain)  # runs before the ledger closes
-
-    provider = build_provider(settings)
-    if provider is not None:
-        stack.push_async_callback(provider.aclose)
-    else:
-        log.warning(
-            "No OpenAI key is set: chat answers 503. Set OPENAI_API_KEY_CYB_SEC, "
-            "or CHAT_API_DEMO=1 for the demo model."
-        )
-    keys = KeyStore(database)
-    app.state.engine = ChatEngine(settings, catalog, provider, meter)
-    app.state.keys = keys
-    app.state.ledger = ledger
-    app.state.meter = meter
-    app.state.guard = Guard(settings, keys, counter) if settings.keys_enabled else None
-    if (
-        not settings.keys_enabled
-        and settings.has_upstream_key
-        and settings.host not in ("127.0.0.1", "localhost", "::1")
-    ):
-        log.warning(
-            "Anyone who can reach %s:%s can spend your OpenAI key: set CHAT_API_MASTER_KEY "
-            "to require keys.",
-            settings.host,
-            settings.port,
-        )
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app for `settings` (read from the environment when omitted)."""
     settings = settings or Settings()
     catalog = Catalog(settings)
 
+    metrics = Metrics(settings.prometheus_multiproc_dir)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            await _open(app, settings, catalog, stack)
+            await open_services(app, settings, catalog, metrics, stack)
             yield
 
     app = FastAPI(
@@ -147,9 +72,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=Response,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.guard = None
 
-    app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GatewayMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        observe=RequestObserver(metrics),
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=list(settings.cors_origins),
@@ -159,11 +89,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expose_headers=["X-Request-ID", "Retry-After", "X-Upstream-Request-ID"],
         max_age=600,
     )
-    _add_error_handlers(app)
+    _add_error_handlers(app, metrics)
     app.include_router(simple.router)
     app.include_router(openai_compat.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
+    app.include_router(ops.router)
     _add_page(app)
     _document(app)
     return app
@@ -191,9 +122,11 @@ def _error_response(request: Request, error: ChatAPIError) -> Response:
     )
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def on_chat_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ChatAPIError)
+        if exc.status == 429 or isinstance(exc, ServiceUnavailable):
+            metrics.rejections.labels(exc.code or "unknown").inc()
         return _error_response(request, exc)
 
     async def on_validation(request: Request, exc: Exception) -> Response:

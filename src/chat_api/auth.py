@@ -68,4 +68,5 @@ class Guard:
             "Too many failed attempts with a wrong key from your address. "
             f"Try again in {math.ceil(seconds)} seconds.",
             retry_after=seconds,
+            code="too_many_failed_attempts",
         )

@@ -6,8 +6,10 @@ import argparse
 import sys
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from chat_api.config import Settings, settings_error_line, unknown_variables
+from chat_api.manage import add_commands
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -20,6 +22,8 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
+        raise SystemExit(f"chat-api: {settings_error_line(exc)}") from None
+    except SettingsError as exc:  # a value that should be JSON and is not
         raise SystemExit(f"chat-api: {settings_error_line(exc)}") from None
 
 
@@ -52,6 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
             access_log=False,
             loop="uvloop",
             http="httptools",
+            backlog=args.backlog,
             timeout_graceful_shutdown=int(settings.shutdown_grace),
         )
         return 0
@@ -65,6 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         loop="uvloop",
         http="httptools",
+        backlog=args.backlog,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
     return 0
@@ -79,8 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (CHAT_API_PORT)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--backlog",
+        type=int,
+        default=2048,
+        help="pending connections the kernel may queue (default 2048; raise for bursts)",
+    )
     serve.add_argument("--demo", action="store_true", help="use the offline demo model")
     serve.set_defaults(handler=_serve)
+    add_commands(commands, load_settings)
     return parser
 
 

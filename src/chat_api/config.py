@@ -8,6 +8,7 @@ variable; `settings_error_line` builds that line from pydantic's error.
 from __future__ import annotations
 
 import os
+import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -20,7 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 DEFAULT_MODELS = (
     "gpt-4o",
@@ -116,6 +117,10 @@ class Settings(BaseSettings):
     ledger_batch_size: int = Field(default=200, ge=1)
     migrate_on_start: bool = True
     shutdown_grace: float = Field(default=20.0, ge=0)
+    prometheus_multiproc_dir: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"),
+    )
 
     _split = field_validator("models", "cors_origins", mode="before")(_split_commas)
 
@@ -155,6 +160,7 @@ class Settings(BaseSettings):
 _VARIABLE_FOR_FIELD = {
     "openai_api_key": "OPENAI_API_KEY_CYB_SEC",
     "openai_base_url": "OPENAI_BASE_URL",
+    "prometheus_multiproc_dir": "PROMETHEUS_MULTIPROC_DIR",
 }
 
 
@@ -166,8 +172,13 @@ def variable_name(field: str) -> str:
     return _VARIABLE_FOR_FIELD.get(field, ENV_PREFIX + field.upper())
 
 
-def settings_error_line(error: ValidationError) -> str:
+def settings_error_line(error: ValidationError | SettingsError) -> str:
     """One plain line naming the variable that stopped startup."""
+    if isinstance(error, SettingsError):
+        # pydantic-settings says: error parsing value for field "prices" from source ...
+        match = re.search(r'field "(\w+)"', str(error))
+        field = match.group(1) if match else "a setting"
+        return f"{variable_name(field)}: must be valid JSON (see the README's settings table)"
     first = error.errors()[0]
     loc = first.get("loc") or ()
     message = str(first.get("msg", "is not valid")).removeprefix("Value error, ")

@@ -9,7 +9,7 @@ thin adapters over `complete` and `stream`; neither can skip a step.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from chat_api.config import Settings
 from chat_api.errors import BadRequest, NotConfigured, UpstreamError
 from chat_api.meter import Admission, Caller, CallResult, Meter
 from chat_api.providers.base import Completion, Provider, UpstreamStream
+from chat_api.redact import redact
 from chat_api.tokens import estimate_prompt_tokens, tokens_for_chars
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -37,6 +38,7 @@ class CallContext:
     endpoint: str
     caller: Caller | None = None
     headers: dict[str, str] = field(default_factory=dict)  # rate-limit headers for the answer
+    result: CallResult | None = None  # set once the call is let through, for the log line
 
 
 @dataclass(slots=True)
@@ -77,12 +79,19 @@ class ChatEngine:
     """Validates, meters and forwards chat requests to the provider."""
 
     def __init__(
-        self, settings: Settings, catalog: Catalog, provider: Provider | None, meter: Meter
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        provider: Provider | None,
+        meter: Meter,
+        streams_changed: Callable[[int], None] = lambda delta: None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.provider = provider
         self.meter = meter
+        self.open_streams = 0
+        self._streams_changed = streams_changed
 
     # --- validation -----------------------------------------------------------
 
@@ -155,7 +164,7 @@ class ChatEngine:
         provider = self._provider()
         admission = await self.meter.admit(ctx, prepared)
         started = time.monotonic()
-        result = CallResult.start(ctx, prepared, streamed=False)
+        result = ctx.result = CallResult.start(ctx, prepared, streamed=False)
         try:
             completion = await provider.complete(prepared.body, ctx.request_id)
         except BaseException as exc:
@@ -181,7 +190,7 @@ class ChatEngine:
         provider = self._provider()
         admission = await self.meter.admit(ctx, prepared)
         started = time.monotonic()
-        result = CallResult.start(ctx, prepared, streamed=True)
+        result = ctx.result = CallResult.start(ctx, prepared, streamed=True)
         if prepared.model.streaming:
             try:
                 upstream = await provider.open_stream(prepared.body, ctx.request_id)
@@ -190,6 +199,8 @@ class ChatEngine:
                 result.latency = time.monotonic() - started
                 admission.settle(result)
                 raise
+            if upstream.upstream_request_id:
+                ctx.headers["X-Upstream-Request-ID"] = upstream.upstream_request_id
         else:
             upstream = _SingleChunkStream(provider, prepared, ctx.request_id)
         return self._relay(upstream, prepared, admission, result, started)
@@ -203,6 +214,8 @@ class ChatEngine:
         started: float,
     ) -> AsyncIterator[Chunk]:
         stats = StreamStats(upstream_request_id=upstream.upstream_request_id)
+        self.open_streams += 1
+        self._streams_changed(1)
         try:
             async for raw in upstream:
                 chunk = _parse_chunk(raw)
@@ -219,6 +232,8 @@ class ChatEngine:
             result.fail(exc)
             raise
         finally:
+            self.open_streams -= 1
+            self._streams_changed(-1)
             await upstream.aclose()
             result.upstream_request_id = upstream.upstream_request_id
             result.latency = time.monotonic() - started
@@ -239,7 +254,9 @@ def _parse_chunk(raw: bytes) -> Chunk:
     if error is not None:
         message = error.get("message") if isinstance(error, dict) else None
         raise UpstreamError(
-            f"OpenAI stopped the answer: {message}" if message else "OpenAI stopped the answer."
+            f"OpenAI stopped the answer: {redact(str(message))}"
+            if message
+            else "OpenAI stopped the answer."
         )
     return Chunk(raw, data, is_usage_only=not data.get("choices") and bool(data.get("usage")))
 

@@ -139,10 +139,17 @@ class RateLimited(ChatAPIError):
     default_code = "rate_limit_exceeded"
 
     def __init__(
-        self, message: str, *, retry_after: float, headers: Mapping[str, str] | None = None
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        headers: Mapping[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         seconds = max(1, int(retry_after + 0.999))
-        super().__init__(message, headers={**(headers or {}), "Retry-After": str(seconds)})
+        super().__init__(
+            message, code=code, headers={**(headers or {}), "Retry-After": str(seconds)}
+        )
         self.retry_after = seconds
 
 
@@ -201,7 +208,9 @@ def from_upstream(exc: BaseException) -> ChatAPIError:
             retry = exc.response.headers.get("retry-after", "")
             seconds = float(retry) if retry.replace(".", "", 1).isdigit() else 20.0
             return RateLimited(
-                "OpenAI is rate-limiting this server. Try again shortly.", retry_after=seconds
+                "OpenAI is rate-limiting this server. Try again shortly.",
+                retry_after=seconds,
+                code="upstream_rate_limited",
             )
         if status == 404:
             return NotFound(_upstream_message(exc, "OpenAI does not know that model."))

@@ -2,13 +2,17 @@
 
 For every HTTP request it: picks the request id (the client's `X-Request-ID`
 when it is sane, else a new one) and returns it; caps the body size (413),
-whether or not a Content-Length was sent; adds security headers.
+whether or not a Content-Length was sent; adds security headers; and when
+the answer is complete, hands the status and duration to `observe` (the
+metrics and the log line).
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,10 +31,14 @@ def is_openai_dialect(path: str) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 
 
+Observer = Callable[[Scope, int, float], None]
+
+
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, observe: Observer) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,14 +58,19 @@ class GatewayMiddleware:
             request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode("latin-1"))
+        started = time.perf_counter()
+        status = 500
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), id_header, *SECURITY_HEADERS]
             await send(message)
 
         if declared > self.max_body:
             await _reject_too_large(scope, send_with_headers, self.max_body)
+            self.observe(scope, status, time.perf_counter() - started)
             return
 
         max_body = self.max_body
@@ -72,7 +85,10 @@ class GatewayMiddleware:
                     raise PayloadTooLarge(max_body)
             return message
 
-        await self.app(scope, counting_receive, send_with_headers)
+        try:
+            await self.app(scope, counting_receive, send_with_headers)
+        finally:
+            self.observe(scope, status, time.perf_counter() - started)
 
 
 async def _reject_too_large(scope: Scope, send: Send, limit: int) -> None:

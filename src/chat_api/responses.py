@@ -48,9 +48,11 @@ class EventStreamResponse(Response):
         *,
         keepalive: float,
         headers: Mapping[str, str] | None = None,
+        on_shutdown: bytes | None = None,
     ) -> None:
         self.events = events
         self.keepalive = keepalive
+        self.on_shutdown = on_shutdown  # the last event when the server stops mid-stream
         self.status_code = 200
         self.background = None
         self.init_headers({**SSE_HEADERS, **(headers or {})})
@@ -80,15 +82,29 @@ class EventStreamResponse(Response):
         pinger = asyncio.ensure_future(ping())
         try:
             await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The server is stopping and its grace period is over: end the
+            # stream with a clear last event rather than a cut connection.
+            await _stop(producer, watcher, pinger)
+            if self.on_shutdown is not None and not watcher.done():
+                with contextlib.suppress(Exception):
+                    await send(
+                        {"type": "http.response.body", "body": self.on_shutdown, "more_body": False}
+                    )
+            raise
         finally:
-            for task in (pinger, watcher, producer):
-                task.cancel()
-            # Let the producer's cleanup (closing the upstream) run to the end.
-            await asyncio.gather(producer, watcher, pinger, return_exceptions=True)
+            await _stop(producer, watcher, pinger)
         if producer.done() and not producer.cancelled():
             error = producer.exception()
             if error is not None and not isinstance(error, OSError | ClientDisconnect):
                 raise error
+
+
+async def _stop(*tasks: asyncio.Future[None]) -> None:
+    """Cancel `tasks` and let their cleanup (closing the upstream) run to the end."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

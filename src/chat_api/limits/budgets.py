@@ -1,11 +1,13 @@
 """Money budgets per key and period, in micro-dollars.
 
-Before a call, `reserve` takes the call's worst-case cost out of what is
-left, atomically, but never more than what is left: a request is refused
-only once nothing is left, and concurrent requests can overshoot by at most
-one request's cost. After the call, `adjust` swaps the reservation for the
-real cost. The running total starts from the ledger (`seed`) the first time
-a key's period is seen.
+Before a call, `reserve` adds the call's worst-case cost to the running
+total (spent plus everything reserved by calls still in flight) in one
+atomic step, if and only if the total is still under the limit. After the
+call, `adjust` swaps the reservation for the real cost. So a request is
+refused only once the budget is really taken, and however many run at once,
+spending ends below limit + one request's worst-case cost: the last request
+let in saw every earlier one counted at its worst case. The running total
+starts from the ledger (`seed`) the first time a key's period is seen.
 
 `RedisBudgets` keeps totals in Redis for all replicas; when Redis cannot be
 reached it fails closed (503), because money is not guessed.
@@ -46,7 +48,7 @@ def utcnow() -> datetime:
 
 class Budgets(Protocol):
     async def reserve(self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed) -> int:
-        """Micro-dollars reserved (0 when nothing is left)."""
+        """Reserve `amount` micro-dollars while under `limit`; 0 when the budget is taken."""
         ...
 
     async def adjust(self, key_id: str, bucket: str, delta: int) -> None: ...
@@ -71,9 +73,8 @@ class MemoryBudgets:
         used = self._used[(key_id, bucket)]
         if used >= limit:
             return 0
-        taken = min(amount, limit - used)
-        self._used[(key_id, bucket)] = used + taken
-        return taken
+        self._used[(key_id, bucket)] = used + amount
+        return amount
 
     async def adjust(self, key_id: str, bucket: str, delta: int) -> None:
         key = (key_id, bucket)
@@ -85,11 +86,9 @@ _RESERVE = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return -1 end
 cur = tonumber(cur)
-local limit = tonumber(ARGV[2])
-if cur >= limit then return 0 end
-local take = math.min(tonumber(ARGV[1]), limit - cur)
-redis.call('INCRBY', KEYS[1], take)
-return take
+if cur >= tonumber(ARGV[2]) then return 0 end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+return tonumber(ARGV[1])
 """
 
 _UNAVAILABLE = "Budgets cannot be checked right now (the shared store is away). Try again shortly."

@@ -173,6 +173,7 @@ class KeyMeter:
                     f"This key has used up its budget of ${caller.budget_usd}. {when}",
                     retry_after=reset_in,
                     headers={**headers, "x-ratelimit-limit-budget-usd": str(caller.budget_usd)},
+                    code="insufficient_quota",
                 )
         ctx.headers.update(headers)
         return _Limited(self, caller, token_window, tokens, bucket, reserved)

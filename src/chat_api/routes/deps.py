@@ -43,7 +43,13 @@ async def authenticate(request: Request) -> Caller | None:
 
 
 def context(request: Request, endpoint: str, caller: Caller | None) -> CallContext:
-    return CallContext(request_id=request_id_of(request), endpoint=endpoint, caller=caller)
+    """The call's context, also left in the request's state for the log line."""
+    ctx = CallContext(request_id=request_id_of(request), endpoint=endpoint, caller=caller)
+    request.state.call = ctx
+    return ctx
+
+
+SHUTDOWN_MESSAGE = "The server is restarting and had to stop this answer. Please send it again."
 
 
 CallerDep = Annotated[Caller | None, Depends(authenticate)]

@@ -14,10 +14,10 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chat_api.engine import Chunk
-from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed
+from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServiceUnavailable
 from chat_api.meter import Caller
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
 from chat_api.sse import DONE, frame
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
@@ -143,6 +143,7 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
             _openai_events(chunks),
             keepalive=request.app.state.settings.keepalive_interval,
             headers=ctx.headers,
+            on_shutdown=frame(ServiceUnavailable(SHUTDOWN_MESSAGE).body(openai_dialect=True)),
         )
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     headers = dict(ctx.headers)

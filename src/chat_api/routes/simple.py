@@ -17,7 +17,7 @@ from chat_api import __version__
 from chat_api.engine import Chunk, Prepared
 from chat_api.errors import ChatAPIError
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
 from chat_api.routes.schemas import (
     ChatRequest,
     ChatResponse,
@@ -186,6 +186,7 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
         _simple_events(chunks, prepared),
         keepalive=request.app.state.settings.keepalive_interval,
         headers=ctx.headers,
+        on_shutdown=frame(orjson.dumps({"error": SHUTDOWN_MESSAGE})),
     )
 
 

@@ -1,0 +1,123 @@
+"""Opening and closing what the app holds while it runs.
+
+`open_services` runs in the lifespan: the database (migrated), the usage
+ledger's writer, Redis when configured, the meter, the key store and the
+upstream client. Everything is pushed onto an exit stack, which closes it in
+reverse order at shutdown: open streams get a moment to finish their
+cleanup, queued limit corrections are applied, the ledger is written out,
+and only then do Redis and the database close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chat_api.auth import Guard
+from chat_api.catalog import Catalog
+from chat_api.config import Settings
+from chat_api.engine import ChatEngine
+from chat_api.limits.budgets import Budgets, MemoryBudgets, RedisBudgets
+from chat_api.limits.counters import Counter, MemoryCounter, RedisCounter
+from chat_api.limits.policy import KeyMeter
+from chat_api.meter import CallResult
+from chat_api.metrics import Metrics
+from chat_api.providers import build_provider
+from chat_api.store.database import migrate, open_engine
+from chat_api.store.keys import KeyStore
+from chat_api.store.ledger import Ledger
+
+log = logging.getLogger("chat_api")
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(slots=True)
+class Services:
+    """What `/ready` checks."""
+
+    database: AsyncEngine
+    redis: Redis | None
+    has_provider: bool
+
+
+async def open_services(
+    app: FastAPI, settings: Settings, catalog: Catalog, metrics: Metrics, stack: AsyncExitStack
+) -> None:
+    database = open_engine(settings.database_url)
+    stack.push_async_callback(database.dispose)
+    if settings.migrate_on_start:
+        await migrate(database)
+    ledger = Ledger(
+        database,
+        flush_interval=settings.ledger_flush_interval,
+        batch_size=settings.ledger_batch_size,
+    )
+    ledger.start()
+    stack.push_async_callback(ledger.close)
+
+    redis: Redis | None = None
+    counter: Counter = MemoryCounter()
+    budgets: Budgets = MemoryBudgets()
+    if settings.redis_url:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        stack.push_async_callback(redis.aclose)
+        counter = RedisCounter(redis, prefix=settings.redis_prefix, replicas=settings.replicas)
+        budgets = RedisBudgets(redis, prefix=settings.redis_prefix)
+
+    def record(result: CallResult) -> None:
+        ledger.add(result)
+        metrics.call_done(result)
+
+    meter = KeyMeter(catalog, counter, budgets, record, ledger.spent)
+    stack.push_async_callback(meter.drain)  # runs before the ledger closes
+
+    provider = build_provider(settings)
+    if provider is not None:
+        stack.push_async_callback(provider.aclose)
+    else:
+        log.warning(
+            "No OpenAI key is set: chat answers 503. Set OPENAI_API_KEY_CYB_SEC, "
+            "or CHAT_API_DEMO=1 for the demo model."
+        )
+    engine = ChatEngine(
+        settings, catalog, provider, meter, streams_changed=metrics.open_streams.inc
+    )
+    stack.push_async_callback(_let_streams_finish, engine)
+    keys = KeyStore(database)
+    app.state.engine = engine
+    app.state.keys = keys
+    app.state.ledger = ledger
+    app.state.meter = meter
+    app.state.services = Services(database, redis, provider is not None)
+    app.state.guard = Guard(settings, keys, counter) if settings.keys_enabled else None
+    if not settings.keys_enabled and settings.has_upstream_key and settings.host not in LOOPBACK:
+        log.warning(
+            "Anyone who can reach %s:%s can spend your OpenAI key: set CHAT_API_MASTER_KEY "
+            "to require keys.",
+            settings.host,
+            settings.port,
+        )
+    log.info(
+        "started",
+        extra={
+            "provider": provider.name if provider else None,
+            "keys": settings.keys_enabled,
+            "redis": redis is not None,
+            "database": database.dialect.name,
+        },
+    )
+
+
+async def _let_streams_finish(engine: ChatEngine) -> None:
+    """Streams the server cancelled at shutdown still close upstream and settle: wait for that."""
+    for _ in range(30):
+        if engine.open_streams <= 0:
+            return
+        await asyncio.sleep(0.1)
