@@ -7,6 +7,10 @@ of open streams, not one. Settings still come from the environment (and
 """
 
 import os
+import tempfile
+
+# Workers write their metrics here; /metrics adds them up. Set before any import.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="chat-api-metrics-"))
 
 # The app warns at start when it listens beyond this machine without keys.
 os.environ.setdefault("CHAT_API_HOST", "0.0.0.0")  # noqa: S104
@@ -28,3 +32,10 @@ def on_starting(server: object) -> None:
 
     settings = load_settings()  # a bad value stops here with one plain line
     logs.configure(settings.log_level, settings.log_format)
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker that stopped no longer counts in the live gauges (open streams)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]

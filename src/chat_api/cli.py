@@ -27,8 +27,18 @@ def load_settings(**overrides: object) -> Settings:
         raise SystemExit(f"chat-api: {settings_error_line(exc)}") from None
 
 
+def _stopped(signum: int, frame: object) -> None:
+    """Uvicorn stops gracefully, then raises the signal again: that is a clean exit."""
+    raise SystemExit(0)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stopped)
 
     from chat_api import logs
 
@@ -43,9 +53,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 or args.demo:
         # Workers are separate processes that read the environment again.
         import os
+        import tempfile
 
         if args.demo:
             os.environ["CHAT_API_DEMO"] = "1"
+        if args.workers > 1 and not settings.prometheus_multiproc_dir:
+            # Every worker writes its metrics here; /metrics adds them up.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-api-metrics-")
         uvicorn.run(
             "chat_api.app:create_app",
             factory=True,

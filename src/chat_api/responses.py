@@ -85,8 +85,9 @@ class EventStreamResponse(Response):
         except asyncio.CancelledError:
             # The server is stopping and its grace period is over: end the
             # stream with a clear last event rather than a cut connection.
+            client_gone = watcher.done()
             await _stop(producer, watcher, pinger)
-            if self.on_shutdown is not None and not watcher.done():
+            if self.on_shutdown is not None and not client_gone:
                 with contextlib.suppress(Exception):
                     await send(
                         {"type": "http.response.body", "body": self.on_shutdown, "more_body": False}

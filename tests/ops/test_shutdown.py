@@ -1,0 +1,99 @@
+"""SIGTERM: stop taking new work, let streams finish within the grace, lose no usage row."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
+from tests.ops.conftest import GatewayProcess, Spawn
+
+
+def _env(fake: FakeOpenAI, upstream_url: str, tmp_path: Path, grace: float) -> dict[str, str]:
+    return {
+        "OPENAI_API_KEY": fake.api_key,
+        "OPENAI_BASE_URL": upstream_url,
+        "CHAT_API_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+        "CHAT_API_SHUTDOWN_GRACE": str(grace),
+        "CHAT_API_LEDGER_FLUSH_INTERVAL": "30",  # rows stay queued until shutdown
+    }
+
+
+def _rows(tmp_path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        return list(db.execute("SELECT endpoint, outcome FROM usage ORDER BY id"))
+
+
+class StreamReader(threading.Thread):
+    def __init__(self, gateway: GatewayProcess, path: str, body: dict[str, object]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = gateway.url + path, body
+        self.events: list[str] = []
+        self.first = threading.Event()
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url, json=self.body, timeout=30) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        self.events.append(line[5:].strip())
+                        self.first.set()
+        except Exception as exc:
+            self.error = exc
+
+
+def test_open_streams_finish_within_the_grace(
+    spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+) -> None:
+    gateway = spawn(_env(fake, upstream_url, tmp_path, grace=10))
+    for _ in range(3):
+        assert httpx.post(gateway.url + "/chat", json={"message": "hi"}).status_code == 200
+    fake.queue(Plan(chunk_interval=0.1))
+    reader = StreamReader(gateway, "/chat/stream", {"message": "hi"})
+    reader.start()
+    assert reader.first.wait(5)
+    gateway.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.HTTPError):  # no new work once stopping
+        httpx.post(gateway.url + "/chat", json={"message": "late"}, timeout=2)
+    assert gateway.wait(20) == 0
+    reader.join(5)
+    assert reader.error is None
+    assert "".join(json.loads(e).get("content", "") for e in reader.events) == DEFAULT_TEXT
+    assert json.loads(reader.events[-1])["done"] is True
+    rows = _rows(tmp_path)
+    assert len(rows) == 4 == fake.hits  # every call's row, written at shutdown
+    assert rows[-1] == ("/chat/stream", "ok")
+
+
+@pytest.mark.parametrize("path", ["/chat/stream", "/v1/chat/completions"])
+def test_streams_past_the_grace_end_with_a_clear_error(
+    spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path, path: str
+) -> None:
+    gateway = spawn(_env(fake, upstream_url, tmp_path, grace=1))
+    fake.queue(Plan(text=" ".join(["long"] * 300), chunk_interval=0.1))
+    body: dict[str, object] = {"message": "hi"}
+    if path.startswith("/v1"):
+        body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    reader = StreamReader(gateway, path, body)
+    reader.start()
+    assert reader.first.wait(5)
+    started = time.monotonic()
+    gateway.signal(signal.SIGTERM)
+    assert gateway.wait(20) == 0
+    reader.join(5)
+    assert time.monotonic() - started < 10
+    last = json.loads(reader.events[-1])
+    error = last["error"] if isinstance(last["error"], str) else last["error"]["message"]
+    assert "restarting" in error
+    assert fake.last().closed_early.wait(5)  # the upstream call was closed, not left running
+    rows = _rows(tmp_path)
+    assert len(rows) == 1 and rows[0][0] == path
