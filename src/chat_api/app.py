@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         GatewayMiddleware,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
         observe=RequestObserver(metrics),
     )
     app.add_middleware(

@@ -37,6 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from chat_api.protocol import GuardedHttpToolsProtocol
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stopped)
 
@@ -69,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_config=None,
             access_log=False,
             loop="uvloop",
-            http="httptools",
+            http=GuardedHttpToolsProtocol,
             backlog=args.backlog,
             timeout_graceful_shutdown=int(settings.shutdown_grace),
         )
@@ -83,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpToolsProtocol,
         backlog=args.backlog,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
     )

@@ -101,6 +101,7 @@ class Settings(BaseSettings):
 
     # --- input limits -------------------------------------------------------
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    body_timeout: float = Field(default=30.0, gt=0)
     max_messages: int = Field(default=500, ge=1)
     max_message_chars: int = Field(default=200_000, ge=1)
     max_tokens_limit: int = Field(default=65_536, ge=1)

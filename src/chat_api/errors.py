@@ -4,6 +4,7 @@
     ├── BadRequest                  400 invalid_request_error
     │   └── ModelNotAllowed         400 (simple API) / 404 (/v1) model_not_found
     ├── MethodNotAllowed            405 invalid_request_error
+    ├── RequestTimeout              408 invalid_request_error
     ├── PayloadTooLarge             413 invalid_request_error
     ├── Unauthorized                401 invalid_api_key
     ├── Forbidden                   403 permission_denied
@@ -96,6 +97,17 @@ class MethodNotAllowed(ChatAPIError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(ChatAPIError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"The request body did not arrive within {seconds:g} seconds. Send it again."
+        )
 
 
 class PayloadTooLarge(ChatAPIError):

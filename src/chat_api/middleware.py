@@ -2,13 +2,15 @@
 
 For every HTTP request it: picks the request id (the client's `X-Request-ID`
 when it is sane, else a new one) and returns it; caps the body size (413),
-whether or not a Content-Length was sent; adds security headers; and when
+whether or not a Content-Length was sent, and gives up on a body that has
+not arrived within `body_timeout` seconds (408); adds security headers; when
 the answer is complete, hands the status and duration to `observe` (the
 metrics and the log line).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chat_api.errors import PayloadTooLarge
+from chat_api.errors import PayloadTooLarge, RequestTimeout
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -35,9 +37,12 @@ Observer = Callable[[Scope, int, float], None]
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, observe: Observer) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, body_timeout: float, observe: Observer
+    ) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.body_timeout = body_timeout
         self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,13 +79,22 @@ class GatewayMiddleware:
             return
 
         max_body = self.max_body
+        body_deadline = asyncio.get_running_loop().time() + self.body_timeout
         received = 0
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()  # only the disconnect is left to wait for
+            try:
+                async with asyncio.timeout_at(body_deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > max_body:
                     raise PayloadTooLarge(max_body)
             return message
