@@ -93,7 +93,8 @@ class Catalog:
     def __init__(self, settings: Settings) -> None:
         self.names: tuple[str, ...] = settings.models
         self.default: str = settings.default_model
-        prices = {**DEFAULT_PRICES, **settings.prices}
+        # The demo model costs nothing, whatever model name a request uses.
+        prices = {} if settings.demo else {**DEFAULT_PRICES, **settings.prices}
         self._models: dict[str, ModelInfo] = {}
         for name in self.names:
             info = replace(_family(name), name=name)

@@ -121,8 +121,12 @@ class FakeOpenAI:
         if plan.delay_before_headers:
             await asyncio.sleep(plan.delay_before_headers)
         if plan.status != 200:
-            await _send_json(send, plan.status, plan.error_body or _error("fake error", plan.status),
-                             plan.headers)
+            await _send_json(
+                send,
+                plan.status,
+                plan.error_body or _error("fake error", plan.status),
+                plan.headers,
+            )
             return
         body = record.body
         model = body.get("model", "gpt-4o-mini")
@@ -144,19 +148,30 @@ class FakeOpenAI:
                 "model": model,
                 "system_fingerprint": "fp_fake",
                 "choices": [
-                    {"index": i, "message": message, "logprobs": None,
-                     "finish_reason": "tool_calls" if plan.tool_calls else plan.finish_reason}
+                    {
+                        "index": i,
+                        "message": message,
+                        "logprobs": None,
+                        "finish_reason": "tool_calls" if plan.tool_calls else plan.finish_reason,
+                    }
                     for i in range(n)
                 ],
                 "usage": usage,
             }
-            await _send_json(send, 200, answer, {"x-request-id": "req_fake_upstream", **plan.headers})
+            await _send_json(
+                send, 200, answer, {"x-request-id": "req_fake_upstream", **plan.headers}
+            )
             return
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/event-stream"), (b"x-request-id", b"req_fake_upstream")],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"x-request-id", b"req_fake_upstream"),
+                ],
+            }
+        )
         if plan.raw_chunks is not None:
             for piece in plan.raw_chunks:
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
@@ -165,27 +180,50 @@ class FakeOpenAI:
             return
         if plan.comments_forever:
             while not record.closed_early.is_set():
-                await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+                )
                 await asyncio.sleep(0.05)
             return
-        head = {"id": "chatcmpl-fake123", "object": "chat.completion.chunk", "created": 1700000000,
-                "model": model, "system_fingerprint": "fp_fake"}
+        head = {
+            "id": "chatcmpl-fake123",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": model,
+            "system_fingerprint": "fp_fake",
+        }
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
 
-        chunks = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+        chunks = [
+            event(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
+        ]
         if plan.tool_calls:
             for i, call in enumerate(plan.tool_calls):
                 args = call["function"]["arguments"]
-                first = {"index": i, "id": call["id"], "type": "function",
-                         "function": {"name": call["function"]["name"], "arguments": ""}}
-                chunks.append(event([{"index": 0, "delta": {"tool_calls": [first]}, "finish_reason": None}]))
+                first = {
+                    "index": i,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["function"]["name"], "arguments": ""},
+                }
+                chunks.append(
+                    event([{"index": 0, "delta": {"tool_calls": [first]}, "finish_reason": None}])
+                )
                 for start in range(0, len(args), 8):
-                    piece = {"index": i, "function": {"arguments": args[start:start + 8]}}
-                    chunks.append(event([{"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]))
+                    piece = {"index": i, "function": {"arguments": args[start : start + 8]}}
+                    chunks.append(
+                        event(
+                            [{"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]
+                        )
+                    )
         else:
-            chunks += [event([{"index": 0, "delta": {"content": w}, "finish_reason": None}]) for w in words]
+            chunks += [
+                event([{"index": 0, "delta": {"content": w}, "finish_reason": None}]) for w in words
+            ]
         finish = "tool_calls" if plan.tool_calls else plan.finish_reason
         chunks.append(event([{"index": 0, "delta": {}, "finish_reason": finish}]))
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -198,15 +236,25 @@ class FakeOpenAI:
             if plan.drop_after_chunks is not None and index >= plan.drop_after_chunks:
                 raise ConnectionAbortedError("fake upstream drops the connection")
             if plan.stall_after_chunks is not None and index >= plan.stall_after_chunks:
-                while not record.closed_early.is_set():
+                # closed_early is a threading.Event (tests wait on it), so poll it.
+                while not record.closed_early.is_set():  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
                 return
             if plan.error_event_after_chunks is not None and index >= plan.error_event_after_chunks:
-                err = b'data: {"error": {"message": "The server had an error while processing your request.", "type": "server_error"}}\n\n'
+                err = (
+                    b'data: {"error": {"message": "The server had an error while processing'
+                    b' your request.", "type": "server_error"}}\n\n'
+                )
                 await send({"type": "http.response.body", "body": err, "more_body": False})
                 return
             if plan.malformed_after_chunks is not None and index >= plan.malformed_after_chunks:
-                await send({"type": "http.response.body", "body": b"data: {not json\n\n", "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: {not json\n\n",
+                        "more_body": True,
+                    }
+                )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -226,14 +274,22 @@ def _error(message: str, status: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-async def _send_json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+async def _send_json(
+    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
+) -> None:
     raw = json.dumps(body).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *extra],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                *extra,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": raw})
 
 

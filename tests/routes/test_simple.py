@@ -62,8 +62,13 @@ def test_chat_answers_with_conversation_and_usage(client: httpx.Client, fake: Fa
     ]
     response = client.post(
         "/chat",
-        json={"message": "Hello?", "messages": history, "system": "Be brief.", "temperature": 0.2,
-              "max_tokens": 50},
+        json={
+            "message": "Hello?",
+            "messages": history,
+            "system": "Be brief.",
+            "temperature": 0.2,
+            "max_tokens": 50,
+        },
     )
     assert response.status_code == 200
     body = response.json()
@@ -75,7 +80,11 @@ def test_chat_answers_with_conversation_and_usage(client: httpx.Client, fake: Fa
         {"role": "assistant", "content": DEFAULT_TEXT},
     ]
     words = len(DEFAULT_TEXT.split(" "))
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": words, "total_tokens": 7 + words}
+    assert body["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": words,
+        "total_tokens": 7 + words,
+    }
     sent = fake.last().body
     assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
     assert sent["messages"][1:] == [*history, {"role": "user", "content": "Hello?"}]
@@ -85,7 +94,9 @@ def test_chat_answers_with_conversation_and_usage(client: httpx.Client, fake: Fa
 
 
 def test_chat_echoes_the_model_asked_for(client: httpx.Client, fake: FakeOpenAI) -> None:
-    assert client.post("/chat", json={"message": "hi", "model": "gpt-4o"}).json()["model"] == "gpt-4o"
+    assert (
+        client.post("/chat", json={"message": "hi", "model": "gpt-4o"}).json()["model"] == "gpt-4o"
+    )
     assert fake.last().body["model"] == "gpt-4o"
 
 
@@ -125,8 +136,11 @@ def test_stream_error_after_start_is_an_error_event(client: httpx.Client, fake: 
         ('{"message": 5}', 400, "'message' must be text"),
         ('{"message": "hi", "max_tokens": "10"}', 400, "'max_tokens' must be a whole number"),
         ('{"message": "hi", "temperature": 7}', 400, "'temperature' is out of range"),
-        ('{"message": "hi", "messages": [{"role": "wizard", "content": "x"}]}', 400,
-         "'messages[0].role' must be one of"),
+        (
+            '{"message": "hi", "messages": [{"role": "wizard", "content": "x"}]}',
+            400,
+            "'messages[0].role' must be one of",
+        ),
         ('{"message": "hi", "messages": "nope"}', 400, "'messages' must be a list"),
         ('{"message": "hi", "surprise": 1}', 400, "Unknown field 'surprise'"),
         ('{"message": "hi", "model": "gpt-99"}', 400, "not available here"),
@@ -156,7 +170,7 @@ def test_body_over_the_limit_is_413_with_or_without_length(
 
     def chunks():  # no Content-Length: chunked transfer
         for start in range(0, len(big), 500):
-            yield big[start:start + 500].encode()
+            yield big[start : start + 500].encode()
 
     response = httpx.post(server.url + "/chat", content=chunks())
     assert response.status_code == 413

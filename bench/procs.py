@@ -1,0 +1,201 @@
+"""Start, watch and stop the benchmark's processes: upstream, gateway, load generator.
+
+Everything listens on 127.0.0.1. Where `taskset` exists the gateway is
+pinned to core 0 and the upstream and load generator to the other cores, so
+the gateway's numbers are those of one worker on one core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+HOST = "127.0.0.1"
+FAKE_KEY = "sk-bench-fake-upstream-key"
+
+
+def cores() -> tuple[str, str]:
+    """(the gateway's cores, everyone else's) for taskset; ("", "") when not pinning."""
+    count = os.cpu_count() or 1
+    if shutil.which("taskset") is None or count < 2:
+        return "", ""
+    return "0", f"1-{count - 1}" if count > 2 else "1"
+
+
+def pinned(cpus: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", cpus, *argv] if cpus else argv
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def request(port: int, method: str, path: str, body: Any = None, timeout: float = 5) -> Any:
+    """A small stdlib HTTP call for control and readiness, never for load."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        payload = orjson.dumps(body) if body is not None else None
+        headers = {"content-type": "application/json"} if payload else {}
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{method} {path}: {response.status} {data[:200]!r}")
+        return orjson.loads(data) if data else None
+    finally:
+        conn.close()
+
+
+def _stop(process: subprocess.Popen[bytes], grace: float = 10) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+
+class Upstream:
+    """The fake OpenAI upstream, in its own process."""
+
+    def __init__(self, cpus: str, workdir: Path) -> None:
+        self.log = (workdir / "upstream.log").open("wb")
+        self.process = subprocess.Popen(
+            pinned(cpus, [sys.executable, "-m", "bench.upstream", "--lifetime", "3600"]),
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"the fake upstream did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def configure(self, **behaviour: Any) -> None:
+        request(self.port, "POST", "/_bench/config", behaviour)
+
+    def stop(self) -> None:
+        _stop(self.process)
+        self.log.close()
+
+
+class Gateway:
+    """`chat-api serve` in its own process, pointed at the fake upstream, keys off."""
+
+    def __init__(
+        self,
+        cpus: str,
+        workdir: Path,
+        upstream_port: int,
+        workers: int = 1,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_API_", "OPENAI_"))}
+        env.update(
+            OPENAI_API_KEY_CYB_SEC=FAKE_KEY,
+            OPENAI_BASE_URL=f"http://{HOST}:{upstream_port}/v1",
+            CHAT_API_DATABASE_URL=f"sqlite+aiosqlite:///{workdir}/bench.db",
+        )
+        env.update(extra_env or {})
+        self.log = (workdir / "gateway.log").open("ab")
+        argv = [sys.executable, "-m", "chat_api", "serve", "--host", HOST]
+        argv += ["--port", str(self.port), "--workers", str(workers), "--backlog", "16384"]
+        self.process = subprocess.Popen(
+            pinned(cpus, argv),
+            env=env,
+            cwd=workdir,  # no stray .env is read
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited; see {workdir / 'gateway.log'}")
+            try:
+                request(self.port, "GET", "/health", timeout=1)
+                break
+            except (OSError, RuntimeError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("the gateway did not become ready in 30 s") from None
+                time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        _stop(self.process, grace=25)
+        self.log.close()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of one process, in KiB."""
+    with open(f"/proc/{pid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class RSSSampler:
+    """Samples a process's RSS every 10 ms in a thread; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, rss_kib(self.pid))
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> RSSSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def load(cpus: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the load generator once, in its own process, and return its result."""
+    limit = float(spec.get("duration", 60)) + float(spec.get("timeout", 0)) + 60
+    done = subprocess.run(
+        pinned(cpus, [sys.executable, "-m", "bench.loadgen", orjson.dumps(spec).decode()]),
+        capture_output=True,
+        timeout=limit,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {done.stderr.decode()[-2000:]}")
+    result: dict[str, Any] = orjson.loads(done.stdout)
+    return result

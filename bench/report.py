@@ -1,0 +1,295 @@
+"""Turn raw load results into the table, the JSON summary and the latency chart."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _f(value: float, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _signed(value: float, digits: int = 2) -> str:
+    return "—" if math.isnan(value) else f"{value:+.{digits}f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("met" if ok else "MISSED")
+
+
+Row = dict[str, Any]
+
+
+def _row(scenario: str, measure: str, direct: str, gateway: str, delta: str, target: str,
+         ok: bool | None, value: float | None = None) -> Row:  # fmt: skip
+    return {
+        "scenario": scenario,
+        "measure": measure,
+        "direct": direct,
+        "gateway": gateway,
+        "delta": delta,
+        "target": target,
+        "verdict": _verdict(ok),
+        "met": ok,
+        "value": value,
+    }
+
+
+def _latency_rows(
+    name: str, result: dict[str, Any], targets: tuple[float, float] | None
+) -> list[Row]:
+    d, g = result["direct"]["latency_ms"], result["gateway"]["latency_ms"]
+    rows = []
+    for q, limit in zip((50, 99), targets or (None, None), strict=True):
+        added = pct(g, q) - pct(d, q)
+        ok = None if limit is None else added <= limit
+        target = "" if limit is None else f"≤ +{limit:g} ms"
+        rows.append(
+            _row(
+                name,
+                f"latency p{q} (ms)",
+                _f(pct(d, q)),
+                _f(pct(g, q)),
+                _signed(added),
+                target,
+                ok,
+                added,
+            )
+        )
+    return rows
+
+
+def _completed(result: dict[str, Any], side: str) -> str:
+    r = result[side]
+    return f"{r['completed']}/{r['requested']}"
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
+    """One row per measure, with the issue's target and whether it held."""
+    rows: list[Row] = []
+    for name in ("seq_v1", "seq_chat"):
+        if name in results:
+            rows += _latency_rows(name, results[name], (1.0, 3.0))
+    if "conc8_v1" in results:
+        r = results["conc8_v1"]
+        d, g = r["direct"]["rps"], r["gateway"]["rps"]
+        rows.append(
+            _row(
+                "conc8_v1",
+                "requests/s, 8 clients",
+                _f(d),
+                _f(g),
+                f"{g / d:.0%} of direct",
+                "≥ 1,500",
+                g >= 1500,
+                g,
+            )
+        )
+        rows += _latency_rows("conc8_v1", r, None)
+    for name, r in results.items():
+        if not name.startswith("streams_"):
+            continue
+        count = r["direct"]["requested"]
+        interval = name.rsplit("_", 1)[1]
+        all_done = r["gateway"]["completed"] == count
+        must_complete = count <= 500 or interval == "500ms"
+        rows.append(
+            _row(
+                name,
+                "completed",
+                _completed(r, "direct"),
+                _completed(r, "gateway"),
+                "",
+                "all" if must_complete else "",
+                all_done if must_complete else None,
+            )
+        )
+        d, g = r["direct"]["first_ms"], r["gateway"]["first_ms"]
+        rows.append(
+            _row(
+                name,
+                "first chunk p50 (ms)",
+                _f(pct(d, 50)),
+                _f(pct(g, 50)),
+                _signed(pct(g, 50) - pct(d, 50)),
+                "",
+                None,
+            )
+        )
+        ratio = pct(g, 99) / pct(d, 99) if d and g else math.nan
+        first_target = count <= 500
+        rows.append(
+            _row(
+                name,
+                "first chunk p99 (ms)",
+                _f(pct(d, 99)),
+                _f(pct(g, 99)),
+                f"{ratio:.2f}×",
+                "≤ 1.5× direct" if first_target else "",
+                (ratio <= 1.5) if first_target else None,
+                ratio,
+            )
+        )
+        gw = r["gateway"]
+        per_stream = gw.get("rss_per_stream_kib", math.nan)
+        rss_target = count >= 5000 and interval == "500ms"
+        rows.append(
+            _row(
+                name,
+                "gateway RSS peak (MiB) / per open stream (KiB)",
+                "",
+                f"{gw['rss_peak_kib'] / 1024:.0f}",
+                f"{per_stream:.1f} KiB/stream",
+                "≤ 30 KB/stream" if rss_target else "",
+                (per_stream * 1.024 <= 30) if rss_target else None,
+                per_stream,
+            )
+        )
+    if "relay" in results:
+        r = results["relay"]
+        d, g = r["direct"]["events_per_s"] or math.nan, r["gateway"]["events_per_s"] or math.nan
+        rows.append(
+            _row(
+                "relay",
+                "chunks/s, one fast stream",
+                _f(d),
+                _f(g),
+                f"{g / d:.0%} of direct",
+                "",
+                None,
+                g,
+            )
+        )
+    for name, r in results.items():
+        if not name.startswith("open_"):
+            continue
+        d, g = r["direct"], r["gateway"]
+        rate = g["completed"] / g["requested"] if g["requested"] else 0.0
+        rows.append(
+            _row(
+                name,
+                "success",
+                f"{d['completed'] / d['requested']:.1%}",
+                f"{rate:.1%}",
+                f"{g['failed']} failed",
+                "100 %",
+                g["failed"] == 0,
+                rate,
+            )
+        )
+        rows += _latency_rows(name, r, None)
+        rows[-1].update(target="≤ +50 ms", verdict=_verdict(rows[-1]["value"] <= 50))
+        rows[-1]["met"] = rows[-1]["value"] <= 50
+    if "workers2_conc8_v1" in results and "conc8_v1" in results:
+        one = results["conc8_v1"]["gateway"]["rps"]
+        two = results["workers2_conc8_v1"]["gateway"]["rps"]
+        rows.append(
+            _row(
+                "workers2_conc8_v1",
+                "requests/s: 1 worker → 2 workers",
+                _f(one),
+                _f(two),
+                f"{two / one:.2f}×",
+                "scales (≥ 1.5×)",
+                two / one >= 1.5,
+                two / one,
+            )
+        )
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table: readable in a terminal and pasteable into the README."""
+    head = ("scenario", "measure", "direct", "gateway", "added / ratio", "target", "verdict")
+    keys = ("scenario", "measure", "direct", "gateway", "delta", "target", "verdict")
+    body = [[str(row[k]) for k in keys] for row in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |"]
+    lines.append("| " + " | ".join("-" * w for w in widths) + " |")
+    lines += [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)) + " |" for b in body
+    ]
+    return "\n".join(lines)
+
+
+def compact(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The raw results with latency lists replaced by their percentiles (for the JSON file)."""
+    out: dict[str, Any] = {}
+    for name, pair in results.items():
+        out[name] = {}
+        for side, r in pair.items():
+            side_out = {}
+            for key, value in r.items():
+                if isinstance(value, list) and key.endswith("_ms"):
+                    side_out[key] = {
+                        f"p{q}": round(pct(value, q), 4) for q in (50, 90, 99, 99.9, 100)
+                    } | {"count": len(value)}
+                else:
+                    side_out[key] = value
+            out[name][side] = side_out
+    return out
+
+
+CHART_PANELS = (
+    ("seq_v1", "latency_ms", "1 client, /v1/chat/completions"),
+    ("seq_chat", "latency_ms", "1 client, /chat"),
+    ("conc8_v1", "latency_ms", "8 clients, /v1"),
+    ("streams_500_50ms", "first_ms", "500 streams, 50 ms: first chunk"),
+    ("streams_5000_500ms", "first_ms", "5,000 streams, 500 ms: first chunk"),
+    ("open_500rps", "latency_ms", "500 req/s offered, 1.5 s upstream"),
+)
+
+
+def chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
+    """CDFs of direct vs gateway latency per scenario; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
+    except ImportError:
+        return False
+    panels = [p for p in CHART_PANELS if p[0] in results]
+    if not panels:
+        return False
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (name, key, label) in zip(axes.flat, panels, strict=False):
+        for side, colour in (("direct", "#888888"), ("gateway", "#1f6feb")):
+            values = sorted(results[name][side][key])
+            if not values:
+                continue
+            ys = [(i + 1) / len(values) for i in range(len(values))]
+            ax.plot(values, ys, color=colour, label=side, linewidth=1.6)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("ms (log scale)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

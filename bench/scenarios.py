@@ -1,0 +1,188 @@
+"""The scenarios: each runs against the upstream directly, then through the gateway.
+
+Sizes come in three profiles: `full` (the published figures), `quick` (a
+minute or so) and `smoke` (seconds; CI runs it so the bench cannot rot).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.procs import HOST, Gateway, RSSSampler, Upstream, load, request, rss_kib
+
+MODEL = "gpt-4o-mini"
+V1 = "/v1/chat/completions"
+V1_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
+STREAM_BODY = {**V1_BODY, "stream": True, "stream_options": {"include_usage": True}}
+CHAT_BODY = {"message": "Say hello."}
+EVENTS_AFTER_CHUNKS = 3  # the finish chunk, the usage chunk, [DONE]
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {
+        "seq": 3000,
+        "seq_warmup": 300,
+        "conc": 20000,
+        "conc_duration": 15.0,
+        "streams": [(500, 0.05), (500, 0.5), (5000, 0.5), (5000, 0.05)],
+        "chunks": 20,
+        "relay_chunks": 30_000,
+        "open": (500, 20.0, 1.5),
+        "workers2": True,
+        "fresh": True,
+    },
+    "quick": {
+        "seq": 1500,
+        "seq_warmup": 200,
+        "conc": 5000,
+        "conc_duration": 5.0,
+        "streams": [(500, 0.05), (1000, 0.5)],
+        "chunks": 20,
+        "relay_chunks": 20_000,
+        "open": (500, 5.0, 1.5),
+        "workers2": True,
+        "fresh": True,
+    },
+    "smoke": {
+        "seq": 30,
+        "seq_warmup": 5,
+        "conc": 80,
+        "conc_duration": 5.0,
+        "streams": [(20, 0.01)],
+        "chunks": 5,
+        "relay_chunks": 500,
+        "open": (50, 1.0, 0.05),
+        "workers2": False,
+        "fresh": False,  # one gateway start only: it takes seconds
+    },
+}
+
+
+@dataclass
+class Bench:
+    """The running processes and what the scenarios found."""
+
+    profile: dict[str, Any]
+    workdir: Path
+    gateway_cpus: str
+    other_cpus: str
+    upstream: Upstream
+    gateway: Gateway | None = None
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    # --- processes ----------------------------------------------------------------
+
+    def fresh_gateway(self, workers: int = 1, *, optional: bool = False) -> Gateway:
+        """A new gateway process, so memory figures start from a clean, warm baseline."""
+        if optional and self.gateway is not None and not self.profile["fresh"]:
+            return self.gateway
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+        cpus = self.gateway_cpus if workers == 1 or not self.gateway_cpus else ""
+        self.gateway = Gateway(
+            cpus, self.workdir, self.upstream.port, workers=workers, extra_env=self.gateway_env
+        )
+        self.upstream.configure(chunks=5, interval=0.0)
+        for _ in range(20):
+            request(self.gateway.port, "POST", V1, V1_BODY)
+            request(self.gateway.port, "POST", "/chat", CHAT_BODY)
+        self._load(self.gateway.port, {"mode": "streams", "streams": 20, "body": STREAM_BODY})
+        return self.gateway
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+
+    def _load(self, port: int, spec: dict[str, Any]) -> dict[str, Any]:
+        spec = {"host": HOST, "port": port, "path": V1, **spec}
+        return load(self.other_cpus, spec)
+
+    def _pair(
+        self, name: str, spec: dict[str, Any], gateway_spec: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The same load against the upstream, then through the gateway."""
+        assert self.gateway is not None
+        started = time.monotonic()
+        direct = self._load(self.upstream.port, spec)
+        baseline = rss_kib(self.gateway.pid)
+        with RSSSampler(self.gateway.pid) as rss:
+            through = self._load(self.gateway.port, {**spec, **(gateway_spec or {})})
+        through["rss_baseline_kib"] = baseline
+        through["rss_peak_kib"] = max(rss.peak, baseline)
+        result = {"direct": direct, "gateway": through}
+        self.results[name] = result
+        self.log(f"  {name}: {time.monotonic() - started:.1f}s")
+        return result
+
+    # --- scenarios ------------------------------------------------------------------
+
+    def sequential(self) -> None:
+        p = self.profile
+        self.upstream.configure(chunks=20, interval=0.0)
+        closed = {"mode": "closed", "concurrency": 1, "requests": p["seq"], "duration": 120}
+        closed["warmup"] = p["seq_warmup"]
+        self._pair("seq_v1", {**closed, "body": V1_BODY})
+        self._pair("seq_chat", {**closed, "body": V1_BODY}, {"path": "/chat", "body": CHAT_BODY})
+
+    def concurrent(self) -> None:
+        p = self.profile
+        self.upstream.configure(chunks=20, interval=0.0)
+        spec = {"mode": "closed", "concurrency": 8, "requests": p["conc"], "body": V1_BODY}
+        spec.update(warmup=p["conc"] // 20, duration=p["conc_duration"])
+        self._pair("conc8_v1", spec)
+
+    def streams(self) -> None:
+        p = self.profile
+        chunks = p["chunks"]
+        for count, interval in p["streams"]:
+            self.fresh_gateway(optional=True)
+            self.upstream.configure(chunks=chunks, interval=interval)
+            spec = {"mode": "streams", "streams": count, "body": STREAM_BODY}
+            spec.update(expect_events=chunks + EVENTS_AFTER_CHUNKS, duration=chunks * interval + 60)
+            name = f"streams_{count}_{int(interval * 1000)}ms"
+            result = self._pair(name, spec)
+            gateway = result["gateway"]
+            growth = gateway["rss_peak_kib"] - gateway["rss_baseline_kib"]
+            gateway["rss_per_stream_kib"] = growth / max(1, gateway["peak_open"])
+
+    def relay(self) -> None:
+        chunks = self.profile["relay_chunks"]
+        self.upstream.configure(chunks=chunks, interval=0.0)
+        spec = {"mode": "streams", "streams": 1, "body": STREAM_BODY}
+        spec.update(expect_events=chunks + EVENTS_AFTER_CHUNKS, duration=120)
+        self._pair("relay", spec)
+
+    def open_loop(self) -> None:
+        rate, duration, latency = self.profile["open"]
+        self.fresh_gateway(optional=True)
+        self.upstream.configure(chunks=20, interval=0.0, latency=latency)
+        spec = {"mode": "open", "rate": rate, "duration": duration, "timeout": 30.0}
+        self._pair(f"open_{rate}rps", {**spec, "body": V1_BODY})
+        self.upstream.configure(chunks=20, interval=0.0)
+
+    def workers(self) -> None:
+        if not self.profile["workers2"]:
+            return
+        self.upstream.configure(chunks=20, interval=0.0)
+        self.fresh_gateway(workers=2)
+        p = self.profile
+        spec = {"mode": "closed", "concurrency": 8, "requests": p["conc"], "body": V1_BODY}
+        spec.update(warmup=p["conc"] // 20, duration=p["conc_duration"])
+        self._pair("workers2_conc8_v1", spec)
+
+
+SCENARIOS: dict[str, Callable[[Bench], None]] = {
+    "sequential": Bench.sequential,
+    "concurrent": Bench.concurrent,
+    "streams": Bench.streams,
+    "relay": Bench.relay,
+    "open": Bench.open_loop,
+    "workers": Bench.workers,
+}

@@ -1,0 +1,50 @@
+"""The benchmark still runs end to end: a tiny version of `make bench`, in seconds.
+
+Timing is not asserted here (that is what the full bench and the README are
+for); what is asserted is that every scenario ran against both targets and
+every request completed, so the bench cannot silently rot.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_bench_prints_the_table_and_writes_sane_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--no-chart", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "| scenario" in done.stdout
+    assert "latency p50 (ms)" in done.stdout
+
+    summary = json.loads(out.read_text())
+    results = summary["results"]
+    expected = {"seq_v1", "seq_chat", "conc8_v1", "relay"}
+    assert expected <= set(results)
+    assert any(name.startswith("streams_") for name in results)
+    assert any(name.startswith("open_") for name in results)
+    for name, pair in results.items():
+        for side in ("direct", "gateway"):
+            run = pair[side]
+            assert run["requested"] > 0, (name, side)
+            assert run["completed"] == run["requested"], (name, side, run)
+            assert run["failed"] == 0, (name, side, run)
+            latency = run["latency_ms"]
+            assert latency["count"] == run["completed"]
+            assert 0 < latency["p50"] <= latency["p99"], (name, side, latency)
+        assert pair["gateway"]["rss_peak_kib"] > 0
+    assert results["conc8_v1"]["gateway"]["rps"] > 0
+    assert results["relay"]["gateway"]["events_per_s"] > 0
+    assert all(row["verdict"] in ("met", "MISSED", "—") for row in summary["rows"])

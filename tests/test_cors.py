@@ -1,0 +1,86 @@
+"""CORS follows CHAT_API_CORS_ORIGINS, preflight included; never `*` with credentials."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.fakes.openai_server import FakeOpenAI
+
+ALLOWED = "https://app.example.com"
+OTHER = "https://evil.example.net"
+
+
+def preflight(url: str, origin: str, path: str = "/chat") -> httpx.Response:
+    return httpx.options(
+        url + path,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization",
+        },
+        timeout=10,
+    )
+
+
+@pytest.mark.parametrize("path", ["/chat", "/chat/stream", "/v1/chat/completions"])
+def test_preflight_from_a_configured_origin_is_allowed(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, path: str
+) -> None:
+    server = gateway_factory(cors_origins=(ALLOWED, "http://localhost:3000"))
+    response = preflight(server.url, ALLOWED, path)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ALLOWED
+    assert "POST" in response.headers["access-control-allow-methods"]
+    allowed_headers = response.headers["access-control-allow-headers"].lower()
+    assert "content-type" in allowed_headers and "authorization" in allowed_headers
+    assert response.headers.get("access-control-allow-credentials") != "true"
+    assert fake.hits == 0
+
+
+def test_preflight_from_another_origin_is_refused(gateway_factory: GatewayFactory) -> None:
+    server = gateway_factory(cors_origins=(ALLOWED,))
+    response = preflight(server.url, OTHER)
+    assert "access-control-allow-origin" not in response.headers
+    assert response.status_code >= 400
+
+
+def test_actual_requests_carry_the_origin_only_when_allowed(
+    gateway_factory: GatewayFactory,
+) -> None:
+    server = gateway_factory(cors_origins=(ALLOWED,))
+    allowed = httpx.get(server.url + "/models", headers={"Origin": ALLOWED})
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED
+    # The browser needs to read these headers from scripts.
+    exposed = allowed.headers["access-control-expose-headers"].lower()
+    assert "x-request-id" in exposed and "retry-after" in exposed
+    other = httpx.get(server.url + "/models", headers={"Origin": OTHER})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_wildcard_answers_star_and_never_allows_credentials(
+    gateway_factory: GatewayFactory,
+) -> None:
+    server = gateway_factory(cors_origins=("*",))
+    for origin in (ALLOWED, OTHER, "null"):
+        response = preflight(server.url, origin, "/v1/chat/completions")
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert response.headers.get("access-control-allow-credentials") != "true"
+    plain = httpx.get(server.url + "/health", headers={"Origin": OTHER})
+    assert plain.headers["access-control-allow-origin"] == "*"
+    # Even a request that carries cookies or a key gets no credentialed CORS.
+    credentialed = httpx.get(
+        server.url + "/health",
+        headers={"Origin": OTHER, "Cookie": "session=1", "Authorization": "Bearer x"},
+    )
+    assert credentialed.headers.get("access-control-allow-credentials") != "true"
+    assert "access-control-allow-origin" in credentialed.headers
+
+
+def test_the_default_is_wildcard(gateway_factory: GatewayFactory) -> None:
+    server = gateway_factory()
+    response = preflight(server.url, OTHER)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "*"
