@@ -43,7 +43,9 @@ class ServerThread:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            raise RuntimeError("the test server did not stop within 30 s")
 
     def __enter__(self) -> ServerThread:
         return self.start()

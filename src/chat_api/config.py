@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
     )
+    upstream_client: Literal["aiohttp", "sdk"] = "aiohttp"
     upstream_timeout: float = Field(default=120.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     upstream_retries: int = Field(default=2, ge=0, le=10)

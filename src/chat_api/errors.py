@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -105,8 +106,11 @@ class RequestTimeout(ChatAPIError):
     default_code = "request_timeout"
 
     def __init__(self, seconds: float) -> None:
+        # Close the connection: kept alive, the rest of the slow body would still be read
+        # (each byte resetting the keep-alive timer), and the deadline would be no deadline.
         super().__init__(
-            f"The request body did not arrive within {seconds:g} seconds. Send it again."
+            f"The request body did not arrive within {seconds:g} seconds. Send it again.",
+            headers={"Connection": "close"},
         )
 
 
@@ -197,47 +201,60 @@ class UpstreamTimeout(ChatAPIError):
 
 
 def from_upstream(exc: BaseException) -> ChatAPIError:
-    """Translate an OpenAI SDK or HTTP exception (after retries) into our tree.
+    """Translate an exception from the upstream call (after retries) into our tree.
 
-    The upstream's own message is passed on only for 400-class answers about
-    the request itself; it never contains our key (OpenAI masks keys), but we
-    still scrub anything that looks like one.
+    Covers the OpenAI SDK's exceptions and those of the HTTP clients under
+    both providers (httpx2, aiohttp); status answers go through `from_status`.
     """
     if isinstance(exc, ChatAPIError):
         return exc
-    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException | TimeoutError):
         return UpstreamTimeout()
-    if isinstance(exc, openai.APIConnectionError):
-        return UpstreamError("Could not reach OpenAI: the connection failed. Try again.")
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        if status in (401, 403):
-            return UpstreamError(
-                "OpenAI rejected the server's key. The operator needs to check it.",
-                code="upstream_auth",
-            )
-        if status == 429:
-            retry = exc.response.headers.get("retry-after", "")
-            seconds = float(retry) if retry.replace(".", "", 1).isdigit() else 20.0
-            return RateLimited(
-                "OpenAI is rate-limiting this server. Try again shortly.",
-                retry_after=seconds,
-                code="upstream_rate_limited",
-            )
-        if status == 404:
-            return NotFound(_upstream_message(exc, "OpenAI does not know that model."))
-        if 400 <= status < 500:
-            return BadRequest(
-                _upstream_message(exc, "OpenAI rejected the request."),
-                param=_upstream_param(exc),
-                code=_upstream_code(exc),
-            )
-        return UpstreamError(f"OpenAI had a problem (status {status}). Try again.")
+        retry = _seconds(exc.response.headers.get("retry-after"))
+        return from_status(exc.status_code, exc.body, retry)
+    if isinstance(exc, openai.APIConnectionError | aiohttp.ClientConnectorError):
+        return UpstreamError("Could not reach OpenAI: the connection failed. Try again.")
     return UpstreamError("The connection to OpenAI broke. Try again.")
 
 
-def _upstream_error_field(exc: openai.APIStatusError, name: str) -> str | None:
-    body = exc.body
+def from_status(status: int, body: Any, retry_after: float | None) -> ChatAPIError:
+    """The error for an upstream answer with a non-200 status.
+
+    The upstream's own message is passed on only for 400-class answers about
+    the request itself; OpenAI masks keys in it, and we scrub anything that
+    still looks like one.
+    """
+    if status in (401, 403):
+        return UpstreamError(
+            "OpenAI rejected the server's key. The operator needs to check it.",
+            code="upstream_auth",
+        )
+    if status == 429:
+        return RateLimited(
+            "OpenAI is rate-limiting this server. Try again shortly.",
+            retry_after=20.0 if retry_after is None else retry_after,
+            code="upstream_rate_limited",
+        )
+    if status == 404:
+        return NotFound(_upstream_message(body, "OpenAI does not know that model."))
+    if 400 <= status < 500:
+        return BadRequest(
+            _upstream_message(body, "OpenAI rejected the request."),
+            param=_upstream_field(body, "param"),
+            code=_upstream_field(body, "code"),
+        )
+    return UpstreamError(f"OpenAI had a problem (status {status}). Try again.")
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _upstream_field(body: Any, name: str) -> str | None:
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict):
@@ -246,17 +263,9 @@ def _upstream_error_field(exc: openai.APIStatusError, name: str) -> str | None:
     return None
 
 
-def _upstream_message(exc: openai.APIStatusError, fallback: str) -> str:
-    message = _upstream_error_field(exc, "message")
+def _upstream_message(body: Any, fallback: str) -> str:
+    message = _upstream_field(body, "message")
     return redact(message) if message else fallback
-
-
-def _upstream_param(exc: openai.APIStatusError) -> str | None:
-    return _upstream_error_field(exc, "param")
-
-
-def _upstream_code(exc: openai.APIStatusError) -> str | None:
-    return _upstream_error_field(exc, "code")
 
 
 def outcome_of(exc: BaseException) -> str:

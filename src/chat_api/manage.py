@@ -12,23 +12,24 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat_api.config import Settings
-from chat_api.errors import ChatAPIError
-from chat_api.routes.schemas import describe
-from chat_api.routes.usage import parse_day
-from chat_api.store.database import migrate, open_engine
-from chat_api.store.keys import KeySpec, KeyStore
-from chat_api.store.ledger import Ledger
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+# The storage modules pull in SQLAlchemy, Alembic and the OpenAI SDK: they are
+# imported inside each command, so `chat-api serve` starts (or fails) fast.
 
 Loader = Callable[[], Settings]
 
 
 def _run(settings: Settings, work: Callable[[AsyncEngine], Awaitable[int]]) -> int:
+    from chat_api.store.database import migrate, open_engine
+
     async def main() -> int:
         engine = open_engine(settings.database_url)
         try:
@@ -61,6 +62,9 @@ def _cell(value: Any) -> str:
 
 
 def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    from chat_api.routes.schemas import describe
+    from chat_api.store.keys import KeySpec, KeyStore
+
     try:
         budget = Decimal(args.budget) if args.budget is not None else None
         spec = KeySpec(
@@ -106,6 +110,8 @@ _KEY_COLUMNS = (
 
 
 def _keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    from chat_api.store.keys import KeyStore
+
     async def work(engine: AsyncEngine) -> int:
         records = await KeyStore(engine).all()
         print(table([r.public() for r in records], _KEY_COLUMNS) if records else "No keys yet.")
@@ -115,6 +121,8 @@ def _keys_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _keys_show(settings: Settings, args: argparse.Namespace) -> int:
+    from chat_api.store.keys import KeyStore
+
     async def work(engine: AsyncEngine) -> int:
         record = await KeyStore(engine).get(args.id)
         if record is None:
@@ -128,6 +136,8 @@ def _keys_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from chat_api.store.keys import KeyStore
+
     async def work(engine: AsyncEngine) -> int:
         record = await KeyStore(engine).revoke(args.id)
         if record is None:
@@ -140,6 +150,9 @@ def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _day(value: str | None) -> datetime | None:
+    from chat_api.errors import ChatAPIError
+    from chat_api.routes.usage import parse_day
+
     try:
         return parse_day(value, "date")
     except ChatAPIError as exc:
@@ -147,6 +160,8 @@ def _day(value: str | None) -> datetime | None:
 
 
 def _usage(settings: Settings, args: argparse.Namespace) -> int:
+    from chat_api.store.ledger import Ledger
+
     async def work(engine: AsyncEngine) -> int:
         ledger = Ledger(engine, flush_interval=1, batch_size=1)
         summary = await ledger.summary(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from chat_api.config import Settings
 from chat_api.providers.base import Completion, Provider, UpstreamStream
 from chat_api.providers.demo import DemoProvider
+from chat_api.providers.fast import FastOpenAIProvider
 from chat_api.providers.openai import OpenAIProvider
 
 __all__ = ["Completion", "Provider", "UpstreamStream", "build_provider"]
@@ -14,6 +15,8 @@ def build_provider(settings: Settings) -> Provider | None:
     """The provider the settings ask for, or None when there is no key and no demo."""
     if settings.demo:
         return DemoProvider(settings)
-    if settings.openai_api_key is not None:
+    if settings.openai_api_key is None:
+        return None
+    if settings.upstream_client == "sdk":
         return OpenAIProvider(settings)
-    return None
+    return FastOpenAIProvider(settings)
