@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -202,3 +202,16 @@ def test_the_key_never_leaks_from_a_mid_stream_error_event(
     assert response.status_code == 200
     assert "error" in response.text and "Incorrect API key provided" in response.text
     assert_never_shown(fake.api_key, [shown(response)], json_logs)
+
+
+def test_a_key_sent_as_the_request_id_is_not_echoed_or_logged(
+    gateway_factory: Callable[..., ServerThread], fake: FakeOpenAI
+) -> None:
+    server = gateway_factory()
+    sneaky = "cak_" + "A" * 43
+    response = httpx.post(
+        server.url + "/chat", json={"message": "hi"}, headers={"X-Request-ID": sneaky}
+    )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] != sneaky
+    assert fake.last().headers["x-request-id"] != sneaky

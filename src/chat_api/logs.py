@@ -23,6 +23,8 @@ class RedactingFilter(logging.Filter):
     """Last line of defence: no key-like token leaves through a log record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_ids_only", False):
+            return True  # built from ids and numbers only (the access line): nothing to scrub
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message or record.args:

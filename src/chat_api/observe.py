@@ -33,6 +33,7 @@ class RequestObserver:
         if not log.isEnabledFor(level):
             return
         fields: dict[str, object] = {
+            "_ids_only": True,
             "request_id": scope.get("state", {}).get("request_id"),
             "method": scope.get("method"),
             "route": route,

@@ -23,6 +23,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from chat_api import __version__
 from chat_api.config import Settings
@@ -64,15 +66,27 @@ class FastOpenAIProvider:
         self._max_connections = settings.upstream_max_connections
         self._deadline = settings.stream_deadline
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:  # made inside the running loop, on first use
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, limit_per_host=0, keepalive_timeout=30
             )
+            # No cookie jar: cookies set by the upstream must never travel
+            # from one client's call to another's. No trust_env: it looks up
+            # .netrc and proxy variables in a thread on every request; the
+            # proxy (HTTPS_PROXY and friends) is looked up once, here.
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, trust_env=True
+                connector=connector,
+                timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
+            try:
+                self._proxy, self._proxy_auth = get_env_proxy_for_url(URL(self._url))
+            except LookupError:
+                self._proxy, self._proxy_auth = None, None
         return self._session
 
     async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
@@ -105,7 +119,13 @@ class FastOpenAIProvider:
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                response = await session.post(self._url, data=payload, headers=headers)
+                response = await session.post(
+                    self._url,
+                    data=payload,
+                    headers=headers,
+                    proxy=self._proxy,
+                    proxy_auth=self._proxy_auth,
+                )
             except TimeoutError:
                 if last:
                     raise UpstreamTimeout() from None
