@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from chat_api.errors import UpstreamError
+from chat_api.errors import UpstreamError, UpstreamTimeout
 
 T = TypeVar("T")
 
@@ -73,6 +73,35 @@ def _data_of(block: bytes) -> bytes | None:
         line[5:].removeprefix(b" ") for line in block.split(b"\n") if line.startswith(b"data:")
     ]
     return b"\n".join(lines) if lines else None
+
+
+class EventReader:
+    """The `data` payloads of an upstream SSE body, up to `[DONE]`, within a deadline.
+
+    Both providers read their streams through this; `saw_done` tells whether
+    the `[DONE]` marker arrived (a stream that ends without it was cut off).
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.saw_done = False
+
+    async def payloads(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        parser = SSEParser()
+        loop = asyncio.get_running_loop()
+        async for chunk in chunks:
+            if loop.time() > self.deadline:
+                raise UpstreamTimeout("The answer took longer than the server allows.")
+            for payload in parser.feed(chunk):
+                if payload == b"[DONE]":
+                    self.saw_done = True
+                    return
+                yield payload
+        for payload in parser.finish():
+            if payload == b"[DONE]":
+                self.saw_done = True
+                return
+            yield payload
 
 
 async def with_keepalive(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:

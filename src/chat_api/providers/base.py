@@ -30,7 +30,9 @@ class UpstreamStream(Protocol):
     """
 
     upstream_request_id: str | None
-    saw_done: bool
+
+    @property
+    def saw_done(self) -> bool: ...
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 

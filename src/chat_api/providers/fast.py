@@ -30,7 +30,7 @@ from chat_api import __version__
 from chat_api.config import Settings
 from chat_api.errors import UpstreamError, UpstreamTimeout, from_status, from_upstream
 from chat_api.providers.base import Completion
-from chat_api.sse import SSEParser
+from chat_api.sse import EventReader
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
@@ -164,26 +164,16 @@ class _FastStream:
 
     def __init__(self, response: aiohttp.ClientResponse, deadline: float) -> None:
         self._response = response
-        self._deadline = deadline
+        self._reader = EventReader(deadline)
         self.upstream_request_id: str | None = response.headers.get("x-request-id")
-        self.saw_done = False
+
+    @property
+    def saw_done(self) -> bool:
+        return self._reader.saw_done
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        parser = SSEParser()
-        loop = asyncio.get_running_loop()
         try:
-            async for chunk in self._response.content.iter_any():
-                if loop.time() > self._deadline:
-                    raise UpstreamTimeout("The answer took longer than the server allows.")
-                for payload in parser.feed(chunk):
-                    if payload == b"[DONE]":
-                        self.saw_done = True
-                        return
-                    yield payload
-            for payload in parser.finish():
-                if payload == b"[DONE]":
-                    self.saw_done = True
-                    return
+            async for payload in self._reader.payloads(self._response.content.iter_any()):
                 yield payload
         except TimeoutError:
             raise UpstreamTimeout("OpenAI went silent in the middle of the answer.") from None
