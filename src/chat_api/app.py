@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
+from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
 from chat_api import __version__
@@ -141,7 +142,20 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         if exc.status_code == 404:
             error: ChatAPIError = NotFound(f"There is nothing at {request.url.path}.")
         elif exc.status_code == 405:
-            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+            # RFC 9110: a 405 lists every method the path takes. Starlette's own `Allow`
+            # names only the first route it matched, and FastAPI has a route per method.
+            allowed = sorted(
+                {
+                    method
+                    for route in request.app.routes
+                    if isinstance(route, Route) and route.path_regex.match(request.url.path)
+                    for method in route.methods or ()
+                }
+            )
+            error = MethodNotAllowed(
+                f"{request.method} is not allowed on {request.url.path}.",
+                headers={"Allow": ", ".join(allowed)},
+            )
         else:
             error = BadRequest(str(exc.detail))
         return _error_response(request, error)
@@ -181,7 +195,26 @@ def _document(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(request_schema.pop("$defs", {}))
             components["ChatRequest"] = request_schema
+            _document_limits(schema, app.state.settings)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_limits(schema: dict[str, Any], settings: Settings) -> None:
+    """Put the configured ceilings into the document, so it says what is really accepted."""
+    simple = schema["components"]["schemas"]["ChatRequest"]["properties"]["max_tokens"]
+    for branch in simple.get("anyOf", [simple]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = settings.max_tokens_limit
+    components = schema["components"]["schemas"]
+    models = list(settings.models)
+    # An empty model means the default, as does none.
+    components["ChatRequest"]["properties"]["model"]["anyOf"][0]["enum"] = [*models, ""]
+    key_body = schema["paths"]["/admin/keys"]["post"]["requestBody"]["content"]
+    key_body["application/json"]["schema"]["properties"]["models"]["items"]["enum"] = models
+    v1 = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    v1["application/json"]["schema"]["properties"]["max_tokens"]["maximum"] = (
+        settings.max_tokens_limit
+    )

@@ -11,9 +11,10 @@ import math
 import time
 
 from fastapi import Request
+from sqlalchemy.exc import SQLAlchemyError
 
 from chat_api.config import Settings
-from chat_api.errors import RateLimited, Unauthorized
+from chat_api.errors import RateLimited, ServiceUnavailable, Unauthorized
 from chat_api.limits.counters import Counter
 from chat_api.meter import Caller
 from chat_api.store.database import utcnow
@@ -50,7 +51,14 @@ class Guard:
         if token is not None:
             if same_secret(token, self._master):
                 return MASTER
-            record = await self._keys.find(token)
+            try:
+                record = await self._keys.find(token)
+            except (SQLAlchemyError, OSError):
+                # The key store is away: refuse like budgets do (503, try again), never a 500.
+                raise ServiceUnavailable(
+                    "Keys cannot be checked right now (the database is away). Try again shortly.",
+                    headers={"Retry-After": "5"},
+                ) from None
             if record is not None and record.usable(utcnow()):
                 return record.caller()
         await self._failed(address)

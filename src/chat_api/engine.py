@@ -126,6 +126,13 @@ class ChatEngine:
         if max_tokens is None:
             max_tokens = _positive_int(body, "max_tokens", s.max_tokens_limit)
         choices = _positive_int(body, "n", s.max_choices) or 1
+        temperature = body.get("temperature")
+        if temperature is not None and (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not 0 <= temperature <= 2
+        ):
+            raise BadRequest("'temperature' must be a number from 0 to 2.", param="temperature")
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise BadRequest("'stream_options' must be an object.", param="stream_options")
@@ -284,14 +291,15 @@ def _check_message(message: Any, index: int, max_chars: int) -> None:
     if not isinstance(message, dict):
         raise BadRequest(f"'{where}' must be an object with 'role' and 'content'.", param=where)
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # a dict or list role is unhashable
         raise BadRequest(
             f"'{where}.role' must be one of: system, developer, user, assistant, tool.",
             param=f"{where}.role",
         )
     content = message.get("content")
     if content is None:
-        if role in ("assistant", "function") or message.get("tool_calls"):
+        calls = message.get("tool_calls")
+        if role in ("assistant", "function") or (isinstance(calls, list) and calls):
             return
         raise BadRequest(f"'{where}.content' is required.", param=f"{where}.content")
     if isinstance(content, str):
@@ -315,6 +323,8 @@ def _positive_int(body: dict[str, Any], name: str, ceiling: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON does not tell 1 from 1.0
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BadRequest(f"'{name}' must be a whole number of at least 1.", param=name)
     if value > ceiling:

@@ -37,14 +37,20 @@ class SSEParser:
     event may hold, so a broken upstream cannot fill our memory.
     """
 
-    __slots__ = ("_buffer", "_max")
+    __slots__ = ("_buffer", "_cr", "_max")
 
     def __init__(self, max_event_bytes: int = 8 * 1024 * 1024) -> None:
         self._buffer = b""
+        self._cr = False  # the last read ended in \r: its \n may come in the next one
         self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if self._cr:
+            self._cr = False
+            chunk = chunk if chunk.startswith(b"\n") else b"\n" + chunk
         if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk, self._cr = chunk[:-1], True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
         events = buffer.split(b"\n\n")
@@ -63,7 +69,7 @@ class SSEParser:
 
     def finish(self) -> list[bytes]:
         """Whatever the upstream sent after its last blank line."""
-        rest, self._buffer = self._buffer, b""
+        rest, self._buffer, self._cr = self._buffer, b"", False
         payload = _data_of(rest) if rest.strip() else None
         return [payload] if payload is not None else []
 

@@ -49,10 +49,13 @@ class OpenAIProvider:
         self._deadline = settings.stream_deadline
 
     async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
-        response = await self._post(body, request_id, stream=False)
-        raw = response.content
-        if len(raw) > MAX_BODY_BYTES:
-            raise UpstreamError("OpenAI sent an answer that is too large to relay.")
+        response = await self._post(body, request_id, stream=True)  # read below, capped
+        try:
+            raw = await _read_capped(response)
+        except httpx2.HTTPError as exc:
+            raise from_upstream(exc) from None
+        finally:
+            await response.aclose()
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -106,3 +109,17 @@ class _OpenAIStream:
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+async def _read_capped(response: httpx2.Response) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise UpstreamError("OpenAI sent an answer that is too large to relay.")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise UpstreamError("OpenAI sent an answer that is too large to relay.")
+        parts.append(chunk)
+    return b"".join(parts)

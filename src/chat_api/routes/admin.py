@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
@@ -12,12 +12,20 @@ from chat_api.errors import BadRequest, Forbidden, NotFound
 from chat_api.meter import Caller
 from chat_api.responses import JSONResponse
 from chat_api.routes.deps import CallerDep, engine_of, read_json
-from chat_api.routes.schemas import describe
+from chat_api.routes.schemas import describe, simple_errors
 from chat_api.routes.usage import parse_day
 from chat_api.store.keys import KeySpec, KeyStore
 from chat_api.store.ledger import Ledger
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+_ERRORS = simple_errors(
+    e400="The body or a parameter is not valid.",
+    e401="The master key was missing or wrong.",
+    e403="Keys are off, or the key is not the master key.",
+    e429="Too many failed attempts with a wrong key from this address; see Retry-After.",
+)
+_KEY_ERRORS = {**_ERRORS, **simple_errors(e404="There is no key with that id.")}
+
+router = APIRouter(prefix="/admin", tags=["admin"], responses=_ERRORS)
 
 
 def _require_master(request: Request, caller: Caller | None) -> KeyStore:
@@ -67,7 +75,7 @@ async def list_keys(request: Request, caller: CallerDep) -> Response:
     return JSONResponse({"keys": [record.public() for record in await keys.all()]})
 
 
-@router.get("/keys/{key_id}")
+@router.get("/keys/{key_id}", responses=_KEY_ERRORS)
 async def show_key(key_id: str, request: Request, caller: CallerDep) -> Response:
     """One client key, without its secret."""
     keys = _require_master(request, caller)
@@ -77,7 +85,7 @@ async def show_key(key_id: str, request: Request, caller: CallerDep) -> Response
     return JSONResponse(record.public())
 
 
-@router.delete("/keys/{key_id}")
+@router.delete("/keys/{key_id}", responses=_KEY_ERRORS)
 async def revoke_key(key_id: str, request: Request, caller: CallerDep) -> Response:
     """Revoke a client key. Every replica refuses it from the next request on."""
     keys = _require_master(request, caller)
@@ -93,8 +101,8 @@ async def all_usage(
     caller: CallerDep,
     key_id: str | None = None,
     model: str | None = None,
-    since: str | None = None,
-    until: str | None = None,
+    since: str | None = Query(None, json_schema_extra={"format": "date"}),
+    until: str | None = Query(None, json_schema_extra={"format": "date"}),
 ) -> Response:
     """Usage of every key (or one, with `key_id`), by key, model and day."""
     _require_master(request, caller)

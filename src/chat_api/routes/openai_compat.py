@@ -60,9 +60,10 @@ _COMPLETION_BODY = {
                     "type": "object",
                     "required": ["messages"],
                     "properties": {
-                        "model": {"type": "string"},
+                        "model": {"type": ["string", "null"]},  # none: the default
                         "messages": {
                             "type": "array",
+                            "minItems": 1,
                             "items": {
                                 "type": "object",
                                 "required": ["role"],
@@ -75,15 +76,38 @@ _COMPLETION_BODY = {
                                             "user",
                                             "assistant",
                                             "tool",
+                                            "function",
                                         ],
                                     },
-                                    "content": {},
+                                    "content": {
+                                        "anyOf": [
+                                            {"type": "string"},
+                                            {"type": "array", "items": {"type": "object"}},
+                                            {"type": "null"},
+                                        ]
+                                    },
+                                },
+                                # Only assistant turns (and tool calls) may leave content out.
+                                "if": {
+                                    "properties": {
+                                        "role": {"enum": ["system", "developer", "user", "tool"]}
+                                    },
+                                    "not": {
+                                        "required": ["tool_calls"],
+                                        "properties": {
+                                            "tool_calls": {"type": "array", "minItems": 1}
+                                        },
+                                    },
+                                },
+                                "then": {
+                                    "required": ["content"],
+                                    "properties": {"content": {"not": {"type": "null"}}},
                                 },
                             },
                         },
                         "stream": {"type": "boolean"},
-                        "max_tokens": {"type": "integer", "minimum": 1},
-                        "temperature": {"type": "number"},
+                        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+                        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
                     },
                     "additionalProperties": True,
                 },

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from chat_api.errors import BadRequest
 
@@ -36,7 +36,10 @@ class ChatRequest(BaseModel):
         },
     )
 
-    message: str = Field(description="The new user message. Required, not blank.")
+    message: str = Field(
+        description="The new user message. Required, not blank.",
+        json_schema_extra={"pattern": r"\S"},  # documents the not-blank check below
+    )
     model: str | None = Field(default=None, description="A model from `GET /models`.")
     messages: list[SimpleMessage] = Field(
         default_factory=list, description="The conversation so far, oldest first."
@@ -44,6 +47,14 @@ class ChatRequest(BaseModel):
     system: str | None = Field(default=None, description="Instructions placed first.")
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _whole_float_is_an_integer(cls, value: Any) -> Any:
+        # JSON does not tell 1 from 1.0, and some JSON writers send 1.0 for 1.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
 
 class Usage(BaseModel):
@@ -65,6 +76,14 @@ class SimpleError(BaseModel):
     """Every simple-API error: one sentence a person can act on."""
 
     error: str
+
+
+def simple_errors(**texts: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for simple-API errors: `simple_errors(e404="No such key.")`."""
+    return {
+        int(status[1:]): {"model": SimpleError, "description": text}
+        for status, text in texts.items()
+    }
 
 
 class HealthResponse(BaseModel):

@@ -6,21 +6,22 @@ from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from chat_api.errors import BadRequest
 from chat_api.limits.budgets import period_bounds, utcnow
 from chat_api.responses import JSONResponse
 from chat_api.routes.deps import CallerDep
+from chat_api.routes.schemas import simple_errors
 from chat_api.store.ledger import Ledger
 
 router = APIRouter(tags=["usage"])
 
 
 def parse_day(value: str | None, name: str) -> datetime | None:
-    """`2026-11-25` or a full ISO time, as UTC; a clear 400 otherwise."""
-    if not value:
+    """`2026-11-25` or a full ISO time, as UTC; a clear 400 otherwise (an empty value too)."""
+    if value is None:
         return None
     try:
         if len(value) == 10:
@@ -31,9 +32,19 @@ def parse_day(value: str | None, name: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-@router.get("/usage")
+@router.get(
+    "/usage",
+    responses=simple_errors(
+        e400="'since' or 'until' is not a date.",
+        e401="A client key is required and was missing or wrong.",
+        e429="Too many failed attempts with a wrong key from this address; see Retry-After.",
+    ),
+)
 async def my_usage(
-    request: Request, caller: CallerDep, since: str | None = None, until: str | None = None
+    request: Request,
+    caller: CallerDep,
+    since: str | None = Query(None, json_schema_extra={"format": "date"}),
+    until: str | None = Query(None, json_schema_extra={"format": "date"}),
 ) -> Response:
     """Totals, by model and by day, for the calling key, with its budget and limits."""
     ledger: Ledger = request.app.state.ledger

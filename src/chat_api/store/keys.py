@@ -47,16 +47,41 @@ class KeySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, json_schema_extra={"pattern": r"\S"})
     models: list[str] = Field(default_factory=list, description="Allowed models; empty = all.")
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute.")
-    budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=18, decimal_places=6)
+    rpm: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Requests per minute."
+    )
+    tpm: int | None = Field(default=None, ge=1, le=1_000_000_000, description="Tokens per minute.")
+    budget_usd: Decimal | None = Field(
+        default=None,
+        ge=0,
+        max_digits=18,
+        decimal_places=6,
+        # What is accepted, said in the schema: dollars with at most 6 decimals.
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": 999_999_999_999},
+                {"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]{1,6})?$"},
+                {"type": "null"},
+            ]
+        },
+    )
     budget_period: Period | None = Field(
         default=None, description="daily, monthly or total (the default when a budget is set)."
     )
-    expires_at: datetime | None = None
-    expires_in_days: float | None = Field(default=None, gt=0)
+    expires_at: datetime | None = Field(
+        default=None, description="An ISO 8601 date and time (numbers are refused)."
+    )
+    # A ceiling, or `now + timedelta(days=1e308)` overflows (a 500, found by schemathesis).
+    expires_in_days: float | None = Field(default=None, gt=0, le=36_500)
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _expiry_is_a_date(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("must be an ISO 8601 date and time, like 2026-12-31T00:00:00Z")
+        return value
 
     @field_validator("name")
     @classmethod

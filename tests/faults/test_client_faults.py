@@ -1,0 +1,269 @@
+"""Client faults: clients that leave, clients that crawl, and a crowd of clients at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import selectors
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chat_api import protocol
+from chat_api.protocol import GuardedHttpToolsProtocol
+from tests.fakes.openai_server import FakeOpenAI, Plan
+from tests.faults.conftest import (
+    FULL,
+    GatewayMaker,
+    ProcStats,
+    ledger_rows,
+    proc_stats,
+    size,
+    wait_until,
+)
+from tests.keys.conftest import MASTER, auth, avoid_minute_edge, make_key
+from tests.ops.conftest import Spawn
+
+pytestmark = pytest.mark.faults
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(300))
+
+STREAMS = [
+    pytest.param("/chat/stream", {"message": "a long story"}, id="simple"),
+    pytest.param(
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a long story"}], "stream": True},
+        id="v1",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), STREAMS)
+def test_disconnect_after_3_chunks_closes_the_upstream_within_1s_and_bills_an_estimate(
+    gw: GatewayMaker, fake: FakeOpenAI, tmp_path: Path, path: str, body: dict[str, object]
+) -> None:
+    server = gw()
+    fake.queue(Plan(text=LONG_TEXT, chunk_interval=0.05))
+    seen = 0
+    with httpx.stream("POST", server.url + path, json=body, timeout=10) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data:") and "word" in line:
+                seen += 1
+            if seen == 3:
+                break
+    left_at = time.monotonic()
+    upstream = fake.last()
+    assert upstream.closed_early.wait(1.0), "the upstream kept streaming after the client left"
+    print(f"upstream closed {time.monotonic() - left_at:.3f} s after the client left")
+    assert not upstream.finished.is_set()
+    db = tmp_path / "gateway.db"
+    assert wait_until(lambda: len(ledger_rows(db)) == 1, 5)
+    row = ledger_rows(db)[0]
+    assert row["outcome"] == "client_closed"
+    assert row["estimated"] == 1
+    assert row["completion_tokens"] >= 3 and row["prompt_tokens"] > 0
+    assert row["cost_usd"] > 0
+
+
+# --- slow clients -------------------------------------------------------------------------
+
+
+def _closed_within(sockets: list[socket.socket], limit: float, drip: bytes | None) -> list[float]:
+    """Drip `drip` into each socket every 0.2 s until the server closes it; seconds each lasted."""
+    started = time.monotonic()
+    lasted: dict[socket.socket, float] = {}
+    selector = selectors.DefaultSelector()
+    for sock in sockets:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    try:
+        while len(lasted) < len(sockets) and time.monotonic() - started < limit:
+            for key, _ in selector.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    lasted[sock] = time.monotonic() - started
+                    selector.unregister(sock)
+            if drip is not None:
+                for sock in sockets:
+                    if sock not in lasted:
+                        try:
+                            sock.send(drip)
+                        except OSError:
+                            lasted[sock] = time.monotonic() - started
+                            selector.unregister(sock)
+    finally:
+        selector.close()
+    return list(lasted.values())
+
+
+def _served_quickly(url: str) -> float:
+    started = time.monotonic()
+    response = httpx.post(url + "/chat", json={"message": "am I still served?"}, timeout=5)
+    assert response.status_code == 200
+    return time.monotonic() - started
+
+
+def test_slow_headers_are_cut_at_the_header_deadline_and_others_are_served(
+    gw: GatewayMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deadline = protocol.HEADER_TIMEOUT if FULL else 1.0
+    monkeypatch.setattr(protocol, "HEADER_TIMEOUT", deadline)
+    server = gw(server_config={"http": GuardedHttpToolsProtocol})
+    crawlers = [socket.create_connection(("127.0.0.1", server.server.port)) for _ in range(50)]
+    for sock in crawlers:
+        sock.sendall(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    try:
+        assert _served_quickly(server.url) < 1.0  # while 50 clients crawl
+        lasted = _closed_within(crawlers, deadline + 5, drip=b"X")
+    finally:
+        for sock in crawlers:
+            sock.close()
+    assert len(lasted) == 50, "some slow-header connections were never closed"
+    assert all(deadline - 0.5 <= s <= deadline + 2 for s in lasted), lasted
+    assert _served_quickly(server.url) < 1.0
+
+
+def test_slow_body_gets_408_at_the_body_deadline_and_others_are_served(gw: GatewayMaker) -> None:
+    server = gw(body_timeout=1.0)
+    crawlers = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", server.server.port))
+        sock.sendall(
+            b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
+        crawlers.append(sock)
+    try:
+        assert _served_quickly(server.url) < 1.0
+        replies: list[bytes] = []
+        started = time.monotonic()
+        for sock in crawlers:
+            sock.settimeout(5)
+            reply = b""
+            while True:  # read until the server closes: 408, then the connection ends
+                try:
+                    piece = sock.recv(65536)
+                except OSError:
+                    break
+                if not piece:
+                    break
+                reply += piece
+            replies.append(reply)
+        took = time.monotonic() - started
+    finally:
+        for sock in crawlers:
+            sock.close()
+    assert all(reply.startswith(b"HTTP/1.1 408 ") for reply in replies), replies[0][:200]
+    assert b"did not arrive within 1 seconds" in replies[0]
+    assert took < 4
+    assert _served_quickly(server.url) < 1.0
+
+
+# --- a crowd of concurrent streams ------------------------------------------------------------
+
+
+def idle_stats(url: str, pid: int) -> ProcStats:
+    """Open files and memory once idle: upstream connections the fake closed are let go.
+
+    The fake closes idle keep-alive connections after 5 s; the gateway's pool
+    drops dead ones the next time it is used, so wait, call once, then measure.
+    """
+    time.sleep(6)
+    httpx.post(url + "/chat", json={"message": "hi"}, headers=auth(MASTER), timeout=10)
+    time.sleep(0.5)
+    return proc_stats(pid)
+
+
+async def _one_stream(port: int, key: str, body: bytes) -> int:
+    """A bare HTTP/1.1 stream read to its end; the status (0 when the connection failed)."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port), timeout=60
+        )
+    except (OSError, TimeoutError):
+        return 0
+    try:
+        writer.write(
+            b"POST /chat/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer " + key.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(-1), timeout=120)
+    except (OSError, TimeoutError):
+        return 0
+    finally:
+        writer.close()
+    status = int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else 0
+    if status == 200 and b'"done": true' not in data.replace(b'"done":true', b'"done": true'):
+        return -1  # a stream that did not end with its done event
+    return status
+
+
+async def _crowd(port: int, key: str, count: int) -> Counter[int]:
+    body = json.dumps({"message": "hello"}).encode()
+    results = await asyncio.gather(*(_one_stream(port, key, body) for _ in range(count)))
+    return Counter(results)
+
+
+def test_a_crowd_of_concurrent_streams_is_served_or_capped_and_resources_come_back(
+    spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+) -> None:
+    count = size(5000, 300)
+    cap = count * 4 // 5  # the key may make this many requests a minute; the rest get 429
+    gateway = spawn(
+        {
+            "OPENAI_API_KEY": fake.api_key,
+            "OPENAI_BASE_URL": upstream_url,
+            "CHAT_API_UPSTREAM_RETRIES": "0",
+            "CHAT_API_MASTER_KEY": MASTER,
+            "CHAT_API_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+            "CHAT_API_LOG_LEVEL": "warning",
+        }
+    )
+    pid = gateway.process.pid
+    warm, _ = make_key(gateway.url)
+    fake.queue(*[Plan(chunk_interval=0.05) for _ in range(2 * count + 100)])
+    # Warm up with concurrent key lookups: the database pool grows to its steady size.
+    asyncio.run(_crowd(gateway.port, warm, 100))
+    baseline = idle_stats(gateway.url, pid)
+    after: list[ProcStats] = []
+    for round_ in range(2):  # the second round shows whether anything ratchets up
+        secret, _ = make_key(gateway.url, rpm=cap)  # a fresh key: a fresh per-minute count
+        avoid_minute_edge(margin=45 if FULL else 8)
+        started = time.monotonic()
+        results = asyncio.run(_crowd(gateway.port, secret, count))
+        took = time.monotonic() - started
+        peak = proc_stats(pid)
+        after.append(idle_stats(gateway.url, pid))
+        print(
+            f"round {round_ + 1}: {count} streams in {took:.1f} s: {dict(results)}; "
+            f"fds {baseline.fds} -> {after[-1].fds}; rss {baseline.rss_kb // 1024} -> "
+            f"peak {peak.peak_kb // 1024} -> {after[-1].rss_kb // 1024} MiB"
+        )
+        problems = [line for line in gateway.logs().splitlines() if '"level":"error"' in line]
+        assert results == Counter({200: cap, 429: count - cap}), (results, problems[:3])
+        open_files = sorted(str(p.readlink()) for p in Path(f"/proc/{pid}/fd").iterdir())
+        assert after[-1].fds <= baseline.fds + 10, f"open files: {baseline.fds}, {open_files}"
+    # Memory: the first crowd raises the allocator's high-water mark (CPython keeps freed
+    # arenas); a second, equal crowd must not add to it, or something is held per stream.
+    first_growth = after[0].rss_kb - baseline.rss_kb
+    ratchet = after[1].rss_kb - after[0].rss_kb
+    assert ratchet < max(16 * 1024, first_growth // 4), (
+        f"memory ratcheted: +{first_growth // 1024} MiB, then +{ratchet // 1024} MiB"
+    )
+    # and the gateway still answers
+    assert httpx.post(
+        gateway.url + "/chat", json={"message": "hi"}, headers=auth(MASTER)
+    ).is_success
+    assert fake.api_key not in gateway.logs() and MASTER not in gateway.logs()
