@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import traceback
 import time
 from typing import Any
 
@@ -45,7 +47,9 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         if self.thread.is_alive():
-            raise RuntimeError("the test server did not stop within 30 s")
+            frame = sys._current_frames().get(self.thread.ident or 0)
+            where = "".join(traceback.format_stack(frame)) if frame else "?"
+            raise RuntimeError(f"the test server did not stop within 30 s; it was at:\n{where}")
 
     def __enter__(self) -> ServerThread:
         return self.start()

@@ -54,6 +54,7 @@ class Ledger:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._writing: set[asyncio.Future[None]] = set()
         self.written = 0
         self.dropped = 0
 
@@ -91,14 +92,27 @@ class Ledger:
                 await asyncio.sleep(min(5.0, 0.2 * 2**failures))
 
     async def flush(self) -> None:
-        """Write every queued row now."""
+        """Write every queued row now.
+
+        Each batch is written by a shielded task that holds the lock until its
+        rows are both committed and dropped from the queue: cancelling a
+        flush (a client leaving, shutdown) can neither lose nor repeat rows.
+        """
+        while self._pending:
+            write = asyncio.ensure_future(self._write_batch())
+            self._writing.add(write)
+            write.add_done_callback(self._writing.discard)
+            await asyncio.shield(write)
+
+    async def _write_batch(self) -> None:
         async with self._lock:
-            while self._pending:
-                batch = self._pending[: self._batch * 5]
-                async with self._engine.begin() as connection:
-                    await connection.execute(insert(usage), batch)
-                del self._pending[: len(batch)]
-                self.written += len(batch)
+            batch = self._pending[: self._batch * 5]
+            if not batch:
+                return
+            async with self._engine.begin() as connection:
+                await connection.execute(insert(usage), batch)
+            del self._pending[: len(batch)]
+            self.written += len(batch)
 
     async def close(self, give_up_after: float = 10.0) -> None:
         """Stop the writer and write what is left, trying for `give_up_after` seconds."""
@@ -106,6 +120,8 @@ class Ledger:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._writing:  # a batch still being written: let it finish
+            await asyncio.wait(set(self._writing), timeout=give_up_after)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + give_up_after
         while self._pending:
