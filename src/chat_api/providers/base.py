@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from chat_api.errors import UpstreamError
+
 
 @dataclass(slots=True)
 class Completion:
@@ -55,3 +57,17 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Release connections at shutdown."""
         ...
+
+
+async def read_capped(chunks: AsyncIterator[bytes], declared: int | None, limit: int) -> bytes:
+    """A whole upstream body, refused as soon as it is known to pass `limit` bytes."""
+    if declared is not None and declared > limit:
+        raise UpstreamError("OpenAI sent an answer that is too large to relay.")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("OpenAI sent an answer that is too large to relay.")
+        parts.append(chunk)
+    return b"".join(parts)

@@ -29,7 +29,7 @@ from yarl import URL
 from chat_api import __version__
 from chat_api.config import Settings
 from chat_api.errors import UpstreamError, UpstreamTimeout, from_status, from_upstream
-from chat_api.providers.base import Completion
+from chat_api.providers.base import Completion, read_capped
 from chat_api.sse import EventReader
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -92,7 +92,9 @@ class FastOpenAIProvider:
     async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
         response = await self._post(body, request_id)
         try:
-            raw = await _read_capped(response, MAX_BODY_BYTES)
+            raw = await read_capped(
+                response.content.iter_any(), response.content_length, MAX_BODY_BYTES
+            )
         except TimeoutError:
             raise UpstreamTimeout() from None
         except CONNECTION_ERRORS as exc:
@@ -139,7 +141,9 @@ class FastOpenAIProvider:
             if response.status == 200:
                 return response
             try:
-                detail = await _read_capped(response, MAX_ERROR_BYTES)
+                detail = await read_capped(
+                    response.content.iter_any(), response.content_length, MAX_ERROR_BYTES
+                )
             except (TimeoutError, *CONNECTION_ERRORS):
                 detail = b""
             finally:
@@ -185,20 +189,6 @@ class _FastStream:
             self._response.release()  # finished cleanly: the connection can be reused
         else:
             self._response.close()  # cut short: close the socket so the upstream stops
-
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    declared = response.content_length
-    if declared is not None and declared > limit:
-        raise UpstreamError("OpenAI sent an answer that is too large to relay.")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise UpstreamError("OpenAI sent an answer that is too large to relay.")
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -19,7 +19,7 @@ from openai._constants import RAW_RESPONSE_HEADER
 
 from chat_api.config import Settings
 from chat_api.errors import UpstreamError, from_upstream
-from chat_api.providers.base import Completion
+from chat_api.providers.base import Completion, read_capped
 from chat_api.sse import EventReader
 
 PATH = "/chat/completions"
@@ -51,7 +51,9 @@ class OpenAIProvider:
     async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
         response = await self._post(body, request_id, stream=True)  # read below, capped
         try:
-            raw = await _read_capped(response)
+            length = response.headers.get("content-length", "")
+            declared = int(length) if length.isdigit() else None
+            raw = await read_capped(response.aiter_bytes(), declared, MAX_BODY_BYTES)
         except httpx2.HTTPError as exc:
             raise from_upstream(exc) from None
         finally:
@@ -109,17 +111,3 @@ class _OpenAIStream:
 
     async def aclose(self) -> None:
         await self._response.aclose()
-
-
-async def _read_capped(response: httpx2.Response) -> bytes:
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise UpstreamError("OpenAI sent an answer that is too large to relay.")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise UpstreamError("OpenAI sent an answer that is too large to relay.")
-        parts.append(chunk)
-    return b"".join(parts)
