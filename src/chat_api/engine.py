@@ -72,7 +72,6 @@ class StreamStats:
     finish_reason: str | None = None
     first_token_at: float | None = None
     upstream_request_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ChatEngine:

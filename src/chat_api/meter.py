@@ -10,7 +10,7 @@ real cost. The implementation is `chat_api.limits.policy.KeyMeter`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -60,7 +60,6 @@ class CallResult:
     latency: float = 0.0
     first_token: float | None = None
     upstream_request_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def start(cls, ctx: CallContext, prepared: Prepared, *, streamed: bool) -> CallResult:

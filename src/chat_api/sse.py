@@ -8,13 +8,9 @@ anyone decodes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
-from typing import TypeVar
 
 from chat_api.errors import UpstreamError, UpstreamTimeout
-
-T = TypeVar("T")
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -108,34 +104,3 @@ class EventReader:
                 self.saw_done = True
                 return
             yield payload
-
-
-async def with_keepalive(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
-    """Yield what `source` yields, and None whenever `interval` seconds pass without an item.
-
-    The caller turns None into a `: ping` comment. The pending read is
-    cancelled, and `source` closed, whatever ends the iteration.
-    """
-    pending: asyncio.Future[T] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(source))
-            done, _ = await asyncio.wait((pending,), timeout=interval)
-            if not done:
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield item
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()

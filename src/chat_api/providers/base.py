@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from chat_api.errors import UpstreamError
+from chat_api.sse import EventReader
 
 
 @dataclass(slots=True)
@@ -71,3 +72,15 @@ async def read_capped(chunks: AsyncIterator[bytes], declared: int | None, limit:
             raise UpstreamError("OpenAI sent an answer that is too large to relay.")
         parts.append(chunk)
     return b"".join(parts)
+
+
+class ReadingStream:
+    """What both upstream clients' streams share: the request id and the event reader."""
+
+    def __init__(self, upstream_request_id: str | None, deadline: float) -> None:
+        self._reader = EventReader(deadline)
+        self.upstream_request_id = upstream_request_id
+
+    @property
+    def saw_done(self) -> bool:
+        return self._reader.saw_done

@@ -29,8 +29,7 @@ from yarl import URL
 from chat_api import __version__
 from chat_api.config import Settings
 from chat_api.errors import UpstreamError, UpstreamTimeout, from_status, from_upstream
-from chat_api.providers.base import Completion, read_capped
-from chat_api.sse import EventReader
+from chat_api.providers.base import Completion, ReadingStream, read_capped
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
@@ -163,17 +162,12 @@ class FastOpenAIProvider:
             await self._session.close()
 
 
-class _FastStream:
+class _FastStream(ReadingStream):
     """The SSE body of one upstream answer, read as it arrives."""
 
     def __init__(self, response: aiohttp.ClientResponse, deadline: float) -> None:
+        super().__init__(response.headers.get("x-request-id"), deadline)
         self._response = response
-        self._reader = EventReader(deadline)
-        self.upstream_request_id: str | None = response.headers.get("x-request-id")
-
-    @property
-    def saw_done(self) -> bool:
-        return self._reader.saw_done
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:

@@ -19,8 +19,7 @@ from openai._constants import RAW_RESPONSE_HEADER
 
 from chat_api.config import Settings
 from chat_api.errors import UpstreamError, from_upstream
-from chat_api.providers.base import Completion, read_capped
-from chat_api.sse import EventReader
+from chat_api.providers.base import Completion, ReadingStream, read_capped
 
 PATH = "/chat/completions"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
@@ -90,17 +89,12 @@ class OpenAIProvider:
         await self._client.close()
 
 
-class _OpenAIStream:
+class _OpenAIStream(ReadingStream):
     """The SSE body of one upstream answer, read as it arrives."""
 
     def __init__(self, response: httpx2.Response, deadline: float) -> None:
+        super().__init__(response.headers.get("x-request-id"), deadline)
         self._response = response
-        self._reader = EventReader(deadline)
-        self.upstream_request_id: str | None = response.headers.get("x-request-id")
-
-    @property
-    def saw_done(self) -> bool:
-        return self._reader.saw_done
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
