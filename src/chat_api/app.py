@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 
 from chat_api import __version__
@@ -32,6 +32,7 @@ from chat_api.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from chat_api.fastlane import FastLane, Handler
 from chat_api.metrics import Metrics
 from chat_api.middleware import GatewayMiddleware, is_openai_dialect
 from chat_api.observe import RequestObserver
@@ -76,6 +77,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.guard = None
 
+    handlers = _add_error_handlers(app, metrics)
+    # Added first, so it sits innermost: inside CORS and the gateway's own layer.
+    app.add_middleware(
+        FastLane,
+        routes={
+            ("POST", "/v1/chat/completions"): openai_compat.chat_completions,
+            ("POST", "/chat"): simple.chat,
+            ("POST", "/chat/stream"): simple.chat_stream,
+        },
+        handlers=handlers,
+    )
     app.add_middleware(
         GatewayMiddleware,
         max_body_bytes=settings.max_body_bytes,
@@ -91,7 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expose_headers=["X-Request-ID", "Retry-After", "X-Upstream-Request-ID"],
         max_age=600,
     )
-    _add_error_handlers(app, metrics)
     app.include_router(simple.router)
     app.include_router(openai_compat.router)
     app.include_router(usage.router)
@@ -124,7 +135,15 @@ def _error_response(request: Request, error: ChatAPIError) -> Response:
     )
 
 
-def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _routes_to(request: Request, method: str) -> bool:
+    scope = {**request.scope, "method": method}
+    return any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes)
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> dict[type[Exception], Handler]:
     async def on_chat_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ChatAPIError)
         if exc.status == 429 or isinstance(exc, ServiceUnavailable):
@@ -142,16 +161,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         if exc.status_code == 404:
             error: ChatAPIError = NotFound(f"There is nothing at {request.url.path}.")
         elif exc.status_code == 405:
-            # RFC 9110: a 405 lists every method the path takes. Starlette's own `Allow`
-            # names only the first route it matched, and FastAPI has a route per method.
-            allowed = sorted(
-                {
-                    method
-                    for route in request.app.routes
-                    if isinstance(route, Route) and route.path_regex.match(request.url.path)
-                    for method in route.methods or ()
-                }
-            )
+            # RFC 9110: a 405 lists every method the path takes; ask the router for each.
+            allowed = [method for method in METHODS if _routes_to(request, method)]
             error = MethodNotAllowed(
                 f"{request.method} is not allowed on {request.url.path}.",
                 headers={"Allow": ", ".join(allowed)},
@@ -171,11 +182,16 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         )
         return _error_response(request, error)
 
-    app.add_exception_handler(ChatAPIError, on_chat_error)
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(HTTPException, on_http)
-    app.add_exception_handler(ClientDisconnect, on_disconnect)
-    app.add_exception_handler(Exception, on_crash)
+    handlers: dict[type[Exception], Handler] = {
+        ChatAPIError: on_chat_error,
+        RequestValidationError: on_validation,
+        HTTPException: on_http,
+        ClientDisconnect: on_disconnect,
+        Exception: on_crash,
+    }
+    for cls, handler in handlers.items():
+        app.add_exception_handler(cls, handler)
+    return handlers
 
 
 def _document(app: FastAPI) -> None:
