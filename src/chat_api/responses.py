@@ -116,19 +116,30 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
+    """Await `work` in this task, cancelling it if the client disconnects first.
+
+    One watcher task, no second task for `work` and no `asyncio.wait`: this
+    runs on every non-streamed call.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    finished = False
+
+    async def watch() -> None:
+        await _wait_for_disconnect(receive)
+        if not finished:  # an answer that is already in is not thrown away
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    if task.cancelled() or not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise ClientDisconnect()
-    return task.result()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        result = await work
+        finished = True
+        return result
+    except asyncio.CancelledError:
+        # Ours if the watcher cancelled and nobody else did (a server stopping, say).
+        if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
+            raise ClientDisconnect() from None
+        raise
+    finally:
+        finished = True
+        watcher.cancel()

@@ -51,7 +51,7 @@ class FastOpenAIProvider:
     def __init__(self, settings: Settings) -> None:
         assert settings.openai_api_key is not None
         base = (settings.openai_base_url or OPENAI_BASE_URL).rstrip("/")
-        self._url = base + "/chat/completions"
+        self._url = URL(base + "/chat/completions")  # parsed once, not per call
         self._headers = {
             "Authorization": "Bearer " + settings.openai_api_key.get_secret_value(),
             "Content-Type": "application/json",
@@ -79,11 +79,12 @@ class FastOpenAIProvider:
             # proxy (HTTPS_PROXY and friends) is looked up once, here.
             self._session = aiohttp.ClientSession(
                 connector=connector,
+                headers=self._headers,
                 timeout=self._timeout,
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
             try:
-                self._proxy, self._proxy_auth = get_env_proxy_for_url(URL(self._url))
+                self._proxy, self._proxy_auth = get_env_proxy_for_url(self._url)
             except LookupError:
                 self._proxy, self._proxy_auth = None, None
         return self._session
@@ -115,7 +116,7 @@ class FastOpenAIProvider:
     async def _post(self, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
         """Send, retrying before any byte of an answer was read; a 200 response, unread."""
         payload = orjson.dumps(body)
-        headers = {**self._headers, "X-Request-ID": request_id}
+        headers = {"X-Request-ID": request_id}
         session = self._client()
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
