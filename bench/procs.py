@@ -100,7 +100,49 @@ class Upstream:
         self.log.close()
 
 
-class Gateway:
+class Server:
+    """A server process under test on core 0: its port, its pid, a way to stop it."""
+
+    def __init__(self, cpus: str, workdir: Path, argv: list[str], env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.log = (workdir / "gateway.log").open("ab")
+        self.process = subprocess.Popen(
+            pinned(cpus, [*argv, "--host", HOST, "--port", str(self.port)]),
+            env=env,
+            cwd=workdir,  # no stray .env is read
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{argv[2]} exited; see {workdir / 'gateway.log'}")
+            try:
+                request(self.port, "GET", "/health", timeout=1)
+                break
+            except (OSError, RuntimeError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{argv[2]} did not become ready in 30 s") from None
+                time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        _stop(self.process, grace=25)
+        self.log.close()
+
+
+def _clean_env(upstream_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_API_", "OPENAI_"))}
+    env.update(OPENAI_API_KEY_CYB_SEC=FAKE_KEY, OPENAI_BASE_URL=f"http://{HOST}:{upstream_port}/v1")
+    return env
+
+
+class Gateway(Server):
     """`chat-api serve` in its own process, pointed at the fake upstream, keys off."""
 
     def __init__(
@@ -111,45 +153,24 @@ class Gateway:
         workers: int = 1,
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_API_", "OPENAI_"))}
-        env.update(
-            OPENAI_API_KEY_CYB_SEC=FAKE_KEY,
-            OPENAI_BASE_URL=f"http://{HOST}:{upstream_port}/v1",
-            CHAT_API_DATABASE_URL=f"sqlite+aiosqlite:///{workdir}/bench.db",
-        )
+        env = _clean_env(upstream_port)
+        env["CHAT_API_DATABASE_URL"] = f"sqlite+aiosqlite:///{workdir}/bench.db"
         env.update(extra_env or {})
-        self.log = (workdir / "gateway.log").open("ab")
-        argv = [sys.executable, "-m", "chat_api", "serve", "--host", HOST]
-        argv += ["--port", str(self.port), "--workers", str(workers), "--backlog", "16384"]
-        self.process = subprocess.Popen(
-            pinned(cpus, argv),
-            env=env,
-            cwd=workdir,  # no stray .env is read
-            stdout=self.log,
-            stderr=self.log,
-            start_new_session=True,
+        argv = [sys.executable, "-m", "chat_api", "serve"]
+        super().__init__(
+            cpus, workdir, [*argv, "--workers", str(workers), "--backlog", "16384"], env
         )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited; see {workdir / 'gateway.log'}")
-            try:
-                request(self.port, "GET", "/health", timeout=1)
-                break
-            except (OSError, RuntimeError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("the gateway did not become ready in 30 s") from None
-                time.sleep(0.05)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
-    def stop(self) -> None:
-        _stop(self.process, grace=25)
-        self.log.close()
+class BareRelay(Server):
+    """`bench/floor.py` on uvicorn with the gateway's loop and parser: the stack's own cost."""
+
+    def __init__(self, cpus: str, workdir: Path, upstream_port: int) -> None:
+        env = _clean_env(upstream_port)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        argv = [sys.executable, "-m", "uvicorn", "bench.floor:app", "--loop", "uvloop"]
+        argv += ["--http", "httptools", "--log-level", "warning", "--backlog", "16384"]
+        super().__init__(cpus, workdir, argv, env)
 
 
 def rss_kib(pid: int) -> int:

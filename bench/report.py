@@ -79,6 +79,21 @@ def _completed(result: dict[str, Any], side: str) -> str:
     return f"{r['completed']}/{r['requested']}"
 
 
+def _first_chunk_p99(name: str, result: dict[str, Any], *, with_target: bool) -> Row:
+    d, g = result["direct"]["first_ms"], result["gateway"]["first_ms"]
+    ratio = pct(g, 99) / pct(d, 99) if d and g else math.nan
+    return _row(
+        name,
+        "first chunk p99 (ms)",
+        _f(pct(d, 99)),
+        _f(pct(g, 99)),
+        f"{ratio:.2f}×",
+        "≤ 1.5× direct" if with_target else "",
+        (ratio <= 1.5) if with_target else None,
+        ratio,
+    )
+
+
 def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
     """One row per measure, with the issue's target and whether it held."""
     rows: list[Row] = []
@@ -131,20 +146,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
                 None,
             )
         )
-        ratio = pct(g, 99) / pct(d, 99) if d and g else math.nan
-        first_target = count <= 500
-        rows.append(
-            _row(
-                name,
-                "first chunk p99 (ms)",
-                _f(pct(d, 99)),
-                _f(pct(g, 99)),
-                f"{ratio:.2f}×",
-                "≤ 1.5× direct" if first_target else "",
-                (ratio <= 1.5) if first_target else None,
-                ratio,
-            )
-        )
+        rows.append(_first_chunk_p99(name, r, with_target=count <= 500))
         gw = r["gateway"]
         per_stream = gw.get("rss_per_stream_kib", math.nan)
         rss_target = count >= 5000 and interval == "500ms"
@@ -195,6 +197,20 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
         rows += _latency_rows(name, r, None)
         rows[-1].update(target="≤ +50 ms", verdict=_verdict(rows[-1]["value"] <= 50))
         rows[-1]["met"] = rows[-1]["value"] <= 50
+    if "floor_conc8_v1" in results:
+        r = results["floor_conc8_v1"]
+        d, g = r["direct"]["rps"], r["gateway"]["rps"]
+        rows.append(
+            _row("floor_conc8_v1", "requests/s, 8 clients", _f(d), _f(g), "bare relay", "", None, g)
+        )
+        rows += _latency_rows("floor_conc8_v1", r, None)
+    for name, r in results.items():
+        if not name.startswith("floor_streams_"):
+            continue
+        rows.append(
+            _row(name, "completed", _completed(r, "direct"), _completed(r, "gateway"), "", "", None)
+        )
+        rows.append(_first_chunk_p99(name, r, with_target=False))
     if "workers2_conc8_v1" in results and "conc8_v1" in results:
         one = results["conc8_v1"]["gateway"]["rps"]
         two = results["workers2_conc8_v1"]["gateway"]["rps"]

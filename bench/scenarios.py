@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import HOST, Gateway, RSSSampler, Upstream, load, request, rss_kib
+from bench.procs import (
+    HOST,
+    BareRelay,
+    Gateway,
+    RSSSampler,
+    Server,
+    Upstream,
+    load,
+    request,
+    rss_kib,
+)
 
 MODEL = "gpt-4o-mini"
 V1 = "/v1/chat/completions"
@@ -105,15 +115,20 @@ class Bench:
         return load(self.other_cpus, spec)
 
     def _pair(
-        self, name: str, spec: dict[str, Any], gateway_spec: dict[str, Any] | None = None
+        self,
+        name: str,
+        spec: dict[str, Any],
+        gateway_spec: dict[str, Any] | None = None,
+        server: Server | None = None,
     ) -> dict[str, Any]:
-        """The same load against the upstream, then through the gateway."""
-        assert self.gateway is not None
+        """The same load against the upstream, then through the gateway (or `server`)."""
+        server = server or self.gateway
+        assert server is not None
         started = time.monotonic()
         direct = self._load(self.upstream.port, spec)
-        baseline = rss_kib(self.gateway.pid)
-        with RSSSampler(self.gateway.pid) as rss:
-            through = self._load(self.gateway.port, {**spec, **(gateway_spec or {})})
+        baseline = rss_kib(server.pid)
+        with RSSSampler(server.pid) as rss:
+            through = self._load(server.port, {**spec, **(gateway_spec or {})})
         through["rss_baseline_kib"] = baseline
         through["rss_peak_kib"] = max(rss.peak, baseline)
         result = {"direct": direct, "gateway": through}
@@ -177,6 +192,26 @@ class Bench:
         spec.update(warmup=p["conc"] // 20, duration=p["conc_duration"])
         self._pair("workers2_conc8_v1", spec)
 
+    def floor(self) -> None:
+        """The busiest loads through a bare relay on the same stack, for comparison."""
+        self.stop()  # core 0 is the relay's alone
+        relay = BareRelay(self.gateway_cpus, self.workdir, self.upstream.port)
+        try:
+            p = self.profile
+            self.upstream.configure(chunks=5, interval=0.0)
+            self._load(relay.port, {"mode": "streams", "streams": 20, "body": STREAM_BODY})
+            self.upstream.configure(chunks=20, interval=0.0)
+            spec = {"mode": "closed", "concurrency": 8, "requests": p["conc"], "body": V1_BODY}
+            spec.update(warmup=p["conc"] // 20, duration=p["conc_duration"])
+            self._pair("floor_conc8_v1", spec, server=relay)
+            count, interval = p["streams"][0]
+            self.upstream.configure(chunks=p["chunks"], interval=interval)
+            spec = {"mode": "streams", "streams": count, "body": STREAM_BODY}
+            spec.update(expect_events=p["chunks"] + EVENTS_AFTER_CHUNKS, duration=60)
+            self._pair(f"floor_streams_{count}_{int(interval * 1000)}ms", spec, server=relay)
+        finally:
+            relay.stop()
+
 
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "sequential": Bench.sequential,
@@ -185,4 +220,5 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "relay": Bench.relay,
     "open": Bench.open_loop,
     "workers": Bench.workers,
+    "floor": Bench.floor,
 }

@@ -6,9 +6,10 @@ app from the `Settings` it chooses and a server process builds exactly one.
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from importlib.resources import files
 from typing import Any
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             await open_services(app, settings, catalog, metrics, stack)
+            stack.enter_context(_quiet_garbage_collector())
             yield
 
     app = FastAPI(
@@ -111,6 +113,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_page(app)
     _document(app)
     return app
+
+
+@contextmanager
+def _quiet_garbage_collector() -> Iterator[None]:
+    """Keep Python's garbage collector from stalling requests.
+
+    Everything built at start-up (modules, the app, pools: about 170,000
+    objects) lives until exit, yet each full collection walked all of it,
+    about 150 ms with every request waiting: frozen, those objects are
+    skipped. And with hundreds of calls in flight, the default of a young
+    collection every 700 new objects walked their live objects over and
+    over; every 50,000 (a few hundred requests) it measured 20 % less CPU and
+    an added p99 of 10 ms instead of 200-400 ms at 500 requests/s (bench/).
+    Reference counting still frees almost everything at once; this only
+    spaces out the search for reference cycles.
+    """
+    previous = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+        gc.unfreeze()
 
 
 def _add_page(app: FastAPI) -> None:

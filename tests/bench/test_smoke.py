@@ -31,7 +31,7 @@ def test_smoke_bench_prints_the_table_and_writes_sane_json(tmp_path: Path) -> No
 
     summary = json.loads(out.read_text())
     results = summary["results"]
-    expected = {"seq_v1", "seq_chat", "conc8_v1", "relay"}
+    expected = {"seq_v1", "seq_chat", "conc8_v1", "relay", "floor_conc8_v1"}
     assert expected <= set(results)
     assert any(name.startswith("streams_") for name in results)
     assert any(name.startswith("open_") for name in results)
