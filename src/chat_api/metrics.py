@@ -8,6 +8,8 @@ outcomes, never key material.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -27,6 +29,7 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: str | None) -> None:
         self._multiprocess = multiprocess_dir is not None
+        self._cache: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -75,15 +78,23 @@ class Metrics:
         )
 
     def call_done(self, result: CallResult) -> None:
-        self.calls.labels(result.outcome).inc()
+        self.series(self.calls, result.outcome).inc()
         if result.prompt_tokens:
-            self.tokens.labels(result.model, "prompt").inc(result.prompt_tokens)
+            self.series(self.tokens, result.model, "prompt").inc(result.prompt_tokens)
         if result.completion_tokens:
-            self.tokens.labels(result.model, "completion").inc(result.completion_tokens)
+            self.series(self.tokens, result.model, "completion").inc(result.completion_tokens)
         if result.cost:
-            self.cost.labels(result.model).inc(float(result.cost))
+            self.series(self.cost, result.model).inc(float(result.cost))
         if result.first_token is not None:
-            self.first_token.labels(result.model).observe(result.first_token)
+            self.series(self.first_token, result.model).observe(result.first_token)
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: outcomes and models are few."""
+        key = (id(metric), labels)
+        series = self._cache.get(key)
+        if series is None:
+            series = self._cache[key] = metric.labels(*labels)
+        return series
 
     def render(self) -> bytes:
         if self._multiprocess:

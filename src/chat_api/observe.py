@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Histogram
 from starlette.types import Scope
 
 from chat_api.metrics import Metrics
@@ -22,22 +21,15 @@ QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics", "/static", "/"})
 class RequestObserver:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        # The labelled series, looked up once each: routes, statuses and models are few.
-        self._series: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
 
     def __call__(self, scope: Scope, status: int, seconds: float) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         ctx = scope.get("state", {}).get("call")
         result = ctx.result if ctx is not None else None
         model = result.model if result is not None else ""
-        series = self._series.get((route, status, model))
-        if series is None:
-            series = self._series[route, status, model] = (
-                self._metrics.requests.labels(route, str(status), model),
-                self._metrics.latency.labels(route),
-            )
-        series[0].inc()
-        series[1].observe(seconds)
+        metrics = self._metrics
+        metrics.series(metrics.requests, route, str(status), model).inc()
+        metrics.series(metrics.latency, route).observe(seconds)
         level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
         if not log.isEnabledFor(level):
             return
