@@ -132,7 +132,7 @@ def _quiet_garbage_collector() -> Iterator[None]:
     previous = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(50_000, 20, 10)
     try:
         yield
     finally:

@@ -35,9 +35,11 @@ class JSONResponse(Response):
 class EventStreamResponse(Response):
     """`text/event-stream` from an iterator of ready-framed events.
 
-    Three tasks share the connection: the producer writes events, a watcher
-    waits for the client's disconnect and cancels the producer, and a pinger
-    writes `: ping` whenever nothing was written for `keepalive` seconds.
+    The request's own task writes the events. One watcher task waits for the
+    client: if it disconnects, the watcher cancels the writer at once, so the
+    upstream call is closed; if nothing was written for `keepalive` seconds,
+    it writes `: ping`. One extra task per stream, not three, and no
+    `asyncio.wait`: thousands of streams stay open at once.
     """
 
     media_type = "text/event-stream"
@@ -59,53 +61,64 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
+        writer = asyncio.current_task()
+        assert writer is not None
         last_write = loop.time()
+        client_gone = finished = False
 
-        async def produce() -> None:
-            nonlocal last_write
+        async def watch() -> None:
+            nonlocal last_write, client_gone
+            while True:
+                try:
+                    async with asyncio.timeout_at(last_write + self.keepalive):
+                        message = await receive()
+                except TimeoutError:
+                    if loop.time() - last_write >= self.keepalive:
+                        with contextlib.suppress(Exception):  # a broken connection ends below
+                            ping = {"type": "http.response.body", "body": PING, "more_body": True}
+                            await send(ping)
+                        last_write = loop.time()
+                    continue
+                if message["type"] == "http.disconnect":
+                    client_gone = True
+                    if not finished:
+                        writer.cancel()
+                    return
+
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        watcher = asyncio.ensure_future(watch())
+        try:
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 last_write = loop.time()
+            finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        async def ping() -> None:
-            nonlocal last_write
-            while True:
-                await asyncio.sleep(max(0.0, last_write + self.keepalive - loop.time()))
-                if loop.time() - last_write >= self.keepalive:
-                    await send({"type": "http.response.body", "body": PING, "more_body": True})
-                    last_write = loop.time()
-
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        producer = asyncio.ensure_future(produce())
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        pinger = asyncio.ensure_future(ping())
-        try:
-            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
+            if client_gone and writer.uncancel() == 0:
+                return  # the client left: nobody to tell
             # The server is stopping and its grace period is over: end the
             # stream with a clear last event rather than a cut connection.
-            client_gone = watcher.done()
-            await _stop(producer, watcher, pinger)
+            await _close(self.events)
             if self.on_shutdown is not None and not client_gone:
                 with contextlib.suppress(Exception):
                     await send(
                         {"type": "http.response.body", "body": self.on_shutdown, "more_body": False}
                     )
             raise
+        except (OSError, ClientDisconnect):
+            return  # the connection broke while writing
         finally:
-            await _stop(producer, watcher, pinger)
-        if producer.done() and not producer.cancelled():
-            error = producer.exception()
-            if error is not None and not isinstance(error, OSError | ClientDisconnect):
-                raise error
+            finished = True
+            watcher.cancel()
+            await _close(self.events)
 
 
-async def _stop(*tasks: asyncio.Future[None]) -> None:
-    """Cancel `tasks` and let their cleanup (closing the upstream) run to the end."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+async def _close(events: AsyncIterator[bytes]) -> None:
+    """Run the events' cleanup (closing the upstream, the ledger row) to the end."""
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
