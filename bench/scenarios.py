@@ -102,7 +102,7 @@ class Bench:
         for _ in range(20):
             request(self.gateway.port, "POST", V1, V1_BODY)
             request(self.gateway.port, "POST", "/chat", CHAT_BODY)
-        self._load(self.gateway.port, {"mode": "streams", "streams": 20, "body": STREAM_BODY})
+        self._warm_streams(self.gateway.port)
         return self.gateway
 
     def stop(self) -> None:
@@ -146,22 +146,33 @@ class Bench:
         self._pair("seq_v1", {**closed, "body": V1_BODY})
         self._pair("seq_chat", {**closed, "body": V1_BODY}, {"path": "/chat", "body": CHAT_BODY})
 
-    def concurrent(self) -> None:
+    def _conc8(self) -> dict[str, Any]:
+        """Eight clients, non-streaming, each sending its next request when the last is done."""
         p = self.profile
-        self.upstream.configure(chunks=20, interval=0.0)
         spec = {"mode": "closed", "concurrency": 8, "requests": p["conc"], "body": V1_BODY}
         spec.update(warmup=p["conc"] // 20, duration=p["conc_duration"])
-        self._pair("conc8_v1", spec)
+        self.upstream.configure(chunks=20, interval=0.0)
+        return spec
+
+    def _streams(self, count: int, interval: float) -> tuple[str, dict[str, Any]]:
+        """`count` streams opened at once, `chunks` chunks each, `interval` apart."""
+        chunks = self.profile["chunks"]
+        self.upstream.configure(chunks=chunks, interval=interval)
+        spec = {"mode": "streams", "streams": count, "body": STREAM_BODY}
+        spec.update(expect_events=chunks + EVENTS_AFTER_CHUNKS, duration=chunks * interval + 60)
+        return f"streams_{count}_{int(interval * 1000)}ms", spec
+
+    def _warm_streams(self, port: int) -> None:
+        self.upstream.configure(chunks=5, interval=0.0)
+        self._load(port, {"mode": "streams", "streams": 20, "body": STREAM_BODY})
+
+    def concurrent(self) -> None:
+        self._pair("conc8_v1", self._conc8())
 
     def streams(self) -> None:
-        p = self.profile
-        chunks = p["chunks"]
-        for count, interval in p["streams"]:
+        for count, interval in self.profile["streams"]:
             self.fresh_gateway(optional=True)
-            self.upstream.configure(chunks=chunks, interval=interval)
-            spec = {"mode": "streams", "streams": count, "body": STREAM_BODY}
-            spec.update(expect_events=chunks + EVENTS_AFTER_CHUNKS, duration=chunks * interval + 60)
-            name = f"streams_{count}_{int(interval * 1000)}ms"
+            name, spec = self._streams(count, interval)
             result = self._pair(name, spec)
             gateway = result["gateway"]
             growth = gateway["rss_peak_kib"] - gateway["rss_baseline_kib"]
@@ -185,30 +196,18 @@ class Bench:
     def workers(self) -> None:
         if not self.profile["workers2"]:
             return
-        self.upstream.configure(chunks=20, interval=0.0)
         self.fresh_gateway(workers=2)
-        p = self.profile
-        spec = {"mode": "closed", "concurrency": 8, "requests": p["conc"], "body": V1_BODY}
-        spec.update(warmup=p["conc"] // 20, duration=p["conc_duration"])
-        self._pair("workers2_conc8_v1", spec)
+        self._pair("workers2_conc8_v1", self._conc8())
 
     def floor(self) -> None:
         """The busiest loads through a bare relay on the same stack, for comparison."""
         self.stop()  # core 0 is the relay's alone
         relay = BareRelay(self.gateway_cpus, self.workdir, self.upstream.port)
         try:
-            p = self.profile
-            self.upstream.configure(chunks=5, interval=0.0)
-            self._load(relay.port, {"mode": "streams", "streams": 20, "body": STREAM_BODY})
-            self.upstream.configure(chunks=20, interval=0.0)
-            spec = {"mode": "closed", "concurrency": 8, "requests": p["conc"], "body": V1_BODY}
-            spec.update(warmup=p["conc"] // 20, duration=p["conc_duration"])
-            self._pair("floor_conc8_v1", spec, server=relay)
-            count, interval = p["streams"][0]
-            self.upstream.configure(chunks=p["chunks"], interval=interval)
-            spec = {"mode": "streams", "streams": count, "body": STREAM_BODY}
-            spec.update(expect_events=p["chunks"] + EVENTS_AFTER_CHUNKS, duration=60)
-            self._pair(f"floor_streams_{count}_{int(interval * 1000)}ms", spec, server=relay)
+            self._warm_streams(relay.port)
+            self._pair("floor_conc8_v1", self._conc8(), server=relay)
+            name, spec = self._streams(*self.profile["streams"][0])
+            self._pair(f"floor_{name}", spec, server=relay)
         finally:
             relay.stop()
 

@@ -29,7 +29,7 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: str | None) -> None:
         self._multiprocess = multiprocess_dir is not None
-        self._cache: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._cache: dict[tuple[object, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -90,7 +90,7 @@ class Metrics:
 
     def series(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once: outcomes and models are few."""
-        key = (id(metric), labels)
+        key = (metric, labels)
         series = self._cache.get(key)
         if series is None:
             series = self._cache[key] = metric.labels(*labels)
