@@ -51,8 +51,14 @@ PAGE_CSP = (
 )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The ASGI app for `settings` (read from the environment when omitted)."""
+def create_app(settings: Settings | None = None, *, own_process: bool = False) -> FastAPI:
+    """The ASGI app for `settings` (read from the environment when omitted).
+
+    `own_process`: this app is all the process serves (`chat-api serve`), so it
+    may tune the process-wide garbage collector while it runs (see below).
+    Tests and other hosts leave it off: the tuning starts with a full
+    collection of everything the host has loaded.
+    """
     settings = settings or Settings()
     catalog = Catalog(settings)
 
@@ -62,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             await open_services(app, settings, catalog, metrics, stack)
-            stack.enter_context(_quiet_garbage_collector())
+            if own_process:
+                stack.enter_context(_quiet_garbage_collector())
             yield
 
     app = FastAPI(
@@ -113,6 +120,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_page(app)
     _document(app)
     return app
+
+
+def serve_app() -> FastAPI:
+    """The app for one `chat-api serve` worker process (uvicorn's factory)."""
+    return create_app(own_process=True)
 
 
 @contextmanager

@@ -63,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
             # Every worker writes its metrics here; /metrics adds them up.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-api-metrics-")
         uvicorn.run(
-            "chat_api.app:create_app",
+            "chat_api.app:serve_app",
             factory=True,
             host=host,
             port=port,
@@ -79,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
     from chat_api.app import create_app
 
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, own_process=True),
         host=host,
         port=port,
         log_config=None,

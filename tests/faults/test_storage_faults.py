@@ -153,7 +153,7 @@ def database_away(url: str) -> object:
 
 
 def test_postgres_going_away_keeps_rows_queued_and_loses_none(
-    gw: GatewayMaker, fake: FakeOpenAI, postgres_url: str
+    postgres_url: str, gw: GatewayMaker, fake: FakeOpenAI
 ) -> None:
     server = gw(database_url=postgres_url, ledger_flush_interval=0.2)
     for _ in range(5):
@@ -201,7 +201,7 @@ def test_postgres_outage_longer_than_the_queue_drops_the_oldest_and_says_so(
 
 
 def test_postgres_away_with_keys_on_is_a_503_not_a_500(
-    gw: GatewayMaker, fake: FakeOpenAI, postgres_url: str
+    postgres_url: str, gw: GatewayMaker, fake: FakeOpenAI
 ) -> None:
     server = gw(database_url=postgres_url, master_key=MASTER)
     secret, _ = make_key(server.url)

@@ -29,7 +29,11 @@ def _answers(port: int) -> bool:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test, dropped afterwards."""
+    """A fresh PostgreSQL database for this test, dropped afterwards.
+
+    Ask for it before any gateway fixture: fixtures stop in reverse order, so the
+    gateways then stop (and write their last rows) before the database goes.
+    """
     if not _answers(5432):
         pytest.skip("PostgreSQL is not answering on 127.0.0.1:5432 (.ci/run starts it)")
     import asyncpg

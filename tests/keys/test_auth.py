@@ -88,7 +88,7 @@ def test_expired_and_revoked_keys_get_the_same_401(keyed: ServerThread) -> None:
 
 
 def test_revocation_is_seen_by_another_replica_at_once(
-    gateway_factory: GatewayFactory, postgres_url: str
+    postgres_url: str, gateway_factory: GatewayFactory
 ) -> None:
     one = gateway_factory(master_key=MASTER, database_url=postgres_url)
     two = gateway_factory(master_key=MASTER, database_url=postgres_url)

@@ -112,7 +112,7 @@ def test_rows_queued_at_shutdown_are_written(
     assert len(_rows(tmp_path)) == 7
 
 
-def test_a_key_sees_only_its_own_usage(gateway_factory: GatewayFactory, postgres_url: str) -> None:
+def test_a_key_sees_only_its_own_usage(postgres_url: str, gateway_factory: GatewayFactory) -> None:
     server = gateway_factory(master_key=MASTER, database_url=postgres_url)
     alice, alice_id = make_key(server.url, name="alice")
     bob, bob_id = make_key(server.url, name="bob")

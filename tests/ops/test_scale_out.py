@@ -19,7 +19,7 @@ ONE_CALL = Decimal("0.001") * (7 + len(DEFAULT_TEXT.split(" ")))  # at the price
 
 @pytest.fixture
 def replicas(
-    spawn: Spawn, fake: FakeOpenAI, upstream_url: str, postgres_url: str, shared_redis: RedisPlace
+    postgres_url: str, shared_redis: RedisPlace, spawn: Spawn, fake: FakeOpenAI, upstream_url: str
 ) -> list[GatewayProcess]:
     env = {
         "OPENAI_API_KEY": fake.api_key,

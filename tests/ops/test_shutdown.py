@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import sqlite3
@@ -12,8 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from chat_api.app import create_app
+from chat_api.config import Settings
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.ops.conftest import GatewayProcess, Spawn
+from tests.servers import ServerThread
 
 
 def _env(fake: FakeOpenAI, upstream_url: str, tmp_path: Path, grace: float) -> dict[str, str]:
@@ -97,3 +101,22 @@ def test_streams_past_the_grace_end_with_a_clear_error(
     assert fake.last().closed_early.wait(5)  # the upstream call was closed, not left running
     rows = _rows(tmp_path)
     assert len(rows) == 1 and rows[0][0] == path
+
+
+def test_a_served_app_quiets_the_garbage_collector_and_gives_it_back(
+    fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+) -> None:
+    settings = Settings(
+        openai_api_key=fake.api_key,
+        openai_base_url=upstream_url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/gateway.db",
+    )
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    with ServerThread(create_app(settings, own_process=True)) as served:
+        assert httpx.get(served.url + "/health").status_code == 200
+        assert gc.get_threshold() == (50_000, 20, 10)
+        assert gc.get_freeze_count() > frozen  # start-up objects are no longer walked
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (threshold, frozen)
+    with ServerThread(create_app(settings)) as hosted:  # inside another program: hands off
+        assert httpx.get(hosted.url + "/health").status_code == 200
+        assert (gc.get_threshold(), gc.get_freeze_count()) == (threshold, frozen)
