@@ -18,8 +18,8 @@
 Each class carries its HTTP status and its OpenAI `type`/`code`. Routes raise
 them; `render` turns one into the simple-API body (`{"error": "..."}`) or the
 OpenAI body (`{"error": {"message", "type", "param", "code"}}`), chosen by the
-path. `from_upstream` is the one place that translates the OpenAI SDK's
-exceptions. Messages are written for people and never carry a key.
+path. `from_upstream` and `from_status` translate what the upstream call
+raised or answered. Messages are written for people and never carry a key.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import aiohttp
-import httpx2
-import openai
 import orjson
 
 from chat_api.redact import redact
@@ -200,21 +198,22 @@ class UpstreamTimeout(ChatAPIError):
         super().__init__(message)
 
 
+CONNECT_FAILED = "Could not reach OpenAI: the connection failed. Try again."
+
+
 def from_upstream(exc: BaseException) -> ChatAPIError:
     """Translate an exception from the upstream call (after retries) into our tree.
 
-    Covers the OpenAI SDK's exceptions and those of the HTTP clients under
-    both providers (httpx2, aiohttp); status answers go through `from_status`.
+    Covers aiohttp's exceptions and the standard library's; the SDK provider
+    translates the SDK's own first (so nothing else loads the SDK). Status
+    answers go through `from_status`.
     """
     if isinstance(exc, ChatAPIError):
         return exc
-    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException | TimeoutError):
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout()
-    if isinstance(exc, openai.APIStatusError):
-        retry = _seconds(exc.response.headers.get("retry-after"))
-        return from_status(exc.status_code, exc.body, retry)
-    if isinstance(exc, openai.APIConnectionError | aiohttp.ClientConnectorError):
-        return UpstreamError("Could not reach OpenAI: the connection failed. Try again.")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError(CONNECT_FAILED)
     return UpstreamError("The connection to OpenAI broke. Try again.")
 
 
@@ -245,13 +244,6 @@ def from_status(status: int, body: Any, retry_after: float | None) -> ChatAPIErr
             code=_upstream_field(body, "code"),
         )
     return UpstreamError(f"OpenAI had a problem (status {status}). Try again.")
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
 
 
 def _upstream_field(body: Any, name: str) -> str | None:

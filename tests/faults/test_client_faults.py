@@ -8,6 +8,7 @@ import selectors
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,6 +28,7 @@ from tests.faults.conftest import (
 )
 from tests.keys.conftest import MASTER, auth, avoid_minute_edge, make_key
 from tests.ops.conftest import Spawn
+from tests.servers import ServerThread
 
 pytestmark = pytest.mark.faults
 
@@ -172,13 +174,25 @@ def test_slow_body_gets_408_at_the_body_deadline_and_others_are_served(gw: Gatew
 # --- a crowd of concurrent streams ------------------------------------------------------------
 
 
+IDLE_CLOSE = 1  # seconds before the crowd's fake closes an idle keep-alive connection
+
+
+@pytest.fixture
+def quick_closing_fake() -> Iterator[tuple[FakeOpenAI, str]]:
+    """A fake upstream of this test's own that closes idle connections after 1 s, not 5."""
+    fake = FakeOpenAI()
+    with ServerThread(fake, timeout_keep_alive=IDLE_CLOSE) as server:
+        yield fake, server.url + "/v1"
+
+
 def idle_stats(url: str, pid: int) -> ProcStats:
     """Open files and memory once idle: upstream connections the fake closed are let go.
 
-    The fake closes idle keep-alive connections after 5 s; the gateway's pool
-    drops dead ones the next time it is used, so wait, call once, then measure.
+    The fake closes idle keep-alive connections after `IDLE_CLOSE`; the
+    gateway's pool drops dead ones the next time it is used, so wait, call
+    once, then measure.
     """
-    time.sleep(6)
+    time.sleep(IDLE_CLOSE + 0.5)
     httpx.post(url + "/chat", json={"message": "hi"}, headers=auth(MASTER), timeout=10)
     time.sleep(0.5)
     return proc_stats(pid)
@@ -217,8 +231,9 @@ async def _crowd(port: int, key: str, count: int) -> Counter[int]:
 
 
 def test_a_crowd_of_concurrent_streams_is_served_or_capped_and_resources_come_back(
-    spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+    spawn: Spawn, quick_closing_fake: tuple[FakeOpenAI, str], tmp_path: Path
 ) -> None:
+    fake, upstream_url = quick_closing_fake
     count = size(5000, 300)
     cap = count * 4 // 5  # the key may make this many requests a minute; the rest get 429
     gateway = spawn(

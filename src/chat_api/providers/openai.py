@@ -18,7 +18,14 @@ import orjson
 from openai._constants import RAW_RESPONSE_HEADER
 
 from chat_api.config import Settings
-from chat_api.errors import UpstreamError, from_upstream
+from chat_api.errors import (
+    CONNECT_FAILED,
+    ChatAPIError,
+    UpstreamError,
+    UpstreamTimeout,
+    from_status,
+    from_upstream,
+)
 from chat_api.providers.base import Completion, ReadingStream, read_capped
 
 PATH = "/chat/completions"
@@ -54,7 +61,7 @@ class OpenAIProvider:
             declared = int(length) if length.isdigit() else None
             raw = await read_capped(response.aiter_bytes(), declared, MAX_BODY_BYTES)
         except httpx2.HTTPError as exc:
-            raise from_upstream(exc) from None
+            raise _from_sdk(exc) from None
         finally:
             await response.aclose()
         try:
@@ -83,7 +90,7 @@ class OpenAIProvider:
                 options={"headers": headers},
             )
         except openai.OpenAIError as exc:
-            raise from_upstream(exc) from None
+            raise _from_sdk(exc) from None
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -101,7 +108,27 @@ class _OpenAIStream(ReadingStream):
             async for payload in self._reader.payloads(self._response.aiter_bytes()):
                 yield payload
         except httpx2.HTTPError as exc:
-            raise from_upstream(exc) from None
+            raise _from_sdk(exc) from None
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+def _from_sdk(exc: BaseException) -> ChatAPIError:
+    """The SDK's exceptions (and its HTTP client's) in our tree."""
+    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        return UpstreamTimeout()
+    if isinstance(exc, openai.APIStatusError):
+        return from_status(
+            exc.status_code, exc.body, _seconds(exc.response.headers.get("retry-after"))
+        )
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamError(CONNECT_FAILED)
+    return from_upstream(exc)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
