@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
 from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chat_api import __version__
 from chat_api.catalog import Catalog
@@ -51,7 +52,34 @@ PAGE_CSP = (
 )
 
 
-def create_app(settings: Settings | None = None, *, own_process: bool = False) -> FastAPI:
+class GatewayApp(FastAPI):
+    """FastAPI, with the gateway's own layers in front of it.
+
+    Every HTTP request goes through `front`: CORS, then `GatewayMiddleware`
+    (request id, body limits, security headers, the log line and metrics),
+    then the fast lane, which answers the chat routes itself. Only what the
+    fast lane passes on enters FastAPI, with its error layer, telemetry
+    hooks, body limit and router. Placed as FastAPI middleware, those layers
+    ran inside FastAPI's own, and every request and every streamed event went
+    through three more send wrappers.
+    """
+
+    front: ASGIApp | None = None
+    fast_lane: FastLane | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.front is not None:
+            scope["app"] = self  # what `request.app` reads, as Starlette would set it
+            await self.front(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def behind_front(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI itself: where the fast lane sends everything it does not answer."""
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, own_process: bool = False) -> GatewayApp:
     """The ASGI app for `settings` (read from the environment when omitted).
 
     `own_process`: this app is all the process serves (`chat-api serve`), so it
@@ -72,7 +100,7 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
                 stack.enter_context(_quiet_garbage_collector())
             yield
 
-    app = FastAPI(
+    app = GatewayApp(
         title="chat-api",
         version=__version__,
         description=(
@@ -87,9 +115,8 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     app.state.guard = None
 
     handlers = _add_error_handlers(app, metrics)
-    # Added first, so it sits innermost: inside CORS and the gateway's own layer.
-    app.add_middleware(
-        FastLane,
+    fast_lane = FastLane(
+        app.behind_front,
         routes={
             ("POST", "/v1/chat/completions"): openai_compat.chat_completions,
             ("POST", "/chat"): simple.chat,
@@ -97,14 +124,15 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
         },
         handlers=handlers,
     )
-    app.add_middleware(
-        GatewayMiddleware,
+    app.fast_lane = fast_lane
+    gateway = GatewayMiddleware(
+        fast_lane,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout,
         observe=RequestObserver(metrics),
     )
-    app.add_middleware(
-        CORSMiddleware,
+    app.front = CORSMiddleware(
+        gateway,
         allow_origins=list(settings.cors_origins),
         allow_credentials=False,  # keys travel in headers, never in cookies
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
@@ -122,7 +150,7 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     return app
 
 
-def serve_app() -> FastAPI:
+def serve_app() -> GatewayApp:
     """The app for one `chat-api serve` worker process (uvicorn's factory)."""
     return create_app(own_process=True)
 

@@ -228,9 +228,9 @@ class ChatEngine:
                 _observe(chunk, stats)
                 if stats.first_token_at is None:
                     stats.first_token_at = time.monotonic()
-                if chunk.is_usage_only and not prepared.client_wants_usage:
-                    continue
-                yield chunk
+                if not chunk.is_usage_only or prepared.client_wants_usage:
+                    yield chunk
+                del raw, chunk  # not held while the next event is awaited: thousands wait at once
             if not upstream.saw_done and stats.finish_reason is None:
                 raise UpstreamError("The answer was cut off: the connection to OpenAI ended early.")
             result.outcome = "ok"

@@ -48,8 +48,7 @@ class FastLane:
         self.routes: dict[tuple[Any, Any], HotRoute] = {
             key: HotRoute(key[1], endpoint) for key, endpoint in routes.items()
         }
-        # Exception (the 500 handler) is left to Starlette's outermost layer, as for any route.
-        self.handlers = {cls: handler for cls, handler in handlers.items() if cls is not Exception}
+        self.handlers = dict(handlers)  # Exception's handler is the 500 for anything unexpected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Only an HTTP scope has a method: lifespan and websockets always pass on.

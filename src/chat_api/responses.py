@@ -91,6 +91,7 @@ class EventStreamResponse(Response):
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 last_write = loop.time()
+                del event  # sent: not held while the next one is awaited
             finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:

@@ -180,6 +180,7 @@ async def _openai_events(chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield frame(chunk.raw)
+            del chunk  # see ChatEngine._relay
         yield DONE
     except ChatAPIError as exc:
         yield frame(exc.body(openai_dialect=True))
