@@ -84,3 +84,19 @@ def test_the_default_is_wildcard(gateway_factory: GatewayFactory) -> None:
     response = preflight(server.url, OTHER)
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("origin", [None, ALLOWED, OTHER])
+def test_every_answer_varies_by_origin_once(
+    gateway_factory: GatewayFactory, origin: str | None
+) -> None:
+    """Caches must not hand an answer made for one origin (or none) to another."""
+    server = gateway_factory(cors_origins=(ALLOWED,))
+    headers = {"Origin": origin} if origin else {}
+    calls = [("GET", "/models", None), ("POST", "/chat", {"message": "hi"})]
+    calls += [("POST", "/chat/stream", {"message": "hi"}), ("GET", "/nowhere", None)]
+    for method, path, body in calls:
+        response = httpx.request(method, server.url + path, json=body, headers=headers)
+        assert [v.lower() for v in response.headers.get_list("vary")] == ["origin"], path
+        allowed = response.headers.get("access-control-allow-origin")
+        assert allowed == (ALLOWED if origin == ALLOWED else None), path

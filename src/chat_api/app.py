@@ -17,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
 from starlette.routing import Match
@@ -36,7 +35,7 @@ from chat_api.errors import (
 )
 from chat_api.fastlane import FastLane, Handler
 from chat_api.metrics import Metrics
-from chat_api.middleware import GatewayMiddleware, is_openai_dialect
+from chat_api.middleware import CrossOrigin, GatewayMiddleware, is_openai_dialect
 from chat_api.observe import RequestObserver
 from chat_api.routes import admin, openai_compat, ops, simple, usage
 from chat_api.routes.schemas import ChatRequest
@@ -55,7 +54,7 @@ PAGE_CSP = (
 class GatewayApp(FastAPI):
     """FastAPI, with the gateway's own layers in front of it.
 
-    Every HTTP request goes through `front`: CORS, then `GatewayMiddleware`
+    Every HTTP request goes through `front`: CORS (for browsers), then `GatewayMiddleware`
     (request id, body limits, security headers, the log line and metrics),
     then the fast lane, which answers the chat routes itself. Only what the
     fast lane passes on enters FastAPI, with its error layer, telemetry
@@ -131,7 +130,7 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
         body_timeout=settings.body_timeout,
         observe=RequestObserver(metrics),
     )
-    app.front = CORSMiddleware(
+    app.front = CrossOrigin(
         gateway,
         allow_origins=list(settings.cors_origins),
         allow_credentials=False,  # keys travel in headers, never in cookies

@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chat_api.errors import PayloadTooLarge, RequestTimeout
@@ -28,6 +29,27 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 )
+# What CORS adds to an answer for a request without an Origin header: caches
+# must not hand it to a browser page, whose request does carry one.
+VARY_ORIGIN = (b"vary", b"Origin")
+
+
+class CrossOrigin(CORSMiddleware):
+    """Starlette's CORS, for the requests that carry an `Origin` header.
+
+    Only browsers send one, and only then is there anything to allow or to
+    refuse. Every other call (SDKs, curl, servers: nearly all the traffic)
+    goes straight on, without CORS's header parsing and send wrapper; the
+    gateway layer gives its answer the one header CORS would have added,
+    `Vary: Origin`.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for name, _ in scope["headers"]:
+            if name == b"origin":
+                await super().__call__(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def is_openai_dialect(path: str) -> bool:
@@ -53,6 +75,7 @@ class GatewayMiddleware:
 
         request_id = ""
         declared = -1
+        extra_headers = (*SECURITY_HEADERS, VARY_ORIGIN)  # CrossOrigin adds Vary for browsers
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
@@ -61,6 +84,8 @@ class GatewayMiddleware:
                     request_id = candidate
             elif name == b"content-length":
                 declared = int(value) if value.isdigit() else -1
+            elif name == b"origin":
+                extra_headers = SECURITY_HEADERS
         if not request_id:
             request_id = os.urandom(16).hex()  # as random as a uuid4, a third of the cost
         scope.setdefault("state", {})["request_id"] = request_id
@@ -72,7 +97,7 @@ class GatewayMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header, *SECURITY_HEADERS]
+                message["headers"] = [*message.get("headers", ()), id_header, *extra_headers]
             await send(message)
 
         if declared > self.max_body:

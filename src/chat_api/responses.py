@@ -57,7 +57,11 @@ class EventStreamResponse(Response):
         self.on_shutdown = on_shutdown  # the last event when the server stops mid-stream
         self.status_code = 200
         self.background = None
-        self.init_headers({**SSE_HEADERS, **(headers or {})})
+        extra = headers or {}
+        self.raw_headers = [
+            *SSE_HEADERS,
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()

@@ -14,10 +14,11 @@ from chat_api.errors import UpstreamError, UpstreamTimeout
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
-SSE_HEADERS = {
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
+SSE_HEADERS = [  # encoded once: every stream sends the same
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx: pass each event on at once
+]
 
 
 def frame(payload: bytes) -> bytes:
