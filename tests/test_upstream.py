@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
+from tests.faults.conftest import wait_until
 from tests.servers import ServerThread
 from tests.sse import events
 
@@ -265,6 +267,33 @@ def test_pings_keep_a_silent_stream_alive(
             else:
                 text += data.get("content", "")
     assert text == DEFAULT_TEXT
+
+
+def test_each_quiet_stream_is_pinged_and_a_busy_one_is_not(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    """One keep-alive clock serves every open stream, each by its own silence."""
+    server = gateway_factory(keepalive_interval=0.5)
+    raw: dict[str, str] = {}
+
+    def read(name: str) -> None:
+        with httpx.stream("POST", server.url + "/chat/stream", json={"message": name}) as response:
+            raw[name] = response.read().decode()
+
+    fake.queue(Plan(text=" ".join(["busy"] * 40), chunk_interval=0.05))
+    busy = threading.Thread(target=read, args=("busy",))
+    busy.start()
+    assert wait_until(lambda: fake.hits == 1, 5)
+    fake.queue(Plan(first_chunk_delay=1.6), Plan(first_chunk_delay=1.6))
+    quiet = [threading.Thread(target=read, args=(name,)) for name in ("quiet-1", "quiet-2")]
+    for thread in quiet:
+        thread.start()
+    for thread in (busy, *quiet):
+        thread.join(15)
+    assert raw["quiet-1"].count(": ping") >= 2 and raw["quiet-2"].count(": ping") >= 2
+    assert ": ping" not in raw["busy"] and raw["busy"].count('"content"') == 40
+    for answer in raw.values():
+        assert json.loads(answer.strip().rsplit("data: ", 1)[1])["done"] is True
 
 
 MULTIBYTE = "Grüße, 日本語 and 😀 — déjà vu"

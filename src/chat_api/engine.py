@@ -209,12 +209,14 @@ class ChatEngine:
                 ctx.headers["X-Upstream-Request-ID"] = upstream.upstream_request_id
         else:
             upstream = _SingleChunkStream(provider, prepared, ctx.request_id)
-        return self._relay(upstream, prepared, admission, result, started)
+        # Only what the relay needs: the request body (the whole conversation)
+        # is not held for as long as the answer streams.
+        return self._relay(upstream, prepared.client_wants_usage, admission, result, started)
 
     async def _relay(
         self,
         upstream: UpstreamStream,
-        prepared: Prepared,
+        client_wants_usage: bool,
         admission: Admission,
         result: CallResult,
         started: float,
@@ -228,7 +230,7 @@ class ChatEngine:
                 _observe(chunk, stats)
                 if stats.first_token_at is None:
                     stats.first_token_at = time.monotonic()
-                if not chunk.is_usage_only or prepared.client_wants_usage:
+                if not chunk.is_usage_only or client_wants_usage:
                     yield chunk
                 del raw, chunk  # not held while the next event is awaited: thousands wait at once
             if not upstream.saw_done and stats.finish_reason is None:

@@ -65,6 +65,7 @@ class FastLane:
             if handler is None:
                 raise
             response = await handler(request, exc)
+        del request  # with its body: an answer may stream for minutes, thousands at once
         await response(scope, receive, send)
 
     def _handler_for(self, exc: Exception) -> Handler | None:

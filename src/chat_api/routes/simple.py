@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chat_api import __version__
-from chat_api.engine import Chunk, Prepared
+from chat_api.engine import Chunk
 from chat_api.errors import ChatAPIError
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
 from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
@@ -153,7 +153,7 @@ async def chat(request: Request, caller: CallerDep) -> Response:
                 {"role": "user", "content": chat_request.message},
                 {"role": "assistant", "content": text},
             ],
-            "usage": _usage_of(completion.data.get("usage"), prepared, len(text)),
+            "usage": _usage_of(completion.data.get("usage"), prepared.prompt_estimate, len(text)),
         },
         headers={**ctx.headers, **_upstream_id(completion.upstream_request_id)},
     )
@@ -183,41 +183,47 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
     ctx = context(request, "/chat/stream", caller)
     chunks = await engine.stream(prepared, ctx)
     return EventStreamResponse(
-        _simple_events(chunks, prepared),
+        _simple_events(chunks, prepared.model.name, prepared.prompt_estimate),
         keepalive=request.app.state.settings.keepalive_interval,
         headers=ctx.headers,
         on_shutdown=frame(orjson.dumps({"error": SHUTDOWN_MESSAGE})),
     )
 
 
-async def _simple_events(chunks: AsyncIterator[Chunk], prepared: Prepared) -> AsyncIterator[bytes]:
+async def _simple_events(
+    chunks: AsyncIterator[Chunk], model: str, prompt_estimate: int
+) -> AsyncIterator[bytes]:
     usage: Any = None
     relayed = 0
     try:
         async for chunk in chunks:
-            data = chunk.data
-            if data.get("usage"):
-                usage = data["usage"]
-            for choice in data.get("choices") or ():
-                if choice.get("index", 0) != 0:
-                    continue
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    relayed += len(content)
-                    yield frame(orjson.dumps({"content": content}))
-        done = {"done": True, "model": prepared.model.name}
-        done["usage"] = _usage_of(usage, prepared, relayed)
+            usage = chunk.data.get("usage") or usage
+            content = _first_choice_content(chunk.data)
+            del chunk  # not held while the next event is awaited: thousands wait at once
+            if content:
+                relayed += len(content)
+                yield frame(orjson.dumps({"content": content}))
+        done = {"done": True, "model": model}
+        done["usage"] = _usage_of(usage, prompt_estimate, relayed)
         yield frame(orjson.dumps(done))
     except ChatAPIError as exc:
         yield frame(orjson.dumps({"error": exc.message}))
 
 
-def _usage_of(usage: Any, prepared: Prepared, answer_chars: int) -> dict[str, int]:
+def _first_choice_content(data: dict[str, Any]) -> str:
+    """The text a stream chunk adds to the first choice (the simple API has one)."""
+    for choice in data.get("choices") or ():
+        if choice.get("index", 0) == 0:
+            return str((choice.get("delta") or {}).get("content") or "")
+    return ""
+
+
+def _usage_of(usage: Any, prompt_estimate: int, answer_chars: int) -> dict[str, int]:
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
         prompt = usage["prompt_tokens"]
         completion = int(usage.get("completion_tokens") or 0)
     else:
-        prompt, completion = prepared.prompt_estimate, tokens_for_chars(answer_chars)
+        prompt, completion = prompt_estimate, tokens_for_chars(answer_chars)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
