@@ -261,13 +261,14 @@ def compact(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-CHART_PANELS = (
-    ("seq_v1", "latency_ms", "1 client, /v1/chat/completions"),
-    ("seq_chat", "latency_ms", "1 client, /chat"),
-    ("conc8_v1", "latency_ms", "8 clients, /v1"),
-    ("streams_500_50ms", "first_ms", "500 streams, 50 ms: first chunk"),
-    ("streams_5000_500ms", "first_ms", "5,000 streams, 500 ms: first chunk"),
-    ("open_500rps", "latency_ms", "500 req/s offered, 1.5 s upstream"),
+CHART_PANELS = (  # scenario, measure, title, x scale
+    ("seq_v1", "latency_ms", "1 client, /v1/chat/completions", "log"),
+    ("seq_chat", "latency_ms", "1 client, /chat", "log"),
+    ("conc8_v1", "latency_ms", "8 clients, /v1", "log"),
+    ("streams_500_50ms", "first_ms", "500 streams, 50 ms: first chunk", "log"),
+    ("streams_5000_500ms", "first_ms", "5,000 streams, 500 ms: first chunk", "log"),
+    # All near 1,500 ms: a log scale would show no tick at all.
+    ("open_500rps", "latency_ms", "500 req/s offered, 1.5 s upstream", "linear"),
 )
 
 
@@ -287,17 +288,18 @@ def chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    for ax, (name, key, label) in zip(axes.flat, panels, strict=False):
+    for ax, (name, key, label, scale) in zip(axes.flat, panels, strict=False):
         for side, colour in (("direct", "#888888"), ("gateway", "#1f6feb")):
             values = sorted(results[name][side][key])
             if not values:
                 continue
             ys = [(i + 1) / len(values) for i in range(len(values))]
             ax.plot(values, ys, color=colour, label=side, linewidth=1.6)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xscale(scale)
+        if scale == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(label, fontsize=10)
-        ax.set_xlabel("ms (log scale)")
+        ax.set_xlabel("ms (log scale)" if scale == "log" else "ms")
         ax.set_ylabel("fraction of requests")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
