@@ -150,16 +150,19 @@ class KeepAlive:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.streams:
-            now = loop.time()
-            tick = 1.0
-            for stream in list(self.streams):
-                tick = min(tick, stream.keepalive / 4)
-                quiet = now - stream.last_write >= stream.keepalive
-                if quiet and (stream.pinging is None or stream.pinging.done()):
-                    stream.last_write = now
-                    stream.pinging = loop.create_task(stream.ping())  # a slow client waits alone
-            await asyncio.sleep(tick)
+        try:
+            while self.streams:
+                now = loop.time()
+                tick = 1.0
+                for stream in list(self.streams):
+                    tick = min(tick, stream.keepalive / 4)
+                    quiet = now - stream.last_write >= stream.keepalive
+                    if quiet and (stream.pinging is None or stream.pinging.done()):
+                        stream.last_write = now
+                        stream.pinging = loop.create_task(stream.ping())  # a slow one waits alone
+                await asyncio.sleep(tick)
+        finally:
+            self.task = None  # a finished task holds its loop, which keys this object
 
 
 _KEEPALIVES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KeepAlive] = (
