@@ -5,7 +5,8 @@ when it is sane, else a new one) and returns it; caps the body size (413),
 whether or not a Content-Length was sent, and gives up on a body that has
 not arrived within `body_timeout` seconds (408); adds security headers; when
 the answer is complete, hands the status and duration to `observe` (the
-metrics and the log line).
+metrics and the log line). In front of it, `CrossOrigin` answers CORS for
+requests from browsers.
 """
 
 from __future__ import annotations
