@@ -284,7 +284,7 @@ def test_each_quiet_stream_is_pinged_and_a_busy_one_is_not(
     busy = threading.Thread(target=read, args=("busy",))
     busy.start()
     assert wait_until(lambda: fake.hits == 1, 5)
-    fake.queue(Plan(first_chunk_delay=1.6), Plan(first_chunk_delay=1.6))
+    fake.queue(Plan(first_chunk_delay=2.0), Plan(first_chunk_delay=2.0))
     quiet = [threading.Thread(target=read, args=(name,)) for name in ("quiet-1", "quiet-2")]
     for thread in quiet:
         thread.start()
