@@ -15,7 +15,7 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="chat-
 # The app warns at start when it listens beyond this machine without keys.
 os.environ.setdefault("CHAT_API_HOST", "0.0.0.0")  # noqa: S104
 
-wsgi_app = "chat_api.app:create_app()"
+wsgi_app = "chat_api.app:serve_app()"  # each worker serves this app alone
 worker_class = "chat_api.worker.Worker"  # uvicorn + uvloop + a deadline for headers
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:5000")

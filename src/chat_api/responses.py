@@ -111,11 +111,15 @@ class EventStreamResponse(Response):
         finally:
             finished = True
             keepalive.discard(self)
+            self.send = None  # a ping still on its way is dropped, not sent after the end
+            if self.pinging is not None:
+                self.pinging.cancel()
             watcher.cancel()
             await _close(self.events)
 
     async def ping(self) -> None:
-        assert self.send is not None
+        if self.send is None:
+            return
         with contextlib.suppress(Exception):  # a broken connection ends the stream's own way
             await self.send({"type": "http.response.body", "body": PING, "more_body": True})
 
@@ -123,9 +127,10 @@ class EventStreamResponse(Response):
 class KeepAlive:
     """Writes `: ping` to every stream on one event loop that has gone quiet.
 
-    One task looks over the open streams a few times per keepalive interval
-    (at most every second) and pings those with nothing written for
-    `keepalive` seconds; it stops when the last stream ends. A timer per
+    One task looks over the open streams four times per keepalive interval
+    (at most every second) and pings those quiet for nearly `keepalive`
+    seconds (at most one look early, never late); it stops when the last
+    stream ends. A timer per
     stream instead cost about 1.4 KiB each with thousands of streams open.
     """
 
@@ -155,8 +160,10 @@ class KeepAlive:
                 now = loop.time()
                 tick = 1.0
                 for stream in list(self.streams):
-                    tick = min(tick, stream.keepalive / 4)
-                    quiet = now - stream.last_write >= stream.keepalive
+                    own_tick = min(1.0, stream.keepalive / 4)
+                    tick = min(tick, own_tick)
+                    # A tick early rather than late: a proxy's idle timeout may sit just above.
+                    quiet = now - stream.last_write >= stream.keepalive - own_tick
                     if quiet and (stream.pinging is None or stream.pinging.done()):
                         stream.last_write = now
                         stream.pinging = loop.create_task(stream.ping())  # a slow one waits alone

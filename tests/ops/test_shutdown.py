@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import runpy
 import signal
 import sqlite3
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gunicorn.util import import_app
 
 from chat_api.app import create_app
 from chat_api.config import Settings
@@ -120,3 +122,19 @@ def test_a_served_app_quiets_the_garbage_collector_and_gives_it_back(
     with ServerThread(create_app(settings)) as hosted:  # inside another program: hands off
         assert httpx.get(hosted.url + "/health").status_code == 200
         assert (gc.get_threshold(), gc.get_freeze_count()) == (threshold, frozen)
+
+
+def test_gunicorn_workers_load_the_app_that_quiets_the_collector(
+    monkeypatch: pytest.MonkeyPatch, fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+) -> None:
+    # gunicorn.conf.py only sets these when missing: keep them out of later tests.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("CHAT_API_HOST", "127.0.0.1")
+    monkeypatch.setenv("OPENAI_API_KEY", fake.api_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream_url)
+    monkeypatch.setenv("CHAT_API_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/gateway.db")
+    config = runpy.run_path(str(Path(__file__).resolve().parents[2] / "gunicorn.conf.py"))
+    app = import_app(config["wsgi_app"])  # as each gunicorn worker loads it
+    with ServerThread(app) as served:
+        assert httpx.get(served.url + "/health").status_code == 200
+        assert gc.get_threshold() == (50_000, 20, 10)

@@ -214,7 +214,8 @@ def _first_choice_content(data: dict[str, Any]) -> str:
     """The text a stream chunk adds to the first choice (the simple API has one)."""
     for choice in data.get("choices") or ():
         if choice.get("index", 0) == 0:
-            return str((choice.get("delta") or {}).get("content") or "")
+            content = (choice.get("delta") or {}).get("content")
+            return content if isinstance(content, str) else ""
     return ""
 
 
