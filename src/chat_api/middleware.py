@@ -33,6 +33,7 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 # What CORS adds to an answer for a request without an Origin header: caches
 # must not hand it to a browser page, whose request does carry one.
 VARY_ORIGIN = (b"vary", b"Origin")
+SECURITY_HEADERS_AND_VARY = (*SECURITY_HEADERS, VARY_ORIGIN)
 
 
 class CrossOrigin(CORSMiddleware):
@@ -76,7 +77,7 @@ class GatewayMiddleware:
 
         request_id = ""
         declared = -1
-        extra_headers = (*SECURITY_HEADERS, VARY_ORIGIN)  # CrossOrigin adds Vary for browsers
+        extra_headers = SECURITY_HEADERS_AND_VARY  # CrossOrigin adds Vary for browsers
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")

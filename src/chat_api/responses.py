@@ -130,8 +130,8 @@ class KeepAlive:
     One task looks over the open streams four times per keepalive interval
     (at most every second) and pings those quiet for nearly `keepalive`
     seconds (at most one look early, never late); it stops when the last
-    stream ends. A timer per
-    stream instead cost about 1.4 KiB each with thousands of streams open.
+    stream ends. A timer per stream instead cost about 1.4 KiB each with
+    thousands of streams open.
     """
 
     def __init__(self) -> None:

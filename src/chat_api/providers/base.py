@@ -7,6 +7,7 @@ receives without rebuilding it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -72,6 +73,17 @@ async def read_capped(chunks: AsyncIterator[bytes], declared: int | None, limit:
             raise UpstreamError("OpenAI sent an answer that is too large to relay.")
         parts.append(chunk)
     return b"".join(parts)
+
+
+def header_seconds(value: str | None) -> float | None:
+    """A number of seconds from a header such as Retry-After; None unless sane."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class ReadingStream:

@@ -16,7 +16,6 @@ to the official `AsyncOpenAI` client (`providers/openai.py`).
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -29,7 +28,7 @@ from yarl import URL
 from chat_api import __version__
 from chat_api.config import Settings
 from chat_api.errors import UpstreamError, UpstreamTimeout, from_status, from_upstream
-from chat_api.providers.base import Completion, ReadingStream, read_capped
+from chat_api.providers.base import Completion, ReadingStream, header_seconds, read_capped
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
@@ -149,7 +148,7 @@ class FastOpenAIProvider:
             finally:
                 response.release()
             wait = _retry_after(response.headers)
-            retry_after = _seconds(response.headers.get("retry-after"))
+            retry_after = header_seconds(response.headers.get("retry-after"))
             retryable = response.status in RETRY_STATUSES or response.status >= 500
             too_long = wait is not None and wait > MAX_RETRY_AFTER
             if retryable and not last and not too_long:
@@ -188,20 +187,10 @@ class _FastStream(ReadingStream):
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     """How long the upstream asks us to wait: `retry-after-ms` first, as the SDK reads it."""
-    milliseconds = _seconds(headers.get("retry-after-ms"))
+    milliseconds = header_seconds(headers.get("retry-after-ms"))
     if milliseconds is not None:
         return milliseconds / 1000
-    return _seconds(headers.get("retry-after"))
-
-
-def _seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return header_seconds(headers.get("retry-after"))
 
 
 def _backoff(attempt: int, retry_after: float | None) -> float:

@@ -26,7 +26,7 @@ from chat_api.errors import (
     from_status,
     from_upstream,
 )
-from chat_api.providers.base import Completion, ReadingStream, read_capped
+from chat_api.providers.base import Completion, ReadingStream, header_seconds, read_capped
 
 PATH = "/chat/completions"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
@@ -120,15 +120,8 @@ def _from_sdk(exc: BaseException) -> ChatAPIError:
         return UpstreamTimeout()
     if isinstance(exc, openai.APIStatusError):
         return from_status(
-            exc.status_code, exc.body, _seconds(exc.response.headers.get("retry-after"))
+            exc.status_code, exc.body, header_seconds(exc.response.headers.get("retry-after"))
         )
     if isinstance(exc, openai.APIConnectionError):
         return UpstreamError(CONNECT_FAILED)
     return from_upstream(exc)
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
