@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+DEFAULT_EMBEDDING_MODELS = ("text-embedding-3-small", "text-embedding-3-large")
 DEFAULT_MODELS = (
     "gpt-4o",
     "gpt-4o-mini",
@@ -45,6 +46,8 @@ class ModelOverride(BaseModel):
     streaming: bool | None = None
     sampling: bool | None = None
     token_field: Literal["max_tokens", "max_completion_tokens"] | None = None
+    output_ceiling: int | None = Field(default=None, ge=1)
+    context_window: int | None = Field(default=None, ge=1)
 
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
@@ -81,11 +84,15 @@ class Settings(BaseSettings):
     upstream_retries: int = Field(default=2, ge=0, le=10)
     upstream_max_connections: int = Field(default=10_000, ge=1)
     stream_deadline: float = Field(default=900.0, gt=0)
+    # Background responses: how long to keep asking the upstream whether one is done.
+    background_wait: float = Field(default=3600.0, gt=0)
+    background_poll_interval: float = Field(default=2.0, gt=0)
     keepalive_interval: float = Field(default=15.0, gt=0)
 
     # --- models -------------------------------------------------------------
     models: CommaList = DEFAULT_MODELS
     default_model: str = "gpt-4o-mini"
+    embedding_models: CommaList = DEFAULT_EMBEDDING_MODELS
     model_capabilities: dict[str, ModelOverride] = Field(default_factory=dict)
     prices: dict[str, tuple[Decimal, Decimal]] = Field(default_factory=dict)
 
@@ -115,6 +122,7 @@ class Settings(BaseSettings):
     redis_prefix: str = "chatapi:"
     replicas: int = Field(default=1, ge=1)
     auth_failures_per_minute: int = Field(default=30, ge=1)
+    max_in_flight: int = Field(default=32, ge=0)  # per client key that sets none; 0: no cap
     ledger_flush_interval: float = Field(default=0.5, gt=0)
     ledger_batch_size: int = Field(default=200, ge=1)
     migrate_on_start: bool = True
@@ -124,7 +132,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"),
     )
 
-    _split = field_validator("models", "cors_origins", mode="before")(_split_commas)
+    _split = field_validator("models", "embedding_models", "cors_origins", mode="before")(
+        _split_commas
+    )
 
     @field_validator("openai_api_key", "master_key", mode="before")
     @classmethod
@@ -148,7 +158,26 @@ class Settings(BaseSettings):
             )
         if self.master_key is not None and len(self.master_key.get_secret_value()) < 16:
             raise ValueError("CHAT_API_MASTER_KEY must be at least 16 characters long")
+        self._every_model_priced()
         return self
+
+    def _every_model_priced(self) -> None:
+        """No model is free by accident: each allowed one has a price, none is negative."""
+        from chat_api.prices import DEFAULT_PRICES, list_price  # prices import nothing of ours
+
+        for name, (price_in, price_out) in self.prices.items():
+            if price_in < 0 or price_out < 0:
+                raise ValueError(f"CHAT_API_PRICES: the price of {name} must not be negative")
+        if self.demo:
+            return  # the demo model costs nothing, whatever a request calls it
+        prices = {**DEFAULT_PRICES, **self.prices}
+        for name in (*self.models, *self.embedding_models):
+            if list_price(name, prices) is None:
+                raise ValueError(
+                    f"CHAT_API_PRICES: no price for the model {name}. Every allowed model needs "
+                    f"one, e.g. CHAT_API_PRICES='{{\"{name}\": [1.25, 10]}}' (USD per million "
+                    "input and output tokens; [0, 0] makes it free on purpose)"
+                )
 
     @property
     def has_upstream_key(self) -> bool:

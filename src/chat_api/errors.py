@@ -156,14 +156,14 @@ class RateLimited(ChatAPIError):
         self,
         message: str,
         *,
-        retry_after: float,
+        retry_after: float | None,
         headers: Mapping[str, str] | None = None,
         code: str | None = None,
     ) -> None:
-        seconds = max(1, int(retry_after + 0.999))
-        super().__init__(
-            message, code=code, headers={**(headers or {}), "Retry-After": str(seconds)}
-        )
+        # None: waiting would not help (a total budget spent), so no Retry-After.
+        seconds = None if retry_after is None else max(1, int(retry_after + 0.999))
+        extra = {} if seconds is None else {"Retry-After": str(seconds)}
+        super().__init__(message, code=code, headers={**(headers or {}), **extra})
         self.retry_after = seconds
 
 

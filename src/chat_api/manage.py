@@ -72,6 +72,7 @@ def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
             models=[m.strip() for m in (args.models or "").split(",") if m.strip()],
             rpm=args.rpm,
             tpm=args.tpm,
+            max_in_flight=args.max_in_flight,
             budget_usd=budget,
             budget_period=args.period,
             expires_in_days=args.days,
@@ -103,6 +104,7 @@ _KEY_COLUMNS = (
     "models",
     "rpm",
     "tpm",
+    "max_in_flight",
     "budget_usd",
     "budget_period",
     "expires_at",
@@ -203,6 +205,9 @@ def add_commands(commands: Any, load: Loader) -> None:
     create.add_argument("--models", help="comma-separated models it may use (default: all)")
     create.add_argument("--rpm", type=int, help="requests per minute")
     create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument(
+        "--max-in-flight", type=int, help="calls in progress at once (default: the server's)"
+    )
     create.add_argument("--budget", help="budget in US dollars, e.g. 5 or 2.50")
     create.add_argument(
         "--period",

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from chat_api.calls import Caller
 from chat_api.errors import BadRequest
 from chat_api.limits.budgets import period_bounds, utcnow
 from chat_api.responses import JSONResponse
@@ -57,6 +58,8 @@ async def my_usage(
     body["limits"] = {
         "rpm": caller.rpm if caller else None,
         "tpm": caller.tpm if caller else None,
+        # Calls it may have in progress at once: its own cap, else the server's default.
+        "max_in_flight": _in_flight_cap(request, caller),
         "models": list(caller.models) if caller and caller.models else None,
     }
     body["budget"] = None
@@ -72,3 +75,12 @@ async def my_usage(
             "renews_in_seconds": int(reset_in) if caller.budget_period != "total" else None,
         }
     return JSONResponse(body)
+
+
+def _in_flight_cap(request: Request, caller: Caller | None) -> int | None:
+    if caller is None or caller.key_id is None:
+        return None
+    if caller.max_in_flight is not None:
+        return caller.max_in_flight
+    default: int = request.app.state.settings.max_in_flight
+    return default or None

@@ -18,7 +18,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from chat_api.meter import CallResult
+from chat_api.calls import CallResult
 from chat_api.store.schema import usage
 
 log = logging.getLogger("chat_api.ledger")
@@ -42,6 +42,7 @@ def _row(result: CallResult) -> dict[str, Any]:
         "ttft_ms": round(result.first_token * 1000, 3) if result.first_token is not None else None,
         "request_id": result.request_id,
         "upstream_request_id": result.upstream_request_id,
+        "call_id": result.call_id,
     }
 
 
