@@ -23,6 +23,18 @@ WEATHER_CALL = {
     "arguments": '{"city":"Paris"}',
 }
 FINAL_ANSWER = "It is sunny in Paris today."
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
 
 
 @pytest.fixture

@@ -12,24 +12,12 @@ from tests.clients.conftest import (
     FINAL_ANSWER,
     MODEL,
     WEATHER_CALL,
+    WEATHER_TOOL,
     arguments,
     tool_outputs,
     weather,
 )
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
-
-WEATHER_TOOL = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tests.fakes.responses_api import Call, Refusal, _json, new_id, normalize_input, not_found, page
+from tests.fakes.responses_api import Refusal, _json, normalize_input, not_found, page
+from tests.fakes.responses_events import Call, new_id
 
 Handler = Callable[[Call], Awaitable[None]]
 Route = tuple[str, str, str, Handler]

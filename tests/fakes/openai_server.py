@@ -181,7 +181,8 @@ class FakeOpenAI:
         record: Received,
         send: Send,
     ) -> None:
-        from tests.fakes.responses_api import Call, Refusal
+        from tests.fakes.responses_api import Refusal
+        from tests.fakes.responses_events import Call
 
         name, handler, params = route
         if plan.delay_before_headers:
@@ -242,28 +243,7 @@ class FakeOpenAI:
                 send, 200, answer, {"x-request-id": "req_fake_upstream", **plan.headers}
             )
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream"),
-                    (b"x-request-id", b"req_fake_upstream"),
-                ],
-            }
-        )
-        if plan.raw_chunks is not None:
-            for piece in plan.raw_chunks:
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-                await asyncio.sleep(plan.chunk_interval)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        if plan.comments_forever:
-            while not record.closed_early.is_set():
-                await send(
-                    {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
-                )
-                await asyncio.sleep(0.05)
+        if await start_stream(plan, record, send, b"text/event-stream"):
             return
         head = {
             "id": "chatcmpl-fake123",
@@ -342,6 +322,31 @@ class FakeOpenAI:
                 await asyncio.sleep(plan.chunk_interval)
         tail = b"" if plan.omit_done else b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def start_stream(plan: Plan, record: Received, send: Send, content_type: bytes) -> bool:
+    """Start a 200 event stream; True when the plan's raw bytes or comments were the whole of it."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", content_type), (b"x-request-id", b"req_fake_upstream")],
+        }
+    )
+    if plan.raw_chunks is not None:
+        for piece in plan.raw_chunks:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await asyncio.sleep(plan.chunk_interval)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+    if plan.comments_forever:
+        while not record.closed_early.is_set():
+            await send(
+                {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+            )
+            await asyncio.sleep(0.05)
+        return True
+    return False
 
 
 def _words(text: str) -> list[str]:

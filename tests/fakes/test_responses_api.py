@@ -28,6 +28,7 @@ from openai.types.responses import (
 )
 from pydantic import TypeAdapter
 
+from tests.clients.conftest import WEATHER_CALL, WEATHER_TOOL
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 
 EVENT = TypeAdapter[Any](ResponseStreamEvent)
@@ -42,19 +43,6 @@ TEXT_ORDER = [
     "response.output_item.done",
     "response.completed",
 ]
-WEATHER_TOOL = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-CALL = {"call_id": "call_weather1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
 
 
 @pytest.fixture
@@ -109,7 +97,7 @@ def test_a_stream_has_openais_events_in_order_numbered_and_billed(
 def test_a_function_call_streams_its_arguments_when_tools_are_given(
     http: httpx.Client, fake: FakeOpenAI
 ) -> None:
-    fake.queue(Plan(tool_calls=[CALL]))
+    fake.queue(Plan(tool_calls=[WEATHER_CALL]))
     got = stream(http, {"model": "gpt-4o", "input": "Weather in Paris?", "tools": [WEATHER_TOOL]})
     kinds = [e["type"] for e in got]
     assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
@@ -123,7 +111,7 @@ def test_a_function_call_streams_its_arguments_when_tools_are_given(
     (item,) = final.output
     assert item.type == "function_call"
     assert (item.call_id, item.name, json.loads(item.arguments)) == (
-        "call_weather1",
+        WEATHER_CALL["call_id"],
         "get_weather",
         {"city": "Paris"},
     )
@@ -134,7 +122,11 @@ def test_a_function_call_streams_its_arguments_when_tools_are_given(
             "model": "gpt-4o",
             "previous_response_id": final.id,
             "input": [
-                {"type": "function_call_output", "call_id": "call_weather1", "output": "sunny"}
+                {
+                    "type": "function_call_output",
+                    "call_id": WEATHER_CALL["call_id"],
+                    "output": "sunny",
+                }
             ],
         },
     )
@@ -152,7 +144,7 @@ def test_a_function_call_streams_its_arguments_when_tools_are_given(
 def test_a_tool_plan_without_tools_in_the_request_answers_text(
     http: httpx.Client, fake: FakeOpenAI
 ) -> None:
-    fake.queue(Plan(tool_calls=[CALL]))
+    fake.queue(Plan(tool_calls=[WEATHER_CALL]))
     answer = Response.model_validate(http.post("/responses", json={"model": "gpt-4o"}).json())
     assert answer.output_text == DEFAULT_TEXT
 
