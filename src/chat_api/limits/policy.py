@@ -171,7 +171,7 @@ class KeyMeter:
                 )
                 raise RateLimited(
                     f"This key has used up its budget of ${caller.budget_usd}. {when}",
-                    retry_after=reset_in,
+                    retry_after=reset_in if caller.budget_period in ("daily", "monthly") else None,
                     headers={**headers, "x-ratelimit-limit-budget-usd": str(caller.budget_usd)},
                     code="insufficient_quota",
                 )
