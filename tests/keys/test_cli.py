@@ -77,23 +77,26 @@ def test_create_use_list_revoke_and_read_usage(
     )
 
 
+CREATE = ("keys", "create", "--name", "x")
+
+
 @pytest.mark.parametrize(
     ("args", "flag", "says"),
     [
         (("usage", "--since", "yesterday"), "--since", "expected a date like 2026-11-30"),
         (("usage", "--until", "soon"), "--until", "expected a date like 2026-11-30"),
-        (("keys", "create", "--name", "x", "--budget", "lots"), "--budget", "number of dollars"),
-        (("keys", "create", "--name", "x", "--budget", "NaN"), "--budget", "number of dollars"),
-        (("keys", "create", "--name", "x", "--budget", "-1"), "--budget", "greater than or equal"),
-        (("keys", "create", "--name", "x", "--budget", "0.1234567"), "--budget", "6 decimal"),
-        (("keys", "create", "--name", "x", "--models", "gpt-99"), "--models", "CHAT_API_MODELS"),
-        (("keys", "create", "--name", "x", "--rpm", "0"), "--rpm", "whole number of 1 or more"),
-        (("keys", "create", "--name", "x", "--rpm", "many"), "--rpm", "whole number"),
-        (("keys", "create", "--name", "x", "--rpm", "2000000000"), "--rpm", "less than or equal"),
-        (("keys", "create", "--name", "x", "--tpm", "1.5"), "--tpm", "whole number"),
-        (("keys", "create", "--name", "x", "--days", "soon"), "--days", "number of days"),
-        (("keys", "create", "--name", "x", "--days", "0"), "--days", "greater than 0"),
-        (("keys", "create", "--name", "x", "--period", "weekly"), "--period", "daily"),
+        ((*CREATE, "--budget", "lots"), "--budget", "number of dollars"),
+        ((*CREATE, "--budget", "NaN"), "--budget", "number of dollars"),
+        ((*CREATE, "--budget", "-1"), "--budget", "greater than or equal"),
+        ((*CREATE, "--budget", "0.1234567"), "--budget", "6 decimal"),
+        ((*CREATE, "--models", "gpt-99"), "--models", "CHAT_API_MODELS"),
+        ((*CREATE, "--rpm", "0"), "--rpm", "whole number of 1 or more"),
+        ((*CREATE, "--rpm", "many"), "--rpm", "whole number"),
+        ((*CREATE, "--rpm", "2000000000"), "--rpm", "less than or equal"),
+        ((*CREATE, "--tpm", "1.5"), "--tpm", "whole number"),
+        ((*CREATE, "--days", "soon"), "--days", "number of days"),
+        ((*CREATE, "--days", "0"), "--days", "greater than 0"),
+        ((*CREATE, "--period", "weekly"), "--period", "daily"),
         (("keys", "create", "--name", ""), "--name", "at least 1 character"),
         (("keys", "create"), "--name", "required"),
         (("serve", "--port", "70000"), "--port", "from 0 to 65535"),
