@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -21,7 +23,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 DEFAULT_EMBEDDING_MODELS = ("text-embedding-3-small", "text-embedding-3-large")
 DEFAULT_MODELS = (
@@ -35,6 +43,7 @@ DEFAULT_MODELS = (
 )
 
 ENV_PREFIX = "CHAT_API_"
+OPENAI_V1 = "https://api.openai.com/v1"
 
 
 class ModelOverride(BaseModel):
@@ -48,6 +57,15 @@ class ModelOverride(BaseModel):
     token_field: Literal["max_tokens", "max_completion_tokens"] | None = None
     output_ceiling: int | None = Field(default=None, ge=1)
     context_window: int | None = Field(default=None, ge=1)
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError unless a number from 0 to 65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
 
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
@@ -68,6 +86,8 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         frozen=True,
+        # Errors name the field, not its first alias: `variable_name` turns it into the variable.
+        loc_by_alias=False,
     )
 
     # --- upstream -----------------------------------------------------------
@@ -142,6 +162,15 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not _is_http_url(value.strip()):
+            raise ValueError(f"must be an http:// or https:// URL with a host, like {OPENAI_V1}")
+        return value.strip()
 
     @field_validator("models")
     @classmethod
@@ -222,8 +251,39 @@ def settings_error_line(error: ValidationError | SettingsError) -> str:
     return f"{variable_name(str(loc[0]))}: {message}{shown}"
 
 
-def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
-    """`CHAT_API_*` variables that no setting reads: almost always a typo."""
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`CHAT_API_*` variables that no setting reads: almost always a typo.
+
+    Both places settings come from are looked at, the environment and the
+    `.env` file; a name found only in `.env` is given as `NAME in .env`.
+    """
     env = os.environ if environ is None else environ
     known = {variable_name(name) for name in Settings.model_fields}
-    return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+    # pydantic-settings reads names in any case, so compare them in upper case.
+    in_env = {name.upper() for name in env}
+    in_file = {name.upper() for name in DotEnvSettingsSource(Settings).env_vars} - in_env
+
+    def unknown(names: set[str]) -> list[str]:
+        return sorted(name for name in names if name.startswith(ENV_PREFIX) and name not in known)
+
+    return [*unknown(in_env), *(f"{name} in .env" for name in unknown(in_file))]
+
+
+def base_url_hint(url: str | None) -> str | None:
+    """A warning for an `OPENAI_BASE_URL` that is valid but likely to answer 404."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    calls = f"chat calls go to {url.rstrip('/')}/chat/completions"
+    host = parts.hostname or ""
+    if host == "openai.com" or host.endswith(".openai.com"):
+        if not path.endswith("/v1"):
+            return f"OPENAI_BASE_URL has no /v1 at the end: {calls}; OpenAI's API is at {OPENAI_V1}"
+        return None
+    if not path:
+        return (
+            f"OPENAI_BASE_URL has no path: {calls}; most OpenAI-compatible servers answer "
+            "under /v1, like http://localhost:11434/v1"
+        )
+    return None

@@ -33,6 +33,7 @@ from chat_api.providers import build_provider
 from chat_api.store.database import migrate, open_engine
 from chat_api.store.keys import KeyStore
 from chat_api.store.ledger import Ledger
+from chat_api.store.owners import OwnerStore
 
 log = logging.getLogger("chat_api")
 
@@ -102,6 +103,7 @@ async def open_services(
     stack.push_async_callback(engine.drain, settings.shutdown_grace)
     keys = KeyStore(database)
     app.state.engine = engine
+    app.state.owners = OwnerStore(database)
     app.state.keys = keys
     app.state.ledger = ledger
     app.state.meter = meter

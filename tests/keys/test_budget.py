@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
 
+from chat_api import cli
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.keys.conftest import MASTER, RedisPlace, auth, make_key
@@ -89,3 +91,56 @@ def test_budget_shows_in_usage_and_renews_by_period(
     assert budget["spent_usd"] == pytest.approx(float(ONE_CALL) * statuses.count(200))
     assert budget["remaining_usd"] == pytest.approx(max(0, 0.05 - budget["spent_usd"]))
     assert 0 < budget["renews_in_seconds"] <= 86_400
+
+
+def test_a_spent_total_budget_says_waiting_will_not_help(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory(master_key=MASTER, prices=PRICES)
+    secret, _ = make_key(server.url, budget_usd="0.001", budget_period="total")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    url = server.url + "/v1/chat/completions"
+    assert httpx.post(url, json=body, headers=auth(secret)).status_code == 200
+    refused = httpx.post(url, json=body, headers=auth(secret))
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_quota"
+    assert "renew" not in error["message"] and "operator" in error["message"]
+    assert "retry-after" not in refused.headers
+    assert refused.headers["x-should-retry"] == "false"  # the SDKs would retry in vain
+    assert fake.hits == 1
+
+
+def test_one_spend_reads_the_same_everywhere(
+    gateway_factory: GatewayFactory,
+    fake: FakeOpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 9 prompt tokens at $1.50 a million: $0.0000135, which 6 decimals rounded two ways.
+    prices = {"gpt-4o-mini": (Decimal("1.5"), Decimal(0))}
+    server = gateway_factory(master_key=MASTER, prices=prices)
+    secret, key_id = make_key(server.url, budget_usd="1", budget_period="daily")
+    fake.queue(Plan(usage={"prompt_tokens": 9, "completion_tokens": 0, "total_tokens": 9}))
+    assert (
+        httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
+        == 200
+    )
+    mine = httpx.get(server.url + "/usage", headers=auth(secret)).json()
+    admin = httpx.get(
+        server.url + "/admin/usage", params={"key_id": key_id}, headers=auth(MASTER)
+    ).json()
+    shown = {
+        mine["totals"]["cost_usd"],
+        mine["by_model"][0]["cost_usd"],
+        mine["by_day"][0]["cost_usd"],
+        mine["budget"]["spent_usd"],
+        admin["totals"]["cost_usd"],
+    }
+    assert shown == {0.0000135}
+    budget = mine["budget"]
+    assert Decimal(repr(budget["spent_usd"])) + Decimal(repr(budget["remaining_usd"])) == 1
+    monkeypatch.setenv("CHAT_API_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/gateway.db")
+    assert cli.main(["usage", "--key", key_id]) == 0
+    assert "0.0000135" in capsys.readouterr().out
