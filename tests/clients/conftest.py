@@ -1,20 +1,22 @@
 """The real client libraries, each pointed at one Responses API base URL.
 
 `responses_base_url` and `responses_api_key` are the one place that says where
-the clients go. Today they point straight at the fake upstream, which proves
-the fake speaks the Responses API as these libraries expect. To test them
-through the gateway, return `gateway.url + "/v1"` (and the gateway's client key,
-or any key while keys are off) instead; the tests stay as they are.
+the clients go. They point at the gateway (keys on, a client key with
+a budget) in front of the fake upstream; pointed straight at the fake, the
+same tests prove the fake speaks the Responses API as these libraries expect.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI, Received
+from tests.keys.conftest import MASTER, make_key
 
 MODEL = "gpt-4o-mini"
 WEATHER_CALL = {
@@ -37,16 +39,31 @@ WEATHER_TOOL = {
 }
 
 
-@pytest.fixture
-def responses_base_url(upstream_url: str) -> str:
-    """Where the clients send their calls (the fake upstream's /v1, for now)."""
-    return upstream_url
+@dataclass
+class Through:
+    """The gateway the clients go through: keys on, one client key."""
+
+    url: str
+    key: str
 
 
 @pytest.fixture
-def responses_api_key(fake: FakeOpenAI) -> str:
-    """The key the clients send (the fake upstream's own, for now)."""
-    return fake.api_key
+def through(gateway_factory: GatewayFactory) -> Through:
+    server = gateway_factory(master_key=MASTER, embedding_models=("text-embedding-3-small",))
+    key, _ = make_key(server.url, name="client library", budget_usd="5")
+    return Through(server.url, key)
+
+
+@pytest.fixture
+def responses_base_url(through: Through) -> str:
+    """Where the clients send their calls: the gateway's /v1, in front of the fake."""
+    return through.url + "/v1"
+
+
+@pytest.fixture
+def responses_api_key(through: Through) -> str:
+    """The key the clients send: a client key of the gateway, with a budget."""
+    return through.key
 
 
 def weather(city: str) -> str:
