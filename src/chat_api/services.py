@@ -27,6 +27,7 @@ from chat_api.engine import Engine
 from chat_api.limits.admission import KeyMeter
 from chat_api.limits.budgets import Budgets, MemoryBudgets, RedisBudgets
 from chat_api.limits.counters import Counter, MemoryCounter, RedisCounter
+from chat_api.limits.epoch import Epoch
 from chat_api.limits.in_flight import Holds, InFlight, MemoryInFlight, RedisInFlight
 from chat_api.limits.leases import RedisLeases
 from chat_api.metrics import Metrics
@@ -75,17 +76,20 @@ async def open_services(
         stack.push_async_callback(redis.aclose)
         prefix, replicas = settings.redis_prefix, settings.replicas
         holds = Holds(redis, seconds=settings.lease_seconds)
+        # Long enough for every replica's renewer to notice that Redis lost its data.
+        epoch = Epoch(redis, prefix=prefix, grace=holds.renew_every * 1.5)
         leases = RedisLeases(
             redis,
             prefix=prefix,
             holds=holds,
             write_rows=ledger.write_now,
             reap_every=settings.reaper_interval,
+            epoch=epoch,
         )
         leases.start()
         stack.push_async_callback(leases.close)
         counter = RedisCounter(redis, prefix=prefix, replicas=replicas)
-        budgets = RedisBudgets(redis, prefix=prefix, leases=leases)
+        budgets = RedisBudgets(redis, prefix=prefix, leases=leases, replicas=replicas)
         in_flight = RedisInFlight(redis, prefix=prefix, replicas=replicas, holds=holds)
 
     def record(result: CallResult) -> None:

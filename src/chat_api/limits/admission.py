@@ -43,7 +43,7 @@ log = logging.getLogger("chat_api.limits")
 MICRO = Decimal(1_000_000)
 
 Sink = Callable[[CallResult], None]
-SpentSince = Callable[[str, Any], Coroutine[Any, Any, Decimal]]
+SpentSince = Callable[..., Coroutine[Any, Any, Decimal]]  # (key id, since, *, queued)
 
 
 class Admission(Protocol):
@@ -250,6 +250,12 @@ class KeyMeter:
 
         async def seed() -> int:
             return to_micro(await self._spent_since(key_id, start))
+
+        async def committed() -> int:
+            return to_micro(await self._spent_since(key_id, start, queued=False))
+
+        if lease is not None:
+            lease.seed = committed  # its own queued rows are put back with their leases
 
         taken, used = await self.budgets.reserve(key_id, bucket, worst, limit, seed, lease)
         if taken:

@@ -9,7 +9,9 @@ never passes the limit: each was let in only if its worst case fitted
 beside every earlier one counted at its own worst case. (Only a call whose
 upstream bill passed its worst case could break that, and the worst case
 is built so that it cannot.) The running total starts from the ledger
-(`seed`) the first time a key's period is seen.
+(`seed`) the first time a key's period is seen. With Redis, a missing total
+is not trusted as "nothing spent": if Redis lost its data, every replica
+first adds back its calls in flight (`limits/epoch.py`).
 
 `RedisBudgets` keeps totals in Redis for all replicas; when Redis cannot be
 reached it fails closed (503), because money is not guessed.
@@ -126,16 +128,21 @@ _UNAVAILABLE = "Budgets cannot be checked right now (the shared store is away). 
 
 
 class RedisBudgets:
-    def __init__(self, redis: Redis, *, prefix: str, leases: RedisLeases | None = None) -> None:
+    def __init__(
+        self, redis: Redis, *, prefix: str, leases: RedisLeases | None = None, replicas: int = 1
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._reserve = redis.register_script(_RESERVE)
         self.leases = leases
+        self._replicas = replicas
 
     def _key(self, key_id: str, bucket: str) -> str:
         return f"{self._prefix}budget:{key_id}:{bucket}"
 
     async def _seed(self, key: str, seed: Seed) -> None:
+        if self.leases is not None:  # Redis may have lost its data: not "nothing spent"
+            await self.leases.before_seed(self._replicas)
         value = await seed()
         await self._redis.set(key, value, nx=True, ex=60 * 60 * 24 * 40)
 
@@ -163,7 +170,7 @@ class RedisBudgets:
         keys: list[str] = [key]
         args: list[str | float | int] = [amount, limit]
         if lease is not None and self.leases is not None:
-            lease.bucket, lease.reserved, lease.budget_key, lease.seed = bucket, amount, key, seed
+            lease.bucket, lease.reserved, lease.budget_key = bucket, amount, key
             keys += [self.leases.key(lease.call_id), self.leases.index]
             args += lease.args(self.leases.seconds)
         try:

@@ -59,6 +59,16 @@ class Holds:
     def drop(self, zset: str, member: str) -> None:
         self._held.pop((zset, member), None)
 
+    async def restore(self) -> None:
+        """Put every hold back (Redis lost its data)."""
+        if not self._held:
+            return
+        until = self.until()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for zset, member in list(self._held):
+                pipe.zadd(zset, {member: until})
+            await pipe.execute()
+
     async def _renew(self) -> None:
         while self._held:
             await asyncio.sleep(self.renew_every)

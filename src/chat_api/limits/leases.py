@@ -39,12 +39,14 @@ from typing import Any
 from redis.asyncio import Redis
 
 from chat_api.calls import CallContext, Prepared
+from chat_api.limits.epoch import Epoch, Seen
 from chat_api.limits.in_flight import Holds
 from chat_api.store.ledger import decode_row, encode_row
 
 log = logging.getLogger("chat_api.limits")
 
 LEASE_TTL = 7 * 86_400  # the hash outlives every replica stopping for a while
+BUDGET_TTL = 60 * 60 * 24 * 40
 REAPED_OUTCOME = "replica_lost"
 
 WriteRows = Callable[[list[dict[str, Any]]], Awaitable[None]]
@@ -183,6 +185,7 @@ class RedisLeases:
         holds: Holds,
         write_rows: WriteRows,
         reap_every: float,
+        epoch: Epoch,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
@@ -195,6 +198,9 @@ class RedisLeases:
         self._written = redis.register_script(_WRITTEN)
         self._claim = redis.register_script(_CLAIM)
         self.held: dict[str, Lease] = {}
+        self.epoch = epoch
+        self._seen = Seen(epoch)
+        holds.checks.append(self.check)
         self._reaper: asyncio.Task[None] | None = None
         self.reaped = 0
 
@@ -220,14 +226,64 @@ class RedisLeases:
 
     async def settle(self, lease: Lease, delta: int, row: dict[str, Any]) -> None:
         """Apply the budget correction and keep the exact row, in one step."""
-        lease.delta, lease.row = delta, encode_row(row)
-        done = await self._settle(
-            keys=[self.key(lease.call_id), self.index, lease.budget_key or self.index],
-            args=[delta, lease.row, lease.call_id],
+        lease.delta, lease.row, lease.settled = delta, encode_row(row), True
+        done = int(
+            await self._settle(
+                keys=[self.key(lease.call_id), self.index, lease.budget_key or self.index],
+                args=[delta, lease.row, lease.call_id],
+            )
         )
-        lease.settled = True
-        if int(done) in (2, -1):  # written already, or nothing left to keep
+        if done == -1 and await self._seen.changed():
+            await self.recover()  # Redis lost it: put it back, settled
+        elif done in (2, -1):  # written already, or reaped after this replica stalled
             self._gone(lease.call_id)
+
+    # --- after Redis lost its data ------------------------------------------------
+
+    async def check(self) -> None:
+        """Put this replica's calls back if Redis lost its data since the last look."""
+        if await self._seen.changed():
+            await self.recover()
+
+    async def before_seed(self, replicas: int) -> None:
+        """A budget counter is missing: make sure it is rebuilt with every call in flight."""
+        await self.check()
+        if replicas > 1 and self._seen.value is not None:
+            await self.epoch.settle_in(self._seen.value)
+
+    async def recover(self) -> None:
+        """Write back this replica's leases and add their reservations to rebuilt budgets."""
+        log.warning(
+            "Redis lost its data: putting back this replica's calls in flight",
+            extra={"calls": len(self.held)},
+        )
+        await self._holds.restore()
+        rebuilt: dict[str, bool] = {}  # budget counter -> rebuilt here, from committed rows
+        for lease in list(self.held.values()):
+            if lease.budget_key and lease.budget_key not in rebuilt and lease.seed is not None:
+                value = await lease.seed()
+                rebuilt[lease.budget_key] = bool(
+                    await self._redis.set(lease.budget_key, value, nx=True, ex=BUDGET_TTL)
+                )
+            if lease.settled and lease.written:
+                self._gone(lease.call_id)  # its row is in the ledger
+                if lease.budget_key and not rebuilt.get(lease.budget_key):
+                    # Rebuilt elsewhere, maybe before the row landed: count it (errs high).
+                    await self._redis.incrby(lease.budget_key, lease.reserved + (lease.delta or 0))
+                continue
+            await self._open(
+                keys=[self.key(lease.call_id), self.index], args=lease.args(self.seconds)
+            )
+            state = ["settled", "1", "row", lease.row or ""] if lease.settled else []
+            if lease.written:
+                state += ["written", "1"]
+            if state:
+                await self._redis.hset(self.key(lease.call_id), items=state)
+            if lease.budget_key:
+                # Settled rows not committed yet count at their cost; open calls at their
+                # reservation (and a committed row of an open call is in the rebuilt total).
+                counted = lease.reserved + ((lease.delta or 0) if lease.settled else 0)
+                await self._redis.incrby(lease.budget_key, counted)
 
     def abandon(self, lease: Lease) -> None:
         """Stop renewing a lease that could not be settled: the reaper settles it."""
@@ -260,6 +316,8 @@ class RedisLeases:
                 await self._reaper
 
     async def _reap_loop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._seen.changed()  # the epoch this replica starts in
         while True:
             await asyncio.sleep(self._reap_every)
             try:
