@@ -130,12 +130,14 @@ class RedisCounter:
                 return Hit(bool(allowed), used, window, reset)
             except (RedisError, OSError) as exc:
                 self._went_down(exc)
+        # This replica's share, counting what it already counted in this window.
         share = max(1, math.ceil(limit / self._replicas))
-        hit = self._local.hit_now(name, amount, share, whole=whole)
-        if hit.allowed:
-            self._count(slot, amount)
-            self._owed[slot] = self._owed.get(slot, 0) + amount
-        return hit
+        used = self._mine.get(slot, 0)
+        if (used + amount > share) if whole else (used >= share):
+            return Hit(False, used, window, reset)
+        self._count(slot, amount)
+        self._owed[slot] = self._owed.get(slot, 0) + amount
+        return Hit(True, used + amount, window, reset)
 
     def _count(self, slot: tuple[str, int], amount: int) -> None:
         if slot not in self._mine:  # a new window: forget the old ones
