@@ -11,7 +11,8 @@
     ├── NotFound                    404 not_found
     ├── RateLimited                 429 rate_limit_exceeded (+ Retry-After)
     ├── ServiceUnavailable          503 service_unavailable (+ Retry-After when known)
-    │   └── NotConfigured           503 no OpenAI key and no demo mode
+    │   ├── NotConfigured           503 no OpenAI key and no demo mode
+    │   └── ServerStopping          503 server_stopping: shut down before the answer was ready
     ├── UpstreamError               502 upstream_error
     └── UpstreamTimeout             504 upstream_timeout
 
@@ -183,6 +184,19 @@ class NotConfigured(ServiceUnavailable):
         )
 
 
+SHUTDOWN_MESSAGE = "The server is restarting and had to stop this answer. Please send it again."
+
+
+class ServerStopping(ServiceUnavailable):
+    """The server stopped (its shutdown grace ran out) before the answer was ready."""
+
+    default_code = "server_stopping"
+
+    def __init__(self) -> None:
+        # Another replica (or this one, restarted) takes the request at once.
+        super().__init__(SHUTDOWN_MESSAGE, headers={"Retry-After": "1"})
+
+
 class UpstreamError(ChatAPIError):
     status = 502
     type = "upstream_error"
@@ -260,10 +274,19 @@ def _upstream_message(body: Any, fallback: str) -> str:
     return redact(message) if message else fallback
 
 
+# The message our disconnect watchers cancel a call with (responses.py). Any other
+# cancellation of a call is the server stopping it: its shutdown grace ran out.
+CLIENT_LEFT = "the client disconnected"
+
+
 def outcome_of(exc: BaseException) -> str:
     """The ledger's word for how a call that raised `exc` ended."""
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+    if isinstance(exc, asyncio.CancelledError):
+        return "client_closed" if exc.args[:1] == (CLIENT_LEFT,) else "server_stopped"
+    if isinstance(exc, GeneratorExit):  # a stream closed while it waited for its client
         return "client_closed"
+    if isinstance(exc, ServerStopping):
+        return "server_stopped"
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
     if isinstance(exc, ChatAPIError):

@@ -5,8 +5,10 @@ when it is sane, else a new one) and returns it; caps the body size (413),
 whether or not a Content-Length was sent, and gives up on a body that has
 not arrived within `body_timeout` seconds (408); adds security headers; when
 the answer is complete, hands the status and duration to `observe` (the
-metrics and the log line). In front of it, `CrossOrigin` answers CORS for
-requests from browsers.
+metrics and the log line). A request the server stops before its answer
+started (its shutdown grace ran out) gets a 503 that asks to send it again,
+not uvicorn's plain-text 500 and a traceback. In front of it, `CrossOrigin`
+answers CORS for requests from browsers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chat_api.errors import PayloadTooLarge, RequestTimeout
+from chat_api.errors import ChatAPIError, PayloadTooLarge, RequestTimeout, ServerStopping
 from chat_api.redact import redact
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -101,9 +103,16 @@ class GatewayMiddleware:
         )
         try:
             if declared > self.max_body:
-                await _reject_too_large(scope, exchange.send, self.max_body)
+                await _reject(scope, exchange.send, PayloadTooLarge(self.max_body))
             else:
                 await self.app(scope, exchange.receive, exchange.send)
+        except asyncio.CancelledError:
+            # Disconnect watchers end their own requests (responses.py): this is
+            # the server stopping. Nothing sent yet: say so, and end as answered.
+            task = asyncio.current_task()
+            if exchange.started or task is None or task.uncancel() > 0:
+                raise
+            await _reject(scope, exchange.send, ServerStopping())
         finally:
             self.observe(scope, exchange.status, time.perf_counter() - started)
 
@@ -124,6 +133,7 @@ class _Exchange:
         "_timeout",
         "body_done",
         "received",
+        "started",
         "status",
     )
 
@@ -140,12 +150,14 @@ class _Exchange:
         self._max_body, self._timeout = max_body, body_timeout
         self._deadline = asyncio.get_running_loop().time() + body_timeout
         self.status = 500  # until an answer starts
+        self.started = False
         self.received = 0
         self.body_done = False
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            self.started = True
             message["headers"] = [*message.get("headers", ()), *self._headers]
         await self._send(message)
 
@@ -166,18 +178,21 @@ class _Exchange:
         return message
 
 
-async def _reject_too_large(scope: Scope, send: Send, limit: int) -> None:
-    error = PayloadTooLarge(limit)
-    body = error.body(is_openai_dialect(scope["path"]))
+async def _reject(scope: Scope, send: Send, error: ChatAPIError) -> None:
+    """Answer `error` and close the connection, in the request's dialect."""
+    openai_dialect = is_openai_dialect(scope["path"])
+    body = error.body(openai_dialect)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
     await send(
         {
             "type": "http.response.start",
-            "status": error.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
+            "status": error.status_for(openai_dialect),
+            "headers": headers,
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -14,13 +14,14 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chat_api.engine import Chunk
-from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServiceUnavailable
+from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServerStopping
 from chat_api.meter import Caller
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import CallerDep, context, engine_of, read_json
 from chat_api.sse import DONE, frame
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
+_ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=True))  # a stream's last event
 
 _ERROR_SCHEMA = {
     "type": "object",
@@ -167,7 +168,7 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
             _openai_events(chunks),
             keepalive=request.app.state.settings.keepalive_interval,
             headers=ctx.headers,
-            on_shutdown=frame(ServiceUnavailable(SHUTDOWN_MESSAGE).body(openai_dialect=True)),
+            on_shutdown=_ON_SHUTDOWN,
         )
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     headers = dict(ctx.headers)

@@ -15,9 +15,9 @@ from starlette.responses import Response
 
 from chat_api import __version__
 from chat_api.engine import Chunk
-from chat_api.errors import ChatAPIError
+from chat_api.errors import ChatAPIError, ServerStopping
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import CallerDep, context, engine_of, read_json
 from chat_api.routes.schemas import (
     ChatRequest,
     ChatResponse,
@@ -32,6 +32,7 @@ from chat_api.tokens import tokens_for_chars
 router = APIRouter(tags=["simple API"])
 
 SERVICE_NAME = "OpenAI Chat API"
+_ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=False))  # a stream's last event
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": SimpleError, "description": text}
@@ -186,7 +187,7 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
         _simple_events(chunks, prepared.model.name, prepared.prompt_estimate),
         keepalive=request.app.state.settings.keepalive_interval,
         headers=ctx.headers,
-        on_shutdown=frame(orjson.dumps({"error": SHUTDOWN_MESSAGE})),
+        on_shutdown=_ON_SHUTDOWN,
     )
 
 

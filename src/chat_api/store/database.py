@@ -2,12 +2,20 @@
 
 SQLite (the default, a file in the working directory) gets WAL mode and a
 long busy timeout, so a reader or a briefly locked file never fails a
-request: ledger writes wait and retry. PostgreSQL is used through asyncpg.
+request: ledger writes wait and retry. PostgreSQL is used through asyncpg,
+with a pool of `CHAT_API_DATABASE_POOL_SIZE` connections (plus
+`CHAT_API_DATABASE_MAX_OVERFLOW` more at busy moments) per process.
+
+Reads a client waits for go through `answering`, which gives up after
+`CHAT_API_DATABASE_TIMEOUT` seconds with a 503 and `Retry-After`: a hung
+database never holds requests for the length of its stall.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
@@ -16,14 +24,18 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from chat_api.errors import ServiceUnavailable
+
 SQLITE_BUSY_MS = 30_000
 _PG_MIGRATION_LOCK = 4_242_001
+RETRY_AFTER = "5"
 
 
-def open_engine(url: str) -> AsyncEngine:
+def open_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
     """An async engine for `url` (sqlite+aiosqlite:// or postgresql+asyncpg://)."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
@@ -38,7 +50,30 @@ def open_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+    )
+
+
+@asynccontextmanager
+async def answering(seconds: float | None, failure: str) -> AsyncIterator[None]:
+    """Database work a client waits for: a 503 saying `failure` if it fails or takes too long.
+
+    `seconds` None: no time limit (the command line, which has nobody else to serve).
+    A stalled query is cancelled at the deadline; its connection is thrown away, not reused.
+    """
+    try:
+        if seconds is None:
+            yield
+        else:
+            async with asyncio.timeout(seconds):
+                yield
+    except (SQLAlchemyError, OSError):  # TimeoutError is an OSError
+        raise ServiceUnavailable(
+            f"{failure} right now (the database is not answering). Try again shortly.",
+            code="database_unavailable",
+            headers={"Retry-After": RETRY_AFTER},
+        ) from None
 
 
 def normalize_url(url: str) -> str:
