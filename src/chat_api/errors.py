@@ -12,6 +12,7 @@
     ├── RateLimited                 429 rate_limit_exceeded (+ Retry-After)
     ├── ServiceUnavailable          503 service_unavailable (+ Retry-After when known)
     │   ├── NotConfigured           503 no OpenAI key and no demo mode
+    │   ├── ChangeNotAnnounced      503 a key changed, but Redis could not tell the replicas
     │   └── ServerStopping          503 server_stopping: shut down before the answer was ready
     ├── UpstreamError               502 upstream_error
     └── UpstreamTimeout             504 upstream_timeout
@@ -181,6 +182,17 @@ class NotConfigured(ServiceUnavailable):
         super().__init__(
             "No OpenAI key is set on the server. Set OPENAI_API_KEY_CYB_SEC "
             "(or OPENAI_API_KEY), or start with CHAT_API_DEMO=1 to try the demo model."
+        )
+
+
+class ChangeNotAnnounced(ServiceUnavailable):
+    default_code = "change_not_announced"
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(
+            f"Key {key_id} is revoked, but the other replicas could not be told at once "
+            "(Redis is away): they refuse it within a minute. Revoke it again to tell them now.",
+            headers={"Retry-After": "5"},
         )
 
 

@@ -3,6 +3,7 @@
 Rows are queued in memory by `add` (no I/O on the response path) and written
 in batches by a background task. A failed write keeps its rows and tries
 again; `close` writes whatever is left, so a normal stop loses nothing.
+Reads give up after `read_timeout` seconds with a 503 (none for the CLI).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from chat_api.meter import CallResult
+from chat_api.store.database import answering
 from chat_api.store.schema import usage
 
 log = logging.getLogger("chat_api.ledger")
@@ -46,8 +48,16 @@ def _row(result: CallResult) -> dict[str, Any]:
 
 
 class Ledger:
-    def __init__(self, engine: AsyncEngine, *, flush_interval: float, batch_size: int) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        flush_interval: float,
+        batch_size: int,
+        read_timeout: float | None = None,
+    ) -> None:
         self._engine = engine
+        self._read_timeout = read_timeout
         self._interval = flush_interval
         self._batch = batch_size
         self._pending: list[dict[str, Any]] = []
@@ -103,6 +113,11 @@ class Ledger:
             self._writing.add(write)
             write.add_done_callback(self._writing.discard)
             await asyncio.shield(write)
+
+    async def catch_up(self) -> None:
+        """Write the queued rows before a read a client waits for, within the read timeout."""
+        async with answering(self._read_timeout, "Usage cannot be read"):
+            await self.flush()
 
     async def _write_batch(self) -> None:
         async with self._lock:
@@ -163,7 +178,10 @@ class Ledger:
             func.coalesce(func.sum(usage.c.cost_usd), 0).label("cost_usd"),
         )
         day = func.date(usage.c.at).label("day")
-        async with self._engine.connect() as connection:
+        async with (
+            answering(self._read_timeout, "Usage cannot be read"),
+            self._engine.connect() as connection,
+        ):
             totals = (await connection.execute(select(*measures).where(*conditions))).mappings()
             total_row = _numbers(totals.one())
             by_model = await connection.execute(
@@ -189,7 +207,10 @@ class Ledger:
         query = select(func.coalesce(func.sum(usage.c.cost_usd), 0)).where(usage.c.key_id == key_id)
         if since is not None:
             query = query.where(usage.c.at >= since)
-        async with self._engine.connect() as connection:
+        async with (
+            answering(self._read_timeout, "Budgets cannot be checked"),
+            self._engine.connect() as connection,
+        ):
             value = (await connection.execute(query)).scalar_one()
         queued = sum(
             (
