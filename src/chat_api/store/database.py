@@ -14,11 +14,10 @@ database never holds requests for the length of its stall.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from importlib.resources import files
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -33,6 +32,7 @@ from chat_api.errors import ServiceUnavailable
 SQLITE_BUSY_MS = 30_000
 _PG_MIGRATION_LOCK = 4_242_001
 RETRY_AFTER = "5"
+T = TypeVar("T")
 
 
 def open_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
@@ -55,25 +55,35 @@ def open_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> Asy
     )
 
 
-@asynccontextmanager
-async def answering(seconds: float | None, failure: str) -> AsyncIterator[None]:
-    """Database work a client waits for: a 503 saying `failure` if it fails or takes too long.
+async def answering(seconds: float | None, failure: str, work: Awaitable[T]) -> T:
+    """`work` on the database, for a client who waits: a 503 saying `failure` if it fails or
+    takes longer than `seconds` (None: no limit, for the command line).
 
-    `seconds` None: no time limit (the command line, which has nobody else to serve).
-    A stalled query is cancelled at the deadline; its connection is thrown away, not reused.
+    The work runs in a task of its own, so giving up waits for nothing: a
+    stalled query's cleanup (closing its connection over a silent network)
+    goes on in the background instead of holding the client.
     """
+    task = asyncio.ensure_future(work)
     try:
-        if seconds is None:
-            yield
-        else:
-            async with asyncio.timeout(seconds):
-                yield
+        return await asyncio.wait_for(asyncio.shield(task), seconds)
     except (SQLAlchemyError, OSError):  # TimeoutError is an OSError
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_forget)
         raise ServiceUnavailable(
             f"{failure} right now (the database is not answering). Try again shortly.",
             code="database_unavailable",
             headers={"Retry-After": RETRY_AFTER},
         ) from None
+    except asyncio.CancelledError:  # the client left: so does the work
+        task.cancel()
+        task.add_done_callback(_forget)
+        raise
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: abandoned work fails quietly
 
 
 def normalize_url(url: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -23,6 +24,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.expression import Executable
 
 from chat_api.errors import ChangeNotAnnounced
 from chat_api.meter import Caller
@@ -196,11 +198,7 @@ class KeyStore:
             "revoked_at": None,
             "created_at": now,
         }
-        async with (
-            answering(self._timeout, "Keys cannot be created"),
-            self._engine.begin() as connection,
-        ):
-            await connection.execute(client_keys.insert().values(**values))
+        await self._write(client_keys.insert().values(**values), "Keys cannot be created")
         record = await self.get(str(values["id"]))
         assert record is not None
         return record, secret
@@ -210,33 +208,21 @@ class KeyStore:
         if not secret.startswith(KEY_PREFIX):
             return None
         digest = hash_key(secret)
-        async with (
-            answering(self._timeout, "Keys cannot be checked"),
-            self._engine.connect() as connection,
-        ):
-            query = select(client_keys).where(client_keys.c.key_hash == digest)
-            row = (await connection.execute(query)).mappings().first()
-        if row is None or not hmac.compare_digest(row["key_hash"], digest):
+        query = select(client_keys).where(client_keys.c.key_hash == digest)
+        rows = await self._read(query, "Keys cannot be checked")
+        if not rows or not hmac.compare_digest(rows[0]["key_hash"], digest):
             return None
-        return KeyRecord.from_row(row)
+        return KeyRecord.from_row(rows[0])
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        async with (
-            answering(self._timeout, "Keys cannot be read"),
-            self._engine.connect() as connection,
-        ):
-            query = select(client_keys).where(client_keys.c.id == key_id)
-            row = (await connection.execute(query)).mappings().first()
-        return KeyRecord.from_row(row) if row else None
+        rows = await self._read(
+            select(client_keys).where(client_keys.c.id == key_id), "Keys cannot be read"
+        )
+        return KeyRecord.from_row(rows[0]) if rows else None
 
     async def all(self) -> list[KeyRecord]:
-        async with (
-            answering(self._timeout, "Keys cannot be read"),
-            self._engine.connect() as connection,
-        ):
-            query = select(client_keys).order_by(client_keys.c.created_at)
-            rows = (await connection.execute(query)).mappings().all()
-        return [KeyRecord.from_row(row) for row in rows]
+        query = select(client_keys).order_by(client_keys.c.created_at)
+        return [KeyRecord.from_row(row) for row in await self._read(query, "Keys cannot be read")]
 
     async def revoke(self, key_id: str) -> KeyRecord | None:
         """Revoke a key and tell every process (again, if it was revoked already).
@@ -245,15 +231,12 @@ class KeyStore:
         could not carry the news: other replicas then refuse the key within
         a minute instead of at once, and revoking again tells them.
         """
-        async with (
-            answering(self._timeout, "Keys cannot be changed"),
-            self._engine.begin() as connection,
-        ):
-            await connection.execute(
-                update(client_keys)
-                .where(client_keys.c.id == key_id, client_keys.c.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-            )
+        await self._write(
+            update(client_keys)
+            .where(client_keys.c.id == key_id, client_keys.c.revoked_at.is_(None))
+            .values(revoked_at=utcnow()),
+            "Keys cannot be changed",
+        )
         record = await self.get(key_id)
         if record is not None and self._version is not None:
             try:
@@ -261,3 +244,17 @@ class KeyStore:
             except (RedisError, OSError):
                 raise ChangeNotAnnounced(record.id) from None
         return record
+
+    async def _read(self, query: Executable, failure: str) -> Sequence[RowMapping]:
+        async def run() -> Sequence[RowMapping]:
+            async with self._engine.connect() as connection:
+                return (await connection.execute(query)).mappings().all()
+
+        return await answering(self._timeout, failure, run())
+
+    async def _write(self, statement: Executable, failure: str) -> None:
+        async def run() -> None:
+            async with self._engine.begin() as connection:
+                await connection.execute(statement)
+
+        await answering(self._timeout, failure, run())
