@@ -15,10 +15,10 @@ import time
 
 from fastapi import Request
 
+from chat_api.calls import Caller
 from chat_api.config import Settings
 from chat_api.errors import RateLimited, Unauthorized
 from chat_api.limits.counters import Counter
-from chat_api.meter import Caller
 from chat_api.store.database import utcnow
 from chat_api.store.keycache import KeyCache
 from chat_api.store.keys import KEY_PREFIX, hash_key
