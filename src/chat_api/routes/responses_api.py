@@ -77,6 +77,18 @@ def _conversation_id(body: dict[str, Any]) -> str | None:
 
 
 async def _check_references(request: Request, caller: Caller | None, body: dict[str, Any]) -> None:
+    """Stored objects a request would read: each must be the caller's own."""
+    given = body.get("input")
+    if caller is not None and caller.key_id is not None and isinstance(given, list):
+        for item in given:
+            if isinstance(item, dict) and item.get("type") == "item_reference":
+                # An item id can point into any key's stored responses: the gateway does
+                # not track items one by one, so a client key sends the item itself.
+                raise BadRequest(
+                    "An 'item_reference' cannot be used with a client key: send the item itself.",
+                    param="input",
+                    code="invalid_value",
+                )
     previous = body.get("previous_response_id")
     if isinstance(previous, str):
         await _check_owner(request, caller, previous, "response")
