@@ -107,7 +107,9 @@ def test_three_replicas_through_a_burst_a_redis_restart_and_a_hung_database(
     # A burst with a key no replica has seen yet, against max_connections=60 (each replica's
     # pool may open 30): key checks share one query per replica, and no request gets 503.
     count = size(1000, 300)
-    key, _ = make_key(one.url, rpm=1_000_000, tpm=1_000_000_000, budget_usd="1000")
+    key, _ = make_key(
+        one.url, rpm=1_000_000, tpm=1_000_000_000, budget_usd="1000", max_in_flight=count
+    )
     answers = asyncio.run(_burst(urls, key, count))
     statuses = [status for status, _ in answers]
     refusals = {text for status, text in answers if status != 200}
