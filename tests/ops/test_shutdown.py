@@ -17,6 +17,7 @@ from gunicorn.util import import_app
 
 from chat_api.app import create_app
 from chat_api.config import Settings
+from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.ops.conftest import GatewayProcess, Spawn
 from tests.servers import ServerThread
@@ -183,16 +184,10 @@ def test_gunicorn_workers_load_the_app_that_quiets_the_collector(
 
 
 def test_a_whole_answer_the_server_stopped_is_billed_at_its_prompt_estimate(
-    fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, tmp_path: Path
 ) -> None:
-    settings = Settings(
-        openai_api_key=fake.api_key,
-        openai_base_url=upstream_url,
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
-        upstream_retries=0,
-    )
     fake.queue(Plan(delay_before_headers=30))
-    server = ServerThread(create_app(settings)).start()  # a grace of 1 s
+    server = gateway_factory()  # in a thread, with a grace of 1 s
     answers: dict[str, httpx.Response] = {}
     asker = threading.Thread(target=lambda: answers.update(
         chat=httpx.post(server.url + "/chat", json={"message": "hi"}, timeout=30)
@@ -204,7 +199,7 @@ def test_a_whole_answer_the_server_stopped_is_billed_at_its_prompt_estimate(
     server.stop()
     asker.join(5)
     assert answers["chat"].status_code == 503
-    with sqlite3.connect(tmp_path / "ledger.db") as db:
+    with sqlite3.connect(tmp_path / "gateway.db") as db:
         row = db.execute("SELECT outcome, prompt_tokens, estimated FROM usage").fetchone()
     assert row[0] == "server_stopped"
     assert row[1] > 0 and row[2] == 1  # the upstream bills the prompt it read: err our way
