@@ -37,7 +37,7 @@ from chat_api.fastlane import FastLane, Handler
 from chat_api.metrics import Metrics
 from chat_api.middleware import CrossOrigin, GatewayMiddleware, is_openai_dialect
 from chat_api.observe import RequestObserver
-from chat_api.routes import admin, openai_compat, ops, simple, usage
+from chat_api.routes import admin, openai_compat, ops, page, simple, usage
 from chat_api.routes.schemas import ChatRequest
 from chat_api.services import open_services
 
@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     app.include_router(usage.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
     _add_page(app)
     _document(app)
     return app
