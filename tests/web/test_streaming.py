@@ -1,13 +1,15 @@
 """A long answer streams without slowing the page: each frame parses only the unfinished end.
 
 Drawing the whole answer again for every new piece grows with its length: streaming
-80,000 characters that way gave 26 main-thread tasks over 50 ms, up to 335 ms. The
-page records every draw as a User Timing measure (characters parsed, answer length),
-and Chromium reports every main-thread task over 50 ms ("longtask").
+this 80,000-character answer that way took 16 to 19 main-thread tasks over 50 ms,
+the longest 550 to 750 ms. The page records every draw as a User Timing measure
+(characters parsed, answer length); Chromium reports every task over 50 ms to a
+PerformanceObserver ("longtask").
 
-Long tasks are wall-clock time: on a shared machine other processes can stretch any
-task past 50 ms. So a stream with long tasks is tried again (up to ATTEMPTS times in
-all); a page whose frames grow with the answer has them in every attempt.
+A long task is wall-clock time, and on a shared machine other processes stretch any
+task past 50 ms. So the pass/fail line is the main thread's CPU time per task, read
+from a Chromium trace of the same stream: no task may use more than 50 ms of it. The
+long tasks the page saw are printed next to it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.browser
 
 SIZE = 80_000
 DRAW = "chat-api: draw answer"  # the measure chat.js records
-ATTEMPTS = 3
+LONG_TASK_MS = 50
 
 
 def long_answer(size: int = SIZE) -> str:
@@ -82,12 +84,9 @@ def openai_stream(text: str, piece: int = 200) -> list[bytes]:
 WATCH_LONG_TASKS = """() => {
   window.longTasks = [];
   new PerformanceObserver((list) => {
-    for (const task of list.getEntries()) window.longTasks.push(task);
+    for (const task of list.getEntries()) window.longTasks.push(task.duration);
   }).observe({ type: "longtask" });
 }"""
-
-LONG_TASKS_SINCE = """(since) =>
-  window.longTasks.filter((t) => t.startTime >= since).map((t) => t.duration)"""
 
 DRAWS = f"""() => performance.getEntriesByName({DRAW!r}).map((m) => ({{
   ms: m.duration, parsed: m.detail.parsed, length: m.detail.length }}))"""
@@ -107,47 +106,59 @@ UNSECTIONED = """(content) => {
 }"""
 
 
-def stream(page: Any, fake: FakeOpenAI, text: str) -> tuple[list[float], list[dict[str, float]]]:
-    """Stream `text` as the answer in a new chat: (long tasks in ms, the draws)."""
-    fake.queue(Plan(raw_chunks=openai_stream(text), chunk_interval=0.008))
-    page.get_by_role("button", name="New chat").click()
-    since = page.evaluate("performance.now()")
-    send(page, "Explain everything, at length")
-    page.locator(".message.assistant .meta").wait_for(timeout=60_000)
-    return page.evaluate(LONG_TASKS_SINCE, since), page.evaluate(DRAWS)
+def main_thread_cpu_ms(trace: bytes) -> list[float]:
+    """CPU time of every task the page's main thread ran while Chromium traced it."""
+    data = json.loads(trace)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    main = {
+        (e["pid"], e["tid"])
+        for e in events
+        if e.get("name") == "thread_name" and e["args"]["name"] == "CrRendererMain"
+    }
+    return [
+        e["tdur"] / 1000
+        for e in events
+        if e.get("name") == "ThreadControllerImpl::RunTask"
+        and (e["pid"], e["tid"]) in main
+        and "tdur" in e
+    ]
 
 
 def test_an_80000_character_answer_streams_in_frames_that_do_not_grow(
-    pages: Browser, gateway_factory: GatewayFactory, fake: FakeOpenAI
+    browser: Any, pages: Browser, gateway_factory: GatewayFactory, fake: FakeOpenAI
 ) -> None:
     text = long_answer()
     page = pages.open(gateway_factory().url)
     page.evaluate(WATCH_LONG_TASKS)
-    page.wait_for_timeout(1000)  # a reader's moment before the first question: the page warms up
-    for attempt in range(1, ATTEMPTS + 1):
-        long_tasks, draws = stream(page, fake, text)
+    page.wait_for_timeout(500)  # a reader's moment before the first question: the page warms up
+    fake.queue(Plan(raw_chunks=openai_stream(text), chunk_interval=0.006))
+    browser.start_tracing(page=page, categories=["toplevel"])
+    send(page, "Explain everything, at length")
+    answer = last_answer(page)
+    answer.locator(".meta").wait_for(timeout=60_000)
+    cpu = main_thread_cpu_ms(browser.stop_tracing())
+    long_tasks = [round(ms) for ms in page.evaluate("window.longTasks")]
+    draws: list[dict[str, float]] = page.evaluate(DRAWS)
 
-        # Many frames, each parsing what arrived since the last one and the unfinished
-        # block before it: never the answer so far.
-        assert len(draws) > 20, draws
-        assert draws[-1]["length"] == len(text)
-        carried = [d["parsed"] - (d["length"] - b["length"]) for b, d in itertools.pairwise(draws)]
-        assert max(carried) < 1_000, f"a frame parsed again {max(carried)} characters it had seen"
-        early = [d["ms"] for d in draws if d["length"] < SIZE / 4]
-        late = [d["ms"] for d in draws if d["length"] > SIZE * 3 / 4]
-        print(
-            f"\nattempt {attempt}: {len(text):,} characters in {len(draws)} frames; parsed per "
-            f"frame at most {max(d['parsed'] for d in draws):,}; draw median "
-            f"{statistics.median(early):.1f} ms in the first quarter, "
-            f"{statistics.median(late):.1f} ms in the last, slowest "
-            f"{max(d['ms'] for d in draws):.1f} ms; long tasks: {[round(t) for t in long_tasks]}"
-        )
-        if not long_tasks:
-            break
-    assert long_tasks == [], f"main-thread tasks over 50 ms in every attempt, last: {long_tasks}"
+    # Many frames, each parsing what arrived since the last one and the unfinished block
+    # before it: never the answer so far.
+    assert len(draws) > 20, draws
+    assert draws[-1]["length"] == len(text)
+    carried = [d["parsed"] - (d["length"] - b["length"]) for b, d in itertools.pairwise(draws)]
+    assert max(carried) < 1_000, f"a frame parsed again {max(carried)} characters it had seen"
+    early = [d["ms"] for d in draws if d["length"] < SIZE / 4]
+    late = [d["ms"] for d in draws if d["length"] > SIZE * 3 / 4]
+    print(
+        f"\n{len(text):,} characters in {len(draws)} frames; parsed per frame at most "
+        f"{max(d['parsed'] for d in draws):,} ({max(carried):,} seen before); draw median "
+        f"{statistics.median(early):.1f} ms in the first quarter, "
+        f"{statistics.median(late):.1f} ms in the last; busiest main-thread task "
+        f"{max(cpu):.0f} ms of CPU; long tasks the page saw (wall clock): {long_tasks}"
+    )
+    slow = [round(ms) for ms in cpu if ms > LONG_TASK_MS]
+    assert not slow, f"main-thread tasks over {LONG_TASK_MS} ms of CPU while streaming: {slow}"
 
     # What was drawn piece by piece is exactly the whole text drawn at once.
-    answer = last_answer(page)
     assert answer.locator(".content").evaluate(UNSECTIONED) == page.evaluate(AT_ONCE, text)
     assert answer.locator(".code-block").count() == text.count("```python")
     assert "20,009 tokens" in answer.locator(".meta").inner_text()

@@ -57,7 +57,8 @@ const chat = new Chat({
       ui.app.classList.toggle("busy", chat.busy);
       sidebar.render();
       if (conversation === store.current) showHeader(conversation);
-      if (!chat.busy) refreshSpend();
+      if (chat.busy) follow.toEnd(); // the new answer is at the end
+      else refreshSpend();
     },
   },
 });

@@ -1,7 +1,9 @@
 // Sending a message and streaming its answer; Regenerate and "edit and send again".
 //
 // One answer is written at a time. Its text is drawn at most once per frame, and only
-// its unfinished end is parsed again (live-markdown.js); every draw is recorded as a
+// its unfinished end is parsed again (live-markdown.js); a frame draws at most
+// CHARS_PER_FRAME new characters, so a burst (or a tab coming back from the background)
+// is caught up over a few frames instead of one long one. Every draw is recorded as a
 // User Timing measure, DRAW, which the browser tests read.
 
 import * as api from "./api.js";
@@ -9,6 +11,7 @@ import { announce } from "./dom.js";
 import { history, newId, titleFrom } from "./store.js";
 
 export const DRAW = "chat-api: draw answer";
+const CHARS_PER_FRAME = 3000;
 const CHARS_PER_TOKEN = 4; // a fair rough guess for English text
 const SAVE_EVERY_MS = 1000;
 
@@ -84,11 +87,23 @@ export class Chat {
 
     performance.clearMeasures(DRAW);
     let frame = 0;
+    let shown = 0; // characters of the answer drawn so far
+    let caughtUp = null; // once the stream ended: called when everything is drawn
     const draw = () => {
       frame = 0;
-      const start = performance.now();
-      const parsed = this.thread.write(answer);
-      if (parsed) performance.measure(DRAW, { start, detail: { parsed, length: answer.content.length } });
+      const length = answer.content.length;
+      let end = Math.min(length, shown + CHARS_PER_FRAME);
+      if (end < length && isHighSurrogate(answer.content.charCodeAt(end - 1))) end -= 1;
+      if (this.thread.shows(answer)) {
+        const start = performance.now();
+        const parsed = this.thread.write(answer, end);
+        if (parsed) performance.measure(DRAW, { start, detail: { parsed, length: end } });
+      } else {
+        end = length; // another conversation is open; this one is drawn whole when opened
+      }
+      shown = end;
+      if (shown < length) frame = requestAnimationFrame(draw);
+      else caughtUp?.();
     };
     let savedAt = Date.now();
     try {
@@ -111,12 +126,17 @@ export class Chat {
     } catch (error) {
       this.#failed(answer, body, error);
     } finally {
-      if (frame) cancelAnimationFrame(frame);
-      draw(); // whatever arrived after the last frame
       delete answer.streaming;
-      this.active = null;
       conversation.updatedAt = Date.now();
       this.hooks.save();
+      if (shown < answer.content.length) {
+        await new Promise((resolve) => {
+          caughtUp = resolve;
+          if (!frame) frame = requestAnimationFrame(draw);
+        });
+      }
+      if (frame) cancelAnimationFrame(frame);
+      this.active = null;
       this.thread.settle(answer);
       this.hooks.changed(conversation);
     }
@@ -141,6 +161,10 @@ export class Chat {
     announce(text);
     if (kind === "auth") this.keys.rejected(() => this.regenerate());
   }
+}
+
+function isHighSurrogate(code) {
+  return code >= 0xd800 && code <= 0xdbff;
 }
 
 /** The server counts tokens only for answers it finished: guess the rest from their length. */

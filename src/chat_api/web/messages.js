@@ -12,7 +12,7 @@ export class Thread {
   constructor(root, actions) {
     this.root = root;
     this.actions = actions;
-    this.views = new Map(); // message id → {node, live, dots}
+    this.views = new Map(); // message id → {node, live, dots, settled}
     root.addEventListener("click", (event) => this.#copyCode(event));
   }
 
@@ -38,25 +38,31 @@ export class Thread {
     }
   }
 
-  /** Draw the latest text of an answer being written; returns how many characters were parsed. */
-  write(message) {
+  /** Whether `message` is on screen. */
+  shows(message) {
+    return this.views.has(message.id);
+  }
+
+  /** Draw the first `length` characters of an answer being written; returns how many were parsed. */
+  write(message, length = message.content.length) {
     const view = this.views.get(message.id);
-    if (!view || !message.content) return 0;
+    if (!view || !length) return 0;
     if (view.dots) {
       view.dots.remove();
       view.dots = null;
     }
-    return view.live.show(message.content);
+    return view.live.show(message.content.slice(0, length));
   }
 
   /** The answer ended (complete, stopped or failed; its text is written): say so under it. */
   settle(message) {
     const view = this.views.get(message.id);
-    if (!view) return;
+    if (!view || view.settled) return; // (drawn whole, when opened again after it ended)
     view.dots?.remove();
     view.dots = null;
     view.node.removeAttribute("aria-busy");
     view.node.append(...footer(message, this.actions));
+    view.settled = true;
   }
 
   #question(message) {
@@ -124,7 +130,7 @@ export class Thread {
     node.setAttribute("aria-label", "Assistant said");
     const body = el("div", "content markdown");
     node.append(body);
-    const view = { node, live: new LiveMarkdown(body), dots: null };
+    const view = { node, live: new LiveMarkdown(body), dots: null, settled: !message.streaming };
     this.views.set(message.id, view);
     if (message.streaming) {
       node.setAttribute("aria-busy", "true");
