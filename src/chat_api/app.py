@@ -37,7 +37,7 @@ from chat_api.fastlane import FastLane, Handler
 from chat_api.metrics import Metrics
 from chat_api.middleware import CrossOrigin, GatewayMiddleware, is_openai_dialect
 from chat_api.observe import RequestObserver
-from chat_api.routes import admin, openai_compat, ops, page, simple, usage
+from chat_api.routes import admin, openai_compat, ops, page, responses_api, simple, usage
 from chat_api.routes.schemas import ChatRequest
 from chat_api.services import open_services
 
@@ -141,6 +141,7 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     )
     app.include_router(simple.router)
     app.include_router(openai_compat.router)
+    app.include_router(responses_api.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
@@ -203,6 +204,13 @@ def _error_response(request: Request, error: ChatAPIError) -> Response:
 
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+V1_ENDPOINTS = (
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/conversations",
+    "/v1/embeddings",
+)
 
 
 def _routes_to(request: Request, method: str) -> bool:
@@ -225,8 +233,14 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> dict[type[Exception],
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
-            error: ChatAPIError = NotFound(f"There is nothing at {request.url.path}.")
+        if exc.status_code == 404 and is_openai_dialect(request.url.path):
+            error: ChatAPIError = NotFound(
+                f"Invalid URL ({request.method} {request.url.path}): this server offers "
+                f"{', '.join(V1_ENDPOINTS)}.",
+                code="unknown_url",
+            )
+        elif exc.status_code == 404:
+            error = NotFound(f"There is nothing at {request.url.path}.")
         elif exc.status_code == 405:
             # RFC 9110: a 405 lists every method the path takes; ask the router for each.
             allowed = [method for method in METHODS if _routes_to(request, method)]

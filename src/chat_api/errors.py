@@ -9,7 +9,7 @@
     ├── Unauthorized                401 invalid_api_key
     ├── Forbidden                   403 permission_denied
     ├── NotFound                    404 not_found
-    ├── RateLimited                 429 rate_limit_exceeded (+ Retry-After)
+    ├── RateLimited                 429 rate_limit_exceeded (+ Retry-After when waiting helps)
     ├── ServiceUnavailable          503 service_unavailable (+ Retry-After when known)
     │   └── NotConfigured           503 no OpenAI key and no demo mode
     ├── UpstreamError               502 upstream_error
@@ -156,14 +156,15 @@ class RateLimited(ChatAPIError):
         self,
         message: str,
         *,
-        retry_after: float,
+        retry_after: float | None,
         headers: Mapping[str, str] | None = None,
         code: str | None = None,
     ) -> None:
-        seconds = max(1, int(retry_after + 0.999))
-        super().__init__(
-            message, code=code, headers={**(headers or {}), "Retry-After": str(seconds)}
-        )
+        """`retry_after=None`: waiting will not help (a budget that never renews), so no
+        Retry-After, and SDKs are told not to retry (`x-should-retry: false`)."""
+        seconds = None if retry_after is None else max(1, int(retry_after + 0.999))
+        wait = {"x-should-retry": "false"} if seconds is None else {"Retry-After": str(seconds)}
+        super().__init__(message, code=code, headers={**(headers or {}), **wait})
         self.retry_after = seconds
 
 

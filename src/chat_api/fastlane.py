@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from chat_api.meter import Caller
+from chat_api.calls import Caller
 from chat_api.routes.deps import authenticate
 
 Endpoint = Callable[[Request, Caller | None], Awaitable[Response]]

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from chat_api.config import Settings
+from chat_api.errors import NotFound
 from chat_api.providers.base import Completion
 from chat_api.tokens import estimate_prompt_tokens
 
@@ -78,7 +79,7 @@ class DemoProvider:
             words, finish = words[:limit], "length"
         return words, finish, estimate_prompt_tokens(body.get("messages", []))
 
-    async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
+    async def complete(self, path: str, body: dict[str, Any], request_id: str) -> Completion:
         words, finish, prompt_tokens = self._plan(body)
         await asyncio.sleep(self._delay)
         n = int(body.get("n") or 1)
@@ -101,9 +102,17 @@ class DemoProvider:
         }
         return Completion(orjson.dumps(data), data, f"demo-{request_id}")
 
-    async def open_stream(self, body: dict[str, Any], request_id: str) -> _DemoStream:
+    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _DemoStream:
         words, finish, prompt_tokens = self._plan(body)
         return _DemoStream(body, request_id, words, finish, prompt_tokens, self._delay)
+
+    async def forward(
+        self, method: str, path: str, body: dict[str, Any] | None, request_id: str
+    ) -> Completion:
+        raise NotFound(f"The demo model keeps nothing at {path.partition('?')[0]}.")
+
+    async def open_replay(self, path: str, request_id: str) -> _DemoStream:
+        raise NotFound(f"The demo model keeps nothing at {path.partition('?')[0]}.")
 
     async def aclose(self) -> None:
         return None

@@ -7,13 +7,13 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, Request
 
-from chat_api.engine import CallContext, ChatEngine
+from chat_api.calls import CallContext, Caller
+from chat_api.engine import Engine
 from chat_api.errors import BadRequest
-from chat_api.meter import Caller
 
 
-def engine_of(request: Request) -> ChatEngine:
-    engine: ChatEngine = request.app.state.engine
+def engine_of(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
     return engine
 
 
