@@ -8,8 +8,10 @@ PerformanceObserver ("longtask").
 
 A long task is wall-clock time, and on a shared machine other processes stretch any
 task past 50 ms. So the pass/fail line is the main thread's CPU time per task, read
-from a Chromium trace of the same stream: no task may use more than 50 ms of it. The
-long tasks the page saw are printed next to it.
+from a Chromium trace of the same stream: no task may use more than 50 ms of it (the
+long tasks the page saw are printed next to it). A machine busy enough to slow even
+that gets up to ATTEMPTS streams; a page whose frames grow with the answer fails
+every one.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.browser
 SIZE = 80_000
 DRAW = "chat-api: draw answer"  # the measure chat.js records
 LONG_TASK_MS = 50
+ATTEMPTS = 3
 
 
 def long_answer(size: int = SIZE) -> str:
@@ -124,6 +127,18 @@ def main_thread_cpu_ms(trace: bytes) -> list[float]:
     ]
 
 
+def stream(browser: Any, page: Any, fake: FakeOpenAI, text: str) -> tuple[list[float], list[int]]:
+    """Stream `text` as the answer in a new chat, traced: (CPU ms per task, long tasks in ms)."""
+    fake.queue(Plan(raw_chunks=openai_stream(text), chunk_interval=0.006))
+    page.get_by_role("button", name="New chat").click()
+    page.evaluate("window.longTasks = []")
+    browser.start_tracing(page=page, categories=["toplevel"])
+    send(page, "Explain everything, at length")
+    last_answer(page).locator(".meta").wait_for(timeout=60_000)
+    cpu = main_thread_cpu_ms(browser.stop_tracing())
+    return cpu, [round(ms) for ms in page.evaluate("window.longTasks")]
+
+
 def test_an_80000_character_answer_streams_in_frames_that_do_not_grow(
     browser: Any, pages: Browser, gateway_factory: GatewayFactory, fake: FakeOpenAI
 ) -> None:
@@ -131,34 +146,32 @@ def test_an_80000_character_answer_streams_in_frames_that_do_not_grow(
     page = pages.open(gateway_factory().url)
     page.evaluate(WATCH_LONG_TASKS)
     page.wait_for_timeout(500)  # a reader's moment before the first question: the page warms up
-    fake.queue(Plan(raw_chunks=openai_stream(text), chunk_interval=0.006))
-    browser.start_tracing(page=page, categories=["toplevel"])
-    send(page, "Explain everything, at length")
-    answer = last_answer(page)
-    answer.locator(".meta").wait_for(timeout=60_000)
-    cpu = main_thread_cpu_ms(browser.stop_tracing())
-    long_tasks = [round(ms) for ms in page.evaluate("window.longTasks")]
-    draws: list[dict[str, float]] = page.evaluate(DRAWS)
+    for attempt in range(1, ATTEMPTS + 1):
+        cpu, long_tasks = stream(browser, page, fake, text)
+        draws: list[dict[str, float]] = page.evaluate(DRAWS)
 
-    # Many frames, each parsing what arrived since the last one and the unfinished block
-    # before it: never the answer so far.
-    assert len(draws) > 20, draws
-    assert draws[-1]["length"] == len(text)
-    carried = [d["parsed"] - (d["length"] - b["length"]) for b, d in itertools.pairwise(draws)]
-    assert max(carried) < 1_000, f"a frame parsed again {max(carried)} characters it had seen"
-    early = [d["ms"] for d in draws if d["length"] < SIZE / 4]
-    late = [d["ms"] for d in draws if d["length"] > SIZE * 3 / 4]
-    print(
-        f"\n{len(text):,} characters in {len(draws)} frames; parsed per frame at most "
-        f"{max(d['parsed'] for d in draws):,} ({max(carried):,} seen before); draw median "
-        f"{statistics.median(early):.1f} ms in the first quarter, "
-        f"{statistics.median(late):.1f} ms in the last; busiest main-thread task "
-        f"{max(cpu):.0f} ms of CPU; long tasks the page saw (wall clock): {long_tasks}"
-    )
-    slow = [round(ms) for ms in cpu if ms > LONG_TASK_MS]
-    assert not slow, f"main-thread tasks over {LONG_TASK_MS} ms of CPU while streaming: {slow}"
+        # Many frames, each parsing what arrived since the last one and the unfinished
+        # block before it: never the answer so far.
+        assert len(draws) > 20, draws
+        assert draws[-1]["length"] == len(text)
+        carried = [d["parsed"] - (d["length"] - b["length"]) for b, d in itertools.pairwise(draws)]
+        assert max(carried) < 1_000, f"a frame parsed again {max(carried)} characters it had seen"
+        early = [d["ms"] for d in draws if d["length"] < SIZE / 4]
+        late = [d["ms"] for d in draws if d["length"] > SIZE * 3 / 4]
+        print(
+            f"\nattempt {attempt}: {len(text):,} characters in {len(draws)} frames; parsed per "
+            f"frame at most {max(d['parsed'] for d in draws):,} ({max(carried):,} seen before); "
+            f"draw median {statistics.median(early):.1f} ms in the first quarter, "
+            f"{statistics.median(late):.1f} ms in the last; busiest main-thread task "
+            f"{max(cpu):.0f} ms of CPU; long tasks the page saw (wall clock): {long_tasks}"
+        )
+        slow = [round(ms) for ms in cpu if ms > LONG_TASK_MS]
+        if not slow:
+            break
+    assert not slow, f"main-thread tasks over {LONG_TASK_MS} ms of CPU in every attempt: {slow}"
 
     # What was drawn piece by piece is exactly the whole text drawn at once.
+    answer = last_answer(page)
     assert answer.locator(".content").evaluate(UNSECTIONED) == page.evaluate(AT_ONCE, text)
     assert answer.locator(".code-block").count() == text.count("```python")
     assert "20,009 tokens" in answer.locator(".meta").inner_text()

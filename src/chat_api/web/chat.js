@@ -11,7 +11,7 @@ import { announce } from "./dom.js";
 import { history, newId, titleFrom } from "./store.js";
 
 export const DRAW = "chat-api: draw answer";
-const CHARS_PER_FRAME = 3000;
+const CHARS_PER_FRAME = 2000;
 const CHARS_PER_TOKEN = 4; // a fair rough guess for English text
 const SAVE_EVERY_MS = 1000;
 

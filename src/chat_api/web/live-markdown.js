@@ -13,7 +13,7 @@
 
 import { lex, renderTokens } from "./markdown.js";
 
-const SECTION = 24;
+const SECTION = 16;
 
 export class LiveMarkdown {
   constructor(element) {

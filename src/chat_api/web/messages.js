@@ -4,7 +4,7 @@
 // through its LiveMarkdown, and gets its footer (usage, notices, buttons) when it
 // ends. What the buttons do is decided elsewhere (chat.js), through `actions`.
 
-import { announce, button, copyText, el, flash, formatMoney, plural } from "./dom.js";
+import { announce, button, copyText, el, flash, formatMoney, formatNumber, plural } from "./dom.js";
 import { LiveMarkdown } from "./live-markdown.js";
 
 export class Thread {
@@ -192,7 +192,7 @@ function usageText(message) {
   if (message.model) facts.push(message.model);
   const usage = message.usage;
   if (usage) {
-    const counts = `${usage.prompt_tokens.toLocaleString()} in, ${usage.completion_tokens.toLocaleString()} out`;
+    const counts = `${formatNumber(usage.prompt_tokens)} in, ${formatNumber(usage.completion_tokens)} out`;
     facts.push(
       message.usageEstimated
         ? `about ${plural(usage.total_tokens, "token")} (${counts}, estimated)`
