@@ -47,7 +47,7 @@ class CrossOrigin(CORSMiddleware):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        for name, _ in scope["headers"]:
+        for name, _ in scope.get("headers", ()):  # lifespan has none
             if name == b"origin":
                 await super().__call__(scope, receive, send)
                 return

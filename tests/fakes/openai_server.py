@@ -139,6 +139,7 @@ class FakeOpenAI:
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    await self.responses.stop()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}

@@ -228,20 +228,27 @@ class KeyMeter:
         )
 
 
+def _amount(budget: Decimal) -> str:
+    """A budget as its owner wrote it: $5, $0.06."""
+    return f"${budget.normalize():f}"
+
+
 def _refusal(
     caller: Caller, prepared: Prepared, left: int, worst: int, renews: bool, reset_in: float
 ) -> str:
     """Why a call does not fit the budget, and what would."""
+    assert caller.budget_usd is not None
+    budget = caller.budget_usd
     when = f" It renews in {_duration(reset_in)}." if renews else ""
     if left <= 0:
         return (
-            f"This key has nothing left of its ${caller.budget_usd} budget (calls still in "
+            f"This key has nothing left of its {_amount(budget)} budget (calls still in "
             f"progress give back what they do not use when they finish).{when}"
         )
     model = prepared.model
     head = (
         f"This call could cost up to {dollars(worst)}, but this key has only {dollars(left)} "
-        f"left of its ${caller.budget_usd} budget."
+        f"left of its {_amount(budget)} budget."
     )
     prompt_cost = to_micro(model.cost(prepared.prompt_bound, 0))
     per_token = model.cost(0, 1) * MICRO

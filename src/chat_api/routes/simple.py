@@ -16,6 +16,7 @@ from starlette.responses import Response
 from chat_api import __version__
 from chat_api.calls import Chunk
 from chat_api.errors import ChatAPIError
+from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
 from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
 from chat_api.routes.schemas import (
@@ -134,6 +135,7 @@ def _openai_body(chat: ChatRequest, *, stream: bool) -> dict[str, Any]:
     responses=_ERRORS,
     openapi_extra=_CHAT_BODY,
 )
+@hot
 async def chat(request: Request, caller: CallerDep) -> Response:
     """Send one message (with optional history) and get the whole answer."""
     engine = engine_of(request)
@@ -170,6 +172,7 @@ async def chat(request: Request, caller: CallerDep) -> Response:
     },
     openapi_extra=_CHAT_BODY,
 )
+@hot
 async def chat_stream(request: Request, caller: CallerDep) -> Response:
     """Send one message and read the answer piece by piece as server-sent events.
 
