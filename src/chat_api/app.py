@@ -35,8 +35,15 @@ from chat_api.errors import (
 )
 from chat_api.fastlane import FastLane, Handler
 from chat_api.metrics import Metrics
-from chat_api.middleware import CrossOrigin, GatewayMiddleware, is_openai_dialect
+from chat_api.middleware import (
+    PAGE_CSP,
+    CrossOrigin,
+    GatewayMiddleware,
+    is_openai_dialect,
+    parse_networks,
+)
 from chat_api.observe import RequestObserver
+from chat_api.redact import remember
 from chat_api.routes import admin, openai_compat, ops, simple, usage
 from chat_api.routes.schemas import ChatRequest
 from chat_api.services import open_services
@@ -44,10 +51,12 @@ from chat_api.services import open_services
 log = logging.getLogger("chat_api")
 
 WEB_DIR = files("chat_api") / "web"
-PAGE_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
-    "form-action 'self'"
+# The documentation pages run only this server's scripts too; Swagger UI and ReDoc
+# style themselves inline and ReDoc searches in a worker it builds from a blob.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
 
 
@@ -87,6 +96,8 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     collection of everything the host has loaded.
     """
     settings = settings or Settings()
+    for secret in (settings.openai_api_key, settings.master_key):
+        remember(secret.get_secret_value() if secret else None)  # scrubbed by value everywhere
     catalog = Catalog(settings)
 
     metrics = Metrics(settings.prometheus_multiproc_dir)
@@ -108,6 +119,8 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
         ),
         lifespan=lifespan,
         default_response_class=Response,
+        docs_url=None,  # served from the package below, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -129,14 +142,24 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout,
         observe=RequestObserver(metrics),
+        trusted_proxies=parse_networks(settings.trusted_proxies),
     )
     app.front = CrossOrigin(
         gateway,
-        allow_origins=list(settings.cors_origins),
+        allow_origins=list(settings.allowed_origins),
         allow_credentials=False,  # keys travel in headers, never in cookies
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["*"],
-        expose_headers=["X-Request-ID", "Retry-After", "X-Upstream-Request-ID"],
+        expose_headers=[
+            "X-Request-ID",
+            "Retry-After",
+            "X-Upstream-Request-ID",
+            *(
+                f"x-ratelimit-{what}-{kind}"
+                for what in ("limit", "remaining", "reset")
+                for kind in ("requests", "tokens")
+            ),
+        ],
         max_age=600,
     )
     app.include_router(simple.router)
@@ -188,16 +211,33 @@ def _add_page(app: FastAPI) -> None:
             headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"},
         )
 
+    def docs_page(name: str) -> Response:
+        return FileResponse(
+            str(WEB_DIR / "docs" / name),
+            media_type="text/html",
+            headers={"Content-Security-Policy": DOCS_CSP, "Cache-Control": "no-cache"},
+        )
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> Response:
+        return docs_page("swagger.html")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> Response:
+        return docs_page("redoc.html")
+
     app.mount("/static", StaticFiles(directory=str(WEB_DIR)), name="static")
 
 
 def _error_response(request: Request, error: ChatAPIError) -> Response:
     openai_dialect = is_openai_dialect(request.url.path)
+    call = request.scope.get("state", {}).get("call")  # a call let through: its rate headers
+    headers = {**call.headers, **error.headers} if call is not None else error.headers
     return Response(
         error.body(openai_dialect),
         status_code=error.status_for(openai_dialect),
         media_type="application/json",
-        headers=error.headers,
+        headers=headers,
     )
 
 
@@ -213,7 +253,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> dict[type[Exception],
     async def on_chat_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ChatAPIError)
         if exc.status == 429 or isinstance(exc, ServiceUnavailable):
-            metrics.rejections.labels(exc.code or "unknown").inc()
+            metrics.rejections.labels(exc.reason or "unknown").inc()
         return _error_response(request, exc)
 
     async def on_validation(request: Request, exc: Exception) -> Response:

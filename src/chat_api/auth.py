@@ -2,7 +2,10 @@
 
 Every failure looks the same (401), whether the key is missing, wrong,
 expired or revoked. An address that fails too often in a minute is told to
-wait (429) before its keys are even looked at.
+wait (429) for its next failures, while a valid key from that address is
+always let in: behind a proxy or a NAT, many people share one address, and
+one of them guessing must not lock out the others. The address is the real
+client's (`CHAT_API_TRUSTED_PROXIES` says whose `X-Forwarded-For` to believe).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from chat_api.store.database import utcnow
 from chat_api.store.keys import KeyStore, same_secret
 
 MASTER = Caller(key_id=None, name="master")
+MAX_BLOCKED = 10_000
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -42,11 +46,6 @@ class Guard:
 
     async def authenticate(self, request: Request) -> Caller:
         address = request.client.host if request.client else "unknown"
-        blocked_until = self._blocked.get(address)
-        if blocked_until is not None:
-            if blocked_until > time.monotonic():
-                raise self._slow_down(blocked_until - time.monotonic())
-            del self._blocked[address]
         token = bearer_token(request.headers.get("authorization"))
         if token is not None:
             if same_secret(token, self._master):
@@ -65,9 +64,20 @@ class Guard:
         raise Unauthorized()
 
     async def _failed(self, address: str) -> None:
+        """Count a failure; past the limit, the address waits (429) out the minute."""
+        now = time.monotonic()
+        blocked_until = self._blocked.get(address)
+        if blocked_until is not None:
+            if blocked_until > now:
+                raise self._slow_down(blocked_until - now)
+            del self._blocked[address]
         hit = await self._counter.hit(f"authfail:{address}", 1, self._per_minute)
         if not hit.allowed:
-            self._blocked[address] = time.monotonic() + hit.reset_in
+            if (
+                len(self._blocked) >= MAX_BLOCKED
+            ):  # many addresses: forget the ones whose wait is over
+                self._blocked = {a: t for a, t in self._blocked.items() if t > now}
+            self._blocked[address] = now + hit.reset_in
             raise self._slow_down(hit.reset_in)
 
     @staticmethod
@@ -76,5 +86,5 @@ class Guard:
             "Too many failed attempts with a wrong key from your address. "
             f"Try again in {math.ceil(seconds)} seconds.",
             retry_after=seconds,
-            code="too_many_failed_attempts",
+            reason="too_many_failed_attempts",
         )

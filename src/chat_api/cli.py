@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from chat_api.protocol import GuardedHttpToolsProtocol
+    from chat_api.protocol import SERVER_OPTIONS
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stopped)
@@ -70,8 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             log_config=None,
             access_log=False,
-            loop="uvloop",
-            http=GuardedHttpToolsProtocol,
+            **SERVER_OPTIONS,
             backlog=args.backlog,
             timeout_graceful_shutdown=int(settings.shutdown_grace),
         )
@@ -84,8 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=port,
         log_config=None,
         access_log=False,
-        loop="uvloop",
-        http=GuardedHttpToolsProtocol,
+        **SERVER_OPTIONS,
         backlog=args.backlog,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
     )

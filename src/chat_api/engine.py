@@ -118,7 +118,7 @@ class ChatEngine:
             )
         for index, message in enumerate(messages):
             _check_message(message, index, s.max_message_chars)
-        stream = body.get("stream", False)
+        stream = False if body.get("stream") is None else body["stream"]  # null: false
         if not isinstance(stream, bool):
             raise BadRequest("'stream' must be true or false.", param="stream")
         max_tokens = _positive_int(body, "max_completion_tokens", s.max_tokens_limit)

@@ -32,6 +32,9 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
+        for name, value in list(record.__dict__.items()):
+            if name not in _STANDARD and isinstance(value, str):
+                setattr(record, name, redact(value))  # fields passed as `extra` too
         return True
 
 

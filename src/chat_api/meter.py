@@ -94,6 +94,21 @@ class CallResult:
         return self.prompt_tokens + self.completion_tokens
 
 
+def reset_duration(seconds: float) -> str:
+    """A wait as OpenAI writes it in `x-ratelimit-reset-*`: "120ms", "8.64s", "6m0s", "1h2m3s"."""
+    milliseconds = max(0, round(seconds * 1000))
+    if milliseconds < 1000:
+        return f"{milliseconds}ms"
+    hours, rest = divmod(milliseconds / 1000, 3600)
+    minutes, rest = divmod(rest, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
+
+
 class Admission(Protocol):
     """A call let through; `settle` must be called exactly once when it ends."""
 

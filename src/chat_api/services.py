@@ -28,6 +28,7 @@ from chat_api.limits.counters import Counter, MemoryCounter, RedisCounter
 from chat_api.limits.policy import KeyMeter
 from chat_api.meter import CallResult
 from chat_api.metrics import Metrics
+from chat_api.middleware import cors_summary
 from chat_api.providers import build_provider
 from chat_api.store.database import migrate, open_engine
 from chat_api.store.keys import KeyStore
@@ -104,6 +105,7 @@ async def open_services(
             settings.host,
             settings.port,
         )
+    log.info(cors_summary(settings.allowed_origins, settings.keys_enabled))
     log.info(
         "started",
         extra={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI
-from tests.keys.conftest import MASTER, auth, make_key
+from tests.keys.conftest import MASTER, auth, avoid_minute_edge, make_key
 from tests.servers import ServerThread
 
 UNAUTHORIZED = "A valid API key is required. Send it as 'Authorization: Bearer <key>'."
@@ -170,17 +171,76 @@ def test_bad_key_specs_are_refused_plainly(
     assert says in response.json()["error"]
 
 
-def test_too_many_wrong_keys_from_one_address_are_slowed_down(
+def _guess(url: str, key: str, forwarded_for: str | None = None) -> httpx.Response:
+    headers = auth(key)
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    return httpx.post(url + "/chat", json={"message": "hi"}, headers=headers)
+
+
+def test_wrong_keys_are_slowed_down_but_a_valid_key_from_that_address_never_is(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory(master_key=MASTER, auth_failures_per_minute=5)
+    good, _ = make_key(server.url)
+    avoid_minute_edge()
+    statuses = [_guess(server.url, f"cak_bad{i}").status_code for i in range(8)]
+    assert statuses == [401] * 5 + [429] * 3
+    refused = _guess(server.url, "cak_bad-again")
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"].startswith("Too many failed attempts")
+    v1 = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+        headers=auth("cak_bad-v1"),
+    )
+    assert v1.status_code == 429
+    assert (v1.json()["error"]["type"], v1.json()["error"]["code"]) == (
+        "requests",
+        "rate_limit_exceeded",
+    )
+    # Behind a proxy or a NAT, everyone else at that address keeps working.
+    hits = fake.hits
+    assert _guess(server.url, good).status_code == 200
+    assert _guess(server.url, MASTER).status_code == 200
+    assert fake.hits == hits + 2
+
+
+def test_rotating_x_forwarded_for_from_an_untrusted_address_does_not_dodge_the_throttle(
     gateway_factory: GatewayFactory,
 ) -> None:
     server = gateway_factory(master_key=MASTER, auth_failures_per_minute=5)
+    avoid_minute_edge()
     statuses = [
-        httpx.post(
-            server.url + "/chat", json={"message": "hi"}, headers=auth(f"bad{i}")
-        ).status_code
+        _guess(server.url, f"cak_bad{i}", forwarded_for=f"198.51.100.{i}").status_code
         for i in range(8)
     ]
-    assert statuses[:5] == [401] * 5
-    assert statuses[5:] == [429] * 3
-    blocked = httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(MASTER))
-    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    assert statuses == [401] * 5 + [429] * 3
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_throttle(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "chat_api.access")
+    # 127.0.0.1 plays the proxy (nginx appends the address it saw to X-Forwarded-For).
+    server = gateway_factory(
+        master_key=MASTER, auth_failures_per_minute=5, trusted_proxies=("127.0.0.0/8",)
+    )
+    avoid_minute_edge()
+    guesser = [
+        _guess(server.url, f"cak_bad{i}", forwarded_for=f"10.9.9.{i}, 203.0.113.7").status_code
+        for i in range(7)
+    ]
+    # Whatever the guesser writes on the left, the proxy's entry names it.
+    assert guesser == [401] * 5 + [429] * 2
+    neighbour = _guess(server.url, "cak_typo", forwarded_for="203.0.113.8")
+    assert neighbour.status_code == 401  # another client behind the same proxy
+
+    def clients() -> set[str]:
+        return {getattr(r, "client", "") for r in caplog.records if r.name == "chat_api.access"}
+
+    deadline = time.monotonic() + 3  # a request's log line is written just after its answer
+    while not {"203.0.113.7", "203.0.113.8"} <= clients() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {"203.0.113.7", "203.0.113.8"} <= clients()
+    assert not clients() & {f"10.9.9.{i}" for i in range(7)}

@@ -22,7 +22,7 @@ from chat_api.catalog import Catalog
 from chat_api.errors import ChatAPIError, RateLimited
 from chat_api.limits.budgets import Budgets, period_bounds, utcnow
 from chat_api.limits.counters import Counter
-from chat_api.meter import Admission, Caller, CallResult
+from chat_api.meter import Admission, Caller, CallResult, reset_duration
 
 if TYPE_CHECKING:
     from chat_api.engine import CallContext, Prepared
@@ -142,6 +142,7 @@ class KeyMeter:
                     f"This key is limited to {caller.tpm} tokens a minute. "
                     f"Try again in {math.ceil(hit.reset_in)} seconds.",
                     retry_after=hit.reset_in,
+                    kind="tokens",
                     headers=headers,
                 )
             token_window = hit.window
@@ -194,7 +195,7 @@ def _rate_headers(kind: str, limit: int, used: int, reset_in: float) -> dict[str
     return {
         f"x-ratelimit-limit-{kind}": str(limit),
         f"x-ratelimit-remaining-{kind}": str(max(0, limit - used)),
-        f"x-ratelimit-reset-{kind}": f"{math.ceil(reset_in)}s",
+        f"x-ratelimit-reset-{kind}": reset_duration(reset_in),
     }
 
 

@@ -7,7 +7,7 @@ relayed as the bytes the upstream sent. Errors are OpenAI-shaped.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -158,7 +158,8 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
     engine = engine_of(request)
     body = await read_json(request)
     if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.")
+        raise BadRequest("The request body must be a JSON object.", code="invalid_type")
+    apply_field_policy(body, request.app.state.settings.field_policy)
     prepared = engine.prepare(body, caller=caller)
     ctx = context(request, "/v1/chat/completions", caller)
     if prepared.stream:
@@ -174,6 +175,26 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
     if completion.upstream_request_id:
         headers["X-Upstream-Request-ID"] = completion.upstream_request_id
     return Response(completion.raw, media_type="application/json", headers=headers)
+
+
+def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:
+    """`CHAT_API_FIELD_POLICY`: drop the fields the operator drops, refuse those it refuses.
+
+    For fields that change who pays or what OpenAI keeps (`store`, `metadata`,
+    `user`, `service_tier`, `prompt_cache_key`, `safety_identifier`, ...):
+    passed through unless the operator says otherwise.
+    """
+    for name, rule in policy.items():
+        if name not in body:
+            continue
+        if rule == "refuse":
+            raise BadRequest(
+                f"This server does not accept the field '{name}'. Send the request without it.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        if rule == "drop":
+            del body[name]
 
 
 async def _openai_events(chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
