@@ -26,14 +26,15 @@ from urllib.parse import quote, quote_plus
 
 REDACTED = "[redacted]"
 
-# Key shapes. Our request ids are 32 hex digits too: they are not looked at
-# by `contains_secret` (the check for ids), only scrubbed out of free text.
+# Key shapes. Request ids (ours, and OpenAI's `req_...`) are 32 hex digits too:
+# `contains_secret`, the check for ids we pass on, does not count that shape;
+# in free text (messages, log lines) it is scrubbed all the same.
 _STRONG_SHAPES = (
     r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-]{8,}"  # OpenAI: sk-..., sk-proj-..., sk-svcacct-...
     r"|(?<![A-Za-z0-9])gsk_[A-Za-z0-9]{8,}"  # Groq
     r"|cak_[A-Za-z0-9_\-]{8,}"  # our client keys, wherever they stand
 )
-_AZURE_SHAPE = r"(?<![A-Za-z0-9_])[0-9a-fA-F]{32}(?![A-Za-z0-9])"
+_AZURE_SHAPE = r"(?<![A-Za-z0-9])[0-9a-fA-F]{32}(?![A-Za-z0-9])"
 _STRONG = re.compile(_STRONG_SHAPES)
 _ANY_SHAPE = re.compile(f"{_STRONG_SHAPES}|{_AZURE_SHAPE}")
 # Long runs of base64 (either alphabet): where an encoded key would hide.
@@ -96,13 +97,15 @@ def _shape_marker(match: re.Match[str]) -> str:
     return match.group(0)[:6] + "…" + REDACTED
 
 
-def _hides_a_key(run: str) -> bool:
+def _hides_a_key(run: str, shapes: re.Pattern[str] = _ANY_SHAPE) -> bool:
     """Whether a base64 run decodes (at any alignment) to text holding a key."""
     for skip in range(4):
         body = run[skip:].rstrip("=")
-        body = body[: len(body) - len(body) % 4]
+        if len(body) % 4 == 1:
+            body = body[:-1]  # a lone last character holds no whole byte
         if len(body) < 16:
             continue
+        body += "=" * (-len(body) % 4)
         try:
             if "-" in body or "_" in body:
                 decoded = base64.urlsafe_b64decode(body)
@@ -111,7 +114,7 @@ def _hides_a_key(run: str) -> bool:
         except (binascii.Error, ValueError):
             continue
         plain = decoded.decode("latin-1")
-        if _STRONG.search(plain) or any(secret in plain for secret in _KNOWN.secrets):
+        if shapes.search(plain) or any(secret in plain for secret in _KNOWN.secrets):
             return True
     return False
 
@@ -134,4 +137,4 @@ def contains_secret(text: str) -> bool:
     """
     if any(form in text for form in _KNOWN.forms) or _STRONG.search(text):
         return True
-    return any(_hides_a_key(m.group(0)) for m in _BASE64_RUN.finditer(text))
+    return any(_hides_a_key(m.group(0), _STRONG) for m in _BASE64_RUN.finditer(text))

@@ -42,6 +42,8 @@ class Plan:
     omit_done: bool = False
     raw_chunks: list[bytes] | None = None  # send these bytes as the body, as they are
     comments_forever: bool = False  # only ': keep-alive' lines, never data
+    # Sent as they are on a 200 answer, whole or streamed (bytes need not be latin-1).
+    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -159,7 +161,11 @@ class FakeOpenAI:
                 "usage": usage,
             }
             await _send_json(
-                send, 200, answer, {"x-request-id": "req_fake_upstream", **plan.headers}
+                send,
+                200,
+                answer,
+                {**_default_request_id(plan), **plan.headers},
+                plan.raw_headers,
             )
             return
         await send(
@@ -168,7 +174,8 @@ class FakeOpenAI:
                 "status": 200,
                 "headers": [
                     (b"content-type", b"text/event-stream"),
-                    (b"x-request-id", b"req_fake_upstream"),
+                    *((k.encode(), v.encode()) for k, v in _default_request_id(plan).items()),
+                    *plan.raw_headers,
                 ],
             }
         )
@@ -264,6 +271,12 @@ class FakeOpenAI:
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
+def _default_request_id(plan: Plan) -> dict[str, str]:
+    if any(name.lower() == b"x-request-id" for name, _ in plan.raw_headers):
+        return {}
+    return {"x-request-id": "req_fake_upstream"}
+
+
 def _words(text: str) -> list[str]:
     parts = text.split(" ")
     return [parts[0]] + [" " + p for p in parts[1:]] if text else []
@@ -275,10 +288,15 @@ def _error(message: str, status: int) -> dict[str, Any]:
 
 
 async def _send_json(
-    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    body: Any,
+    headers: dict[str, str] | None = None,
+    raw_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     raw = json.dumps(body).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    extra += raw_headers or []
     await send(
         {
             "type": "http.response.start",

@@ -17,6 +17,7 @@ client (`providers/openai.py`).
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -48,6 +49,7 @@ from chat_api.providers.base import (
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
 MAX_ERROR_BYTES = 64 * 1024
+LARGE_BODY_BYTES = 1024 * 1024  # aiohttp's own threshold for "too large to write at once"
 RETRY_STATUSES = frozenset({408, 409, 429})
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
@@ -137,7 +139,7 @@ class FastOpenAIProvider:
             try:
                 response = await session.post(
                     self._url,
-                    data=payload,
+                    data=_body(payload),
                     headers=headers,
                     proxy=self._proxy,
                     proxy_auth=self._proxy_auth,
@@ -201,6 +203,15 @@ class _FastStream(ReadingStream):
             self._response.release()  # finished cleanly: the connection can be reused
         else:
             self._response.close()  # cut short: close the socket so the upstream stops
+
+
+def _body(payload: bytes) -> bytes | io.BytesIO:
+    """What aiohttp sends: large bodies (images inline) as a stream it writes in pieces.
+
+    aiohttp warns that one large bytes write might block the event loop; a
+    fresh stream per attempt, since a retry reads it again.
+    """
+    return payload if len(payload) <= LARGE_BODY_BYTES else io.BytesIO(payload)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
