@@ -61,9 +61,9 @@ async def attacker_site(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _open(browser: Any, url: str) -> tuple[Any, Any, list[tuple[str, str, bool]]]:
+def _open(chromium: Any, url: str) -> tuple[Any, Any, list[tuple[str, str, bool]]]:
     """A page in a fresh context, and every request it made: (url, kind, answered)."""
-    context = browser.new_context()
+    context = chromium.new_context()
     context.set_default_timeout(15_000)
     page = context.new_page()
     requests: list[tuple[str, str, bool]] = []
