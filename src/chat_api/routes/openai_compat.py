@@ -43,6 +43,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "The request is malformed.",
         401: "A client key is required and was missing or wrong.",
+        403: "The key may not use this model, OpenAI refuses it for the server's account, "
+        "or the request came from a website that may not call this server.",
         404: "The model is not available here (`model_not_found`).",
         413: "The body is larger than the limit.",
         429: "A rate limit or budget is used up; see Retry-After.",

@@ -38,6 +38,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "Malformed JSON, a missing or blank message, a wrong type, or a model not allowed.",
         401: "A client key is required and was missing or wrong.",
+        403: "The key may not use this model, OpenAI refuses it for the server's account, "
+        "or the request came from a website that may not call this server.",
         413: "The body is larger than the limit.",
         429: "A rate limit or budget is used up; see Retry-After.",
         502: "OpenAI rejected the server's key, failed, or broke the connection.",
