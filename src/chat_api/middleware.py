@@ -164,11 +164,12 @@ def is_openai_dialect(path: str) -> bool:
 
 Observer = Callable[[Scope, int, float], None]
 
-REFUSED_ORIGIN = Forbidden(
-    "This server does not take requests from other websites. The operator can allow "
-    "a site by adding its origin to CHAT_API_CORS_ORIGINS.",
-    code="cross_origin_not_allowed",
-)
+def _refused_origin() -> Forbidden:
+    return Forbidden(
+        "This server does not take requests from other websites. The operator can allow "
+        "a site by adding its origin to CHAT_API_CORS_ORIGINS.",
+        code="cross_origin_not_allowed",
+    )
 
 
 class GatewayMiddleware:
@@ -226,7 +227,7 @@ class GatewayMiddleware:
         )
         try:
             if cross_origin == REFUSED:
-                await _answer_early(scope, exchange.send, REFUSED_ORIGIN)
+                await _answer_early(scope, exchange.send, _refused_origin())
             elif declared > self.max_body:
                 await _answer_early(scope, exchange.send, PayloadTooLarge(self.max_body))
             else:

@@ -107,7 +107,7 @@ _COMPLETION_BODY = {
                                 },
                             },
                         },
-                        "stream": {"type": "boolean"},
+                        "stream": {"type": ["boolean", "null"]},  # null: not streamed
                         "max_tokens": {"type": ["integer", "null"], "minimum": 1},
                         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
                     },
