@@ -164,6 +164,7 @@ def is_openai_dialect(path: str) -> bool:
 
 Observer = Callable[[Scope, int, float], None]
 
+
 def _refused_origin() -> Forbidden:
     return Forbidden(
         "This server does not take requests from other websites. The operator can allow "
