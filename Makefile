@@ -6,12 +6,14 @@ BIN := $(VENV)/bin
 .PHONY: demo run test check faults bench bench-smoke lock clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
+	@echo "Installing chat-api's dependencies into $(VENV) (about a minute, first time only)..."
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-dev: requirements-dev.lock $(VENV)/.installed
+	@echo "Installing the test tools into $(VENV) (a minute or two, first time only)..."
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.lock
 	touch $@
 
@@ -30,7 +32,7 @@ check: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
-	$(BIN)/pytest
+	$(BIN)/pytest -rs
 
 ## Only the fault-injection suite, at full size.
 faults: $(VENV)/.installed-dev

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -11,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from pydantic import ValidationError
 
-from chat_api import cli, logs
-from chat_api.config import Settings
+from chat_api import __version__, cli, logs
+from chat_api.config import Settings, base_url_hint, settings_error_line
 
 SECRET = "tooShortSecret1"  # 15 characters: below the master key's minimum
 UPSTREAM_KEY = "sk-proj-very-secret-upstream-key-0123456789"
@@ -96,6 +99,7 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the server started with a bad setting")
 
     monkeypatch.setattr(uvicorn, "run", refuse)
+    monkeypatch.setattr(uvicorn.Server, "run", refuse)
     monkeypatch.setattr(logs, "configure", lambda *a: None)
 
 
@@ -220,3 +224,99 @@ def test_cors_default_follows_keys_and_startup_says_so_in_one_line(
     assert settings.allowed_origins == origins
     line = cors_summary(settings.allowed_origins, settings.keys_enabled)
     assert says in line and "\n" not in line
+
+
+def test_a_typo_in_dotenv_stops_serve_like_one_in_the_environment(
+    no_server: None, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(f"OPENAI_API_KEY_CYB_SEC={UPSTREAM_KEY}\nCHAT_API_DEMOO=1\n")
+    line = assert_serve_stops_naming("CHAT_API_DEMOO")
+    assert "unknown" in line.lower() and ".env" in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["htp://api.example.com/v1", "not a url", "https://", "ftp://host/v1", "http://host:99999/v1"],
+)
+@pytest.mark.parametrize("where", ["environment", ".env"])
+def test_a_base_url_that_is_not_a_web_address_stops_serve(
+    no_server: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, where: str
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY_CYB_SEC", UPSTREAM_KEY)
+    if where == ".env":
+        (tmp_path / ".env").write_text(f"OPENAI_BASE_URL={url}\n")
+    else:
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+    line = assert_serve_stops_naming("OPENAI_BASE_URL")
+    assert "CHAT_API_OPENAI" not in line and "http:// or https://" in line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("OPENAI_BASE_URL", 5), ("OPENAI_API_KEY_CYB_SEC", 5), ("PROMETHEUS_MULTIPROC_DIR", 5)],
+)
+def test_settings_read_from_other_names_are_reported_under_those_names(
+    variable: str, value: object
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(**{variable: value})  # type: ignore[arg-type]
+    assert settings_error_line(refused.value).startswith(f"{variable}: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        (None, None),
+        ("https://api.openai.com/v1", None),
+        ("https://api.openai.com/v1/", None),
+        ("https://api.openai.com", "/v1"),
+        ("https://api.openai.com/", "/v1"),
+        ("https://api.openai.com/v2", "/v1"),
+        ("http://localhost:11434", "no path"),
+        ("http://localhost:11434/", "no path"),
+        ("http://localhost:11434/v1", None),
+        ("https://proxy.example.com/openai/deployments/x", None),
+    ],
+)
+def test_a_base_url_likely_to_answer_404_gets_a_hint(url: str | None, hint: str | None) -> None:
+    said = base_url_hint(url)
+    if hint is None:
+        assert said is None
+    else:
+        assert said is not None and hint in said and "OPENAI_BASE_URL" in said
+
+
+def test_serve_logs_the_base_url_hint_at_startup(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    started: list[object] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, *a, **k: started.append(server))
+    monkeypatch.setattr(logs, "configure", lambda *a: None)
+    monkeypatch.setenv("OPENAI_API_KEY_CYB_SEC", UPSTREAM_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:11434")
+    monkeypatch.setenv("CHAT_API_PORT", "0")
+    with caplog.at_level(logging.WARNING, logger="chat_api"):
+        assert cli.main(["serve"]) == 0
+    assert started, "the server was not started"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("OPENAI_BASE_URL has no path" in message for message in warnings), warnings
+    assert all(UPSTREAM_KEY not in message for message in warnings)
+
+
+def test_a_busy_port_stops_serve_with_one_line_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = _spawn({"CHAT_API_DEMO": "1", "CHAT_API_PORT": str(port)}, tmp_path)
+        outcome = _finish(process, time.monotonic() + 45)
+    line = assert_one_line_naming(outcome, "CHAT_API_PORT")
+    assert f"port {port} is already in use" in line
+    assert "startup complete" not in outcome.stderr + outcome.stdout
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.strip() == f"chat-api {__version__}"

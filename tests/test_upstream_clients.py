@@ -107,5 +107,5 @@ def test_a_client_that_leaves_closes_the_upstream(
     assert fake.last().closed_early.wait(2)
     fake.queue(Plan(delay_before_headers=3))
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/chat", json={"message": "hi"}, timeout=0.5)
-    assert fake.last().closed_early.wait(2)
+        httpx.post(server.url + "/chat/stream", json={"message": "hi"}, timeout=0.5)
+    assert fake.last().closed_early.wait(2)  # gone before the headers: closed at once too

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from importlib.resources import files
 from typing import Any
@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
 from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from chat_api import __version__
 from chat_api.catalog import Catalog
@@ -33,7 +33,7 @@ from chat_api.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from chat_api.fastlane import FastLane, Handler
+from chat_api.fastlane import FastLane, Handler, hot_routes
 from chat_api.metrics import Metrics
 from chat_api.middleware import (
     PAGE_CSP,
@@ -44,7 +44,7 @@ from chat_api.middleware import (
 )
 from chat_api.observe import RequestObserver
 from chat_api.redact import remember
-from chat_api.routes import admin, openai_compat, ops, simple, usage
+from chat_api.routes import admin, openai_compat, ops, responses_api, simple, usage
 from chat_api.routes.schemas import ChatRequest
 from chat_api.services import open_services
 
@@ -61,30 +61,35 @@ DOCS_CSP = (
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with the gateway's own layers in front of it.
+    """FastAPI, with the gateway's own layers in front of its middleware stack.
 
-    Every HTTP request goes through `front`: CORS (for browsers), then `GatewayMiddleware`
-    (request id, body limits, security headers, the log line and metrics),
-    then the fast lane, which answers the chat routes itself. Only what the
-    fast lane passes on enters FastAPI, with its error layer, telemetry
-    hooks, body limit and router. Placed as FastAPI middleware, those layers
-    ran inside FastAPI's own, and every request and every streamed event went
-    through three more send wrappers.
+    Every request goes through the layers `front` builds: CORS (for
+    browsers), then `GatewayMiddleware` (request id, body limits, security
+    headers, the log line and metrics), then the fast lane, which answers the
+    `@hot` routes itself. Only what the fast lane passes on enters FastAPI's
+    own stack, with its error layer, telemetry hooks, body limit and router.
+    Placed as FastAPI middleware, those layers ran inside FastAPI's own, and
+    every request and every streamed event went through three more send
+    wrappers. They sit where Starlette expects outer layers: in
+    `build_middleware_stack`, which runs when the app starts.
     """
 
-    front: ASGIApp | None = None
+    front: Callable[[ASGIApp], ASGIApp] | None = None  # the gateway's layers, given the lane
+    hot_handlers: dict[type[Exception], Handler] | None = None
     fast_lane: FastLane | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.front is not None:
-            scope["app"] = self  # what `request.app` reads, as Starlette would set it
-            await self.front(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
-
-    async def behind_front(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """FastAPI itself: where the fast lane sends everything it does not answer."""
-        await super().__call__(scope, receive, send)
+    def build_middleware_stack(self) -> ASGIApp:
+        inner = super().build_middleware_stack()
+        if self.front is None or self.hot_handlers is None:
+            return inner
+        if self.user_middleware:
+            names = ", ".join(getattr(m.cls, "__name__", repr(m.cls)) for m in self.user_middleware)
+            raise RuntimeError(
+                f"Middleware added to the app ({names}) would not see the fast lane's routes: "
+                "add it to the gateway's layers in chat_api/app.py instead."
+            )
+        self.fast_lane = FastLane(inner, routes=hot_routes(self.routes), handlers=self.hot_handlers)
+        return self.front(self.fast_lane)
 
 
 def create_app(settings: Settings | None = None, *, own_process: bool = False) -> GatewayApp:
@@ -126,44 +131,40 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     app.state.metrics = metrics
     app.state.guard = None
 
-    handlers = _add_error_handlers(app, metrics)
-    fast_lane = FastLane(
-        app.behind_front,
-        routes={
-            ("POST", "/v1/chat/completions"): openai_compat.chat_completions,
-            ("POST", "/chat"): simple.chat,
-            ("POST", "/chat/stream"): simple.chat_stream,
-        },
-        handlers=handlers,
-    )
-    app.fast_lane = fast_lane
-    gateway = GatewayMiddleware(
-        fast_lane,
-        max_body_bytes=settings.max_body_bytes,
-        body_timeout=settings.body_timeout,
-        observe=RequestObserver(metrics),
-        trusted_proxies=parse_networks(settings.trusted_proxies),
-    )
-    app.front = CrossOrigin(
-        gateway,
-        allow_origins=list(settings.allowed_origins),
-        allow_credentials=False,  # keys travel in headers, never in cookies
-        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-        allow_headers=["*"],
-        expose_headers=[
-            "X-Request-ID",
-            "Retry-After",
-            "X-Upstream-Request-ID",
-            *(
-                f"x-ratelimit-{what}-{kind}"
-                for what in ("limit", "remaining", "reset")
-                for kind in ("requests", "tokens")
-            ),
-        ],
-        max_age=600,
-    )
+    app.hot_handlers = _add_error_handlers(app, metrics)
+    observe = RequestObserver(metrics)
+
+    def front(fast_lane: ASGIApp) -> ASGIApp:
+        gateway = GatewayMiddleware(
+            fast_lane,
+            max_body_bytes=settings.max_body_bytes,
+            body_timeout=settings.body_timeout,
+            observe=observe,
+            trusted_proxies=parse_networks(settings.trusted_proxies),
+        )
+        return CrossOrigin(
+            gateway,
+            allow_origins=list(settings.allowed_origins),
+            allow_credentials=False,  # keys travel in headers, never in cookies
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=[
+                "X-Request-ID",
+                "Retry-After",
+                "X-Upstream-Request-ID",
+                *(
+                    f"x-ratelimit-{what}-{kind}"
+                    for what in ("limit", "remaining", "reset")
+                    for kind in ("requests", "tokens")
+                ),
+            ],
+            max_age=600,
+        )
+
+    app.front = front
     app.include_router(simple.router)
     app.include_router(openai_compat.router)
+    app.include_router(responses_api.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
@@ -242,6 +243,13 @@ def _error_response(request: Request, error: ChatAPIError) -> Response:
 
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+V1_ENDPOINTS = (
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/conversations",
+    "/v1/embeddings",
+)
 
 
 def _routes_to(request: Request, method: str) -> bool:
@@ -264,8 +272,14 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> dict[type[Exception],
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
-            error: ChatAPIError = NotFound(f"There is nothing at {request.url.path}.")
+        if exc.status_code == 404 and is_openai_dialect(request.url.path):
+            error: ChatAPIError = NotFound(
+                f"Invalid URL ({request.method} {request.url.path}): this server offers "
+                f"{', '.join(V1_ENDPOINTS)}.",
+                code="unknown_url",
+            )
+        elif exc.status_code == 404:
+            error = NotFound(f"There is nothing at {request.url.path}.")
         elif exc.status_code == 405:
             # RFC 9110: a 405 lists every method the path takes; ask the router for each.
             allowed = [method for method in METHODS if _routes_to(request, method)]

@@ -16,10 +16,10 @@ import time
 from fastapi import Request
 from sqlalchemy.exc import SQLAlchemyError
 
+from chat_api.calls import Caller
 from chat_api.config import Settings
 from chat_api.errors import RateLimited, ServiceUnavailable, Unauthorized
 from chat_api.limits.counters import Counter
-from chat_api.meter import Caller
 from chat_api.store.database import utcnow
 from chat_api.store.keys import KeyStore, same_secret
 

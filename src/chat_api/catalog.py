@@ -1,8 +1,14 @@
-"""Models: the allow-list, the default, per-model quirks and prices.
+"""Models: the allow-list, the default, per-model quirks, limits and prices.
 
 Reasoning models (o1-preview, o1-mini, and newer ones an operator names) do
 not take a system role, sampling fields or `max_tokens`, and some cannot
 stream. `Catalog.adapt` rewrites a request so that clients never need to know.
+
+Money: every allow-listed model has a price (built in below, or from
+`CHAT_API_PRICES`); a model without one stops startup, so nothing is free by
+accident. Each model also knows the most it may write (`output_ceiling`) and
+read (`context_window`): a call that sets no `max_tokens` may write up to
+the ceiling, so that is what its budget reservation covers.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any, Literal
 
 from chat_api.config import Settings
 from chat_api.errors import ModelNotAllowed
+from chat_api.prices import DEFAULT_PRICES, list_price
 
 TokenField = Literal["max_tokens", "max_completion_tokens"]
 
@@ -39,6 +46,9 @@ class ModelInfo:
     streaming: bool = True
     sampling: bool = True
     token_field: TokenField = "max_tokens"
+    output_ceiling: int = 16_384  # the most one answer (one choice) may write
+    context_window: int = 128_000  # the most the model reads; a longer prompt is refused
+    embedding: bool = False  # an embedding model: /v1/embeddings only, nothing written
     input_price: Decimal = Decimal(0)  # USD per million prompt tokens
     output_price: Decimal = Decimal(0)  # USD per million completion tokens
 
@@ -53,29 +63,40 @@ _REASONING = ModelInfo("", sampling=False, token_field="max_completion_tokens")
 
 # Longest prefix wins; names not matched are ordinary chat models.
 _FAMILIES: tuple[tuple[str, ModelInfo], ...] = (
-    ("o1-preview", _REASONING_LEGACY),
-    ("o1-mini", _REASONING_LEGACY),
-    ("o1", _REASONING),
-    ("o3", _REASONING),
-    ("o4", _REASONING),
-    ("gpt-5", _REASONING),
+    ("o1-preview", replace(_REASONING_LEGACY, output_ceiling=32_768)),
+    ("o1-mini", replace(_REASONING_LEGACY, output_ceiling=65_536)),
+    ("o1", replace(_REASONING, output_ceiling=100_000, context_window=200_000)),
+    ("o3", replace(_REASONING, output_ceiling=100_000, context_window=200_000)),
+    ("o4", replace(_REASONING, output_ceiling=100_000, context_window=200_000)),
+    ("gpt-5", replace(_REASONING, output_ceiling=128_000, context_window=400_000)),
+    ("gpt-4.1", ModelInfo("", output_ceiling=32_768, context_window=1_047_576)),
+    ("gpt-4-turbo", ModelInfo("", output_ceiling=4_096)),
+    ("gpt-4", ModelInfo("", output_ceiling=8_192, context_window=8_192)),
+    ("gpt-4o", ModelInfo("")),
+    ("gpt-3.5-turbo", ModelInfo("", output_ceiling=4_096, context_window=16_385)),
+    ("text-embedding", ModelInfo("", output_ceiling=0, context_window=8_192, embedding=True)),
 )
 
-# USD per million tokens (input, output), list prices at the time of writing.
-DEFAULT_PRICES: dict[str, tuple[Decimal, Decimal]] = {
-    "gpt-4o": (Decimal("2.50"), Decimal("10.00")),
-    "gpt-4o-mini": (Decimal("0.15"), Decimal("0.60")),
-    "gpt-4-turbo": (Decimal("10.00"), Decimal("30.00")),
-    "gpt-4": (Decimal("30.00"), Decimal("60.00")),
-    "gpt-3.5-turbo": (Decimal("0.50"), Decimal("1.50")),
-    "o1-preview": (Decimal("15.00"), Decimal("60.00")),
-    "o1-mini": (Decimal("3.00"), Decimal("12.00")),
-    "gpt-4.1": (Decimal("2.00"), Decimal("8.00")),
-    "gpt-4.1-mini": (Decimal("0.40"), Decimal("1.60")),
-    "o1": (Decimal("15.00"), Decimal("60.00")),
-    "o3": (Decimal("2.00"), Decimal("8.00")),
-    "o3-mini": (Decimal("1.10"), Decimal("4.40")),
-    "o4-mini": (Decimal("1.10"), Decimal("4.40")),
+
+# When OpenAI published each model: the `created` of its entry in OpenAI's own model list.
+PUBLISHED: dict[str, int] = {
+    "gpt-3.5-turbo": 1677610602,
+    "gpt-4": 1687882411,
+    "gpt-4-turbo": 1712361441,
+    "gpt-4o": 1715367049,
+    "gpt-4o-mini": 1721172741,
+    "o1-preview": 1725648897,
+    "o1-mini": 1725649008,
+    "o1": 1734375816,
+    "o3-mini": 1737146383,
+    "o3": 1744225308,
+    "o4-mini": 1744225351,
+    "gpt-4.1": 1744316542,
+    "gpt-4.1-mini": 1744318173,
+    "gpt-5": 1754425777,
+    "text-embedding-ada-002": 1671217299,
+    "text-embedding-3-small": 1705948997,
+    "text-embedding-3-large": 1705953180,
 }
 
 
@@ -93,24 +114,42 @@ class Catalog:
     def __init__(self, settings: Settings) -> None:
         self.names: tuple[str, ...] = settings.models
         self.default: str = settings.default_model
-        # The demo model costs nothing, whatever model name a request uses.
-        prices = {} if settings.demo else {**DEFAULT_PRICES, **settings.prices}
+        self.embedding_names: tuple[str, ...] = settings.embedding_models
+        # `created` of each model, as OpenAI lists it; others are asked of the upstream once.
+        self.published: dict[str, int] = dict(PUBLISHED)
+        prices = {**DEFAULT_PRICES, **settings.prices}
         self._models: dict[str, ModelInfo] = {}
-        for name in self.names:
+        unpriced: list[str] = []
+        for name in (*self.names, *self.embedding_names):
             info = replace(_family(name), name=name)
+            if name in self.embedding_names:
+                info = replace(info, embedding=True, output_ceiling=0)
             override = settings.model_capabilities.get(name)
             if override is not None:
                 info = replace(info, **override.model_dump(exclude_none=True))
-            if name in prices:
-                info = replace(info, input_price=prices[name][0], output_price=prices[name][1])
-            self._models[name] = info
+            price = list_price(name, prices)
+            if settings.demo:
+                price = (Decimal(0), Decimal(0))  # the demo model costs nothing
+            if price is None:
+                unpriced.append(name)
+                continue
+            self._models[name] = replace(info, input_price=price[0], output_price=price[1])
+        # Settings refuse an allowed model without a price; this is the second line.
+        assert not unpriced, unpriced
 
     def resolve(self, name: str | None) -> ModelInfo:
-        """The model a request asked for (or the default); 400/404 when not allowed."""
+        """The chat model a request asked for (or the default); 400/404 when not allowed."""
         chosen = name or self.default
         info = self._models.get(chosen)
-        if info is None:
+        if info is None or info.embedding:
             raise ModelNotAllowed(chosen, self.names)
+        return info
+
+    def resolve_embedding(self, name: str | None) -> ModelInfo:
+        """The embedding model a request asked for; 404 when not allowed."""
+        info = self._models.get(name or "")
+        if info is None or not info.embedding:
+            raise ModelNotAllowed(str(name), self.embedding_names)
         return info
 
     def adapt(self, info: ModelInfo, body: dict[str, Any]) -> dict[str, Any]:

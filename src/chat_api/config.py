@@ -10,8 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -22,8 +24,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+    SettingsError,
+)
 
+DEFAULT_EMBEDDING_MODELS = ("text-embedding-3-small", "text-embedding-3-large")
 DEFAULT_MODELS = (
     "gpt-4o",
     "gpt-4o-mini",
@@ -35,6 +44,7 @@ DEFAULT_MODELS = (
 )
 
 ENV_PREFIX = "CHAT_API_"
+OPENAI_V1 = "https://api.openai.com/v1"
 
 
 class ModelOverride(BaseModel):
@@ -46,6 +56,17 @@ class ModelOverride(BaseModel):
     streaming: bool | None = None
     sampling: bool | None = None
     token_field: Literal["max_tokens", "max_completion_tokens"] | None = None
+    output_ceiling: int | None = Field(default=None, ge=1)
+    context_window: int | None = Field(default=None, ge=1)
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises ValueError unless a number from 0 to 65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
 
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
@@ -67,6 +88,8 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         frozen=True,
+        # Errors name the field, not its first alias: `variable_name` turns it into the variable.
+        loc_by_alias=False,
     )
 
     # --- upstream -----------------------------------------------------------
@@ -83,11 +106,15 @@ class Settings(BaseSettings):
     upstream_retries: int = Field(default=2, ge=0, le=10)
     upstream_max_connections: int = Field(default=10_000, ge=1)
     stream_deadline: float = Field(default=900.0, gt=0)
+    # Background responses: how long to keep asking the upstream whether one is done.
+    background_wait: float = Field(default=3600.0, gt=0)
+    background_poll_interval: float = Field(default=2.0, gt=0)
     keepalive_interval: float = Field(default=15.0, gt=0)
 
     # --- models -------------------------------------------------------------
     models: CommaList = DEFAULT_MODELS
     default_model: str = "gpt-4o-mini"
+    embedding_models: CommaList = DEFAULT_EMBEDDING_MODELS
     model_capabilities: dict[str, ModelOverride] = Field(default_factory=dict)
     prices: dict[str, tuple[Decimal, Decimal]] = Field(default_factory=dict)
 
@@ -121,6 +148,7 @@ class Settings(BaseSettings):
     redis_prefix: str = "chatapi:"
     replicas: int = Field(default=1, ge=1)
     auth_failures_per_minute: int = Field(default=30, ge=1)
+    max_in_flight: int = Field(default=32, ge=0)  # per client key that sets none; 0: no cap
     ledger_flush_interval: float = Field(default=0.5, gt=0)
     ledger_batch_size: int = Field(default=200, ge=1)
     migrate_on_start: bool = True
@@ -136,9 +164,9 @@ class Settings(BaseSettings):
     # Per request field: "pass" (the default), "drop" (removed before the call) or "refuse" (400).
     field_policy: dict[str, FieldRule] = Field(default_factory=dict)
 
-    _split = field_validator("models", "cors_origins", "trusted_proxies", mode="before")(
-        _split_commas
-    )
+    _split = field_validator(
+        "models", "embedding_models", "cors_origins", "trusted_proxies", mode="before"
+    )(_split_commas)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -167,6 +195,15 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not _is_http_url(value.strip()):
+            raise ValueError(f"must be an http:// or https:// URL with a host, like {OPENAI_V1}")
+        return value.strip()
+
     @field_validator("models")
     @classmethod
     def _models_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -182,7 +219,26 @@ class Settings(BaseSettings):
             )
         if self.master_key is not None and len(self.master_key.get_secret_value()) < 16:
             raise ValueError("CHAT_API_MASTER_KEY must be at least 16 characters long")
+        self._every_model_priced()
         return self
+
+    def _every_model_priced(self) -> None:
+        """No model is free by accident: each allowed one has a price, none is negative."""
+        from chat_api.prices import DEFAULT_PRICES, list_price  # prices import nothing of ours
+
+        for name, (price_in, price_out) in self.prices.items():
+            if price_in < 0 or price_out < 0:
+                raise ValueError(f"CHAT_API_PRICES: the price of {name} must not be negative")
+        if self.demo:
+            return  # the demo model costs nothing, whatever a request calls it
+        prices = {**DEFAULT_PRICES, **self.prices}
+        for name in (*self.models, *self.embedding_models):
+            if list_price(name, prices) is None:
+                raise ValueError(
+                    f"CHAT_API_PRICES: no price for the model {name}. Every allowed model needs "
+                    f"one, e.g. CHAT_API_PRICES='{{\"{name}\": [1.25, 10]}}' (USD per million "
+                    "input and output tokens; [0, 0] makes it free on purpose)"
+                )
 
     @property
     def has_upstream_key(self) -> bool:
@@ -238,8 +294,39 @@ def settings_error_line(error: ValidationError | SettingsError) -> str:
     return f"{variable_name(str(loc[0]))}: {message}{shown}"
 
 
-def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
-    """`CHAT_API_*` variables that no setting reads: almost always a typo."""
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`CHAT_API_*` variables that no setting reads: almost always a typo.
+
+    Both places settings come from are looked at, the environment and the
+    `.env` file; a name found only in `.env` is given as `NAME in .env`.
+    """
     env = os.environ if environ is None else environ
     known = {variable_name(name) for name in Settings.model_fields}
-    return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
+    # pydantic-settings reads names in any case, so compare them in upper case.
+    in_env = {name.upper() for name in env}
+    in_file = {name.upper() for name in DotEnvSettingsSource(Settings).env_vars} - in_env
+
+    def unknown(names: set[str]) -> list[str]:
+        return sorted(name for name in names if name.startswith(ENV_PREFIX) and name not in known)
+
+    return [*unknown(in_env), *(f"{name} in .env" for name in unknown(in_file))]
+
+
+def base_url_hint(url: str | None) -> str | None:
+    """A warning for an `OPENAI_BASE_URL` that is valid but likely to answer 404."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    calls = f"chat calls go to {url.rstrip('/')}/chat/completions"
+    host = parts.hostname or ""
+    if host == "openai.com" or host.endswith(".openai.com"):
+        if not path.endswith("/v1"):
+            return f"OPENAI_BASE_URL has no /v1 at the end: {calls}; OpenAI's API is at {OPENAI_V1}"
+        return None
+    if not path:
+        return (
+            f"OPENAI_BASE_URL has no path: {calls}; most OpenAI-compatible servers answer "
+            "under /v1, like http://localhost:11434/v1"
+        )
+    return None

@@ -1,81 +1,53 @@
-"""The one chat engine both API dialects use.
+"""The one engine every operation runs through.
 
-A request goes: `prepare` (validate, pick the model, adapt it) → the meter's
-`admit` (key limits and budget; reserve the worst case) → the provider → the
-meter's `settle` (the ledger row, the real cost). The simple API and `/v1` are
-thin adapters over `complete` and `stream`; neither can skip a step.
+A call goes: the operation's `prepare` (check, pick the model, work out the
+worst case) → the meter's `admit` (limits, calls in flight, the worst-case
+reservation) → the provider → settlement (the ledger row at what the
+upstream billed, the reservation swapped for the real cost). Routes are
+thin adapters over `complete` and `stream`; none can skip a step.
+
+Once admitted, a call always settles, exactly once, whatever happens:
+
+- a whole answer is read by its own task, so a client that leaves does not
+  stop it (OpenAI goes on writing and bills the whole answer): the task
+  reads it to the end, bounded by the upstream timeout, and records its
+  exact usage;
+- a stream is a `CallStream`, which owns its upstream response and its
+  settlement, as openai-python's `Stream` owns its close: closed by its
+  iterator's end, by `aclose()`, or when opening it fails, even if nobody
+  ever iterated it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import orjson
-
-from chat_api.catalog import Catalog, ModelInfo
+from chat_api.calls import CallContext, CallResult, Chunk, Prepared, StreamStats
+from chat_api.catalog import Catalog
 from chat_api.config import Settings
-from chat_api.errors import BadRequest, NotConfigured, UpstreamError
-from chat_api.meter import Admission, Caller, CallResult, Meter
+from chat_api.errors import ChatAPIError, NotConfigured, UpstreamError
+from chat_api.limits.admission import Admission, Meter
+from chat_api.operations.base import parse_event
+from chat_api.operations.chat import ChatCompletion, as_chunks
+from chat_api.operations.embeddings import Embedding
+from chat_api.operations.responses import Compaction, Response, is_final
 from chat_api.providers.base import Completion, Provider, UpstreamStream
-from chat_api.redact import redact
-from chat_api.tokens import estimate_prompt_tokens, tokens_for_chars
-
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-# Request fields that would change where or as whom we call upstream.
-FORBIDDEN_FIELDS = frozenset(
-    {"api_key", "base_url", "api_base", "organization", "project", "headers", "extra_headers"}
-)
+from chat_api.tokens import CHARS_PER_TOKEN
 
 
-@dataclass(slots=True)
-class CallContext:
-    """Who asked, through which endpoint, under which request id."""
+class StreamedAnswer(Protocol):
+    """What `Engine.stream` hands back: events to relay, and a close that settles."""
 
-    request_id: str
-    endpoint: str
-    caller: Caller | None = None
-    headers: dict[str, str] = field(default_factory=dict)  # rate-limit headers for the answer
-    result: CallResult | None = None  # set once the call is let through, for the log line
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+
+    async def aclose(self) -> None: ...
 
 
-@dataclass(slots=True)
-class Prepared:
-    """A validated request, ready for the upstream."""
-
-    model: ModelInfo
-    body: dict[str, Any]
-    stream: bool
-    client_wants_usage: bool
-    prompt_estimate: int
-    max_tokens: int | None
-    choices: int
-
-
-@dataclass(slots=True)
-class Chunk:
-    """One streamed event: the bytes as received, and their parse."""
-
-    raw: bytes
-    data: dict[str, Any]
-    is_usage_only: bool = False
-
-
-@dataclass(slots=True)
-class StreamStats:
-    """What a stream relayed so far, for the ledger."""
-
-    content_chars: int = 0
-    usage: dict[str, Any] | None = None
-    finish_reason: str | None = None
-    first_token_at: float | None = None
-    upstream_request_id: str | None = None
-
-
-class ChatEngine:
-    """Validates, meters and forwards chat requests to the provider."""
+class Engine:
+    """Meters and forwards every operation's calls to the provider."""
 
     def __init__(
         self,
@@ -89,76 +61,14 @@ class ChatEngine:
         self.catalog = catalog
         self.provider = provider
         self.meter = meter
+        self.chat = ChatCompletion(settings, catalog)
+        self.responses = Response(settings, catalog)
+        self.compaction = Compaction(settings, catalog)
+        self.embeddings = Embedding(settings, catalog)
         self.open_streams = 0
-        self._streams_changed = streams_changed
-
-    # --- validation -----------------------------------------------------------
-
-    def prepare(self, body: dict[str, Any], *, caller: Caller | None = None) -> Prepared:
-        """Check an OpenAI-shaped request body and adapt it for its model.
-
-        Raises `BadRequest` (400) or `ModelNotAllowed` (400/404) before
-        anything is sent upstream.
-        """
-        s = self.settings
-        for name in FORBIDDEN_FIELDS.intersection(body):
-            raise BadRequest(f"The field '{name}' cannot be set by clients.", param=name)
-        model_name = body.get("model")
-        if model_name is not None and not isinstance(model_name, str):
-            raise BadRequest("'model' must be a string.", param="model")
-        info = self.catalog.resolve(model_name)
-        if caller is not None:
-            caller.check_model(info.name)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty list of messages.", param="messages")
-        if len(messages) > s.max_messages:
-            raise BadRequest(
-                f"Too many messages: at most {s.max_messages} are allowed.", param="messages"
-            )
-        for index, message in enumerate(messages):
-            _check_message(message, index, s.max_message_chars)
-        stream = False if body.get("stream") is None else body["stream"]  # null: false
-        if not isinstance(stream, bool):
-            raise BadRequest("'stream' must be true or false.", param="stream")
-        max_tokens = _positive_int(body, "max_completion_tokens", s.max_tokens_limit)
-        if max_tokens is None:
-            max_tokens = _positive_int(body, "max_tokens", s.max_tokens_limit)
-        choices = _positive_int(body, "n", s.max_choices) or 1
-        temperature = body.get("temperature")
-        if temperature is not None and (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, int | float)
-            or not 0 <= temperature <= 2
-        ):
-            raise BadRequest("'temperature' must be a number from 0 to 2.", param="temperature")
-        options = body.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise BadRequest("'stream_options' must be an object.", param="stream_options")
-        wants_usage = bool(options and options.get("include_usage"))
-
-        upstream = self.catalog.adapt(info, body)
-        if upstream is body:
-            upstream = dict(body)
-        upstream["model"] = info.name
-        if stream and info.streaming:
-            # Always ask for usage, so the ledger is exact; clients that did
-            # not ask never see the extra chunk.
-            upstream["stream_options"] = {**(options or {}), "include_usage": True}
-        else:
-            upstream.pop("stream", None)
-            upstream.pop("stream_options", None)
-        return Prepared(
-            model=info,
-            body=upstream,
-            stream=stream,
-            client_wants_usage=wants_usage,
-            prompt_estimate=estimate_prompt_tokens(messages),
-            max_tokens=max_tokens,
-            choices=choices,
-        )
-
-    # --- calls ------------------------------------------------------------------
+        self.streams_changed = streams_changed
+        self._whole_answers: set[asyncio.Task[Completion]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # background answers being watched
 
     def _provider(self) -> Provider:
         if self.provider is None:
@@ -169,209 +79,253 @@ class ChatEngine:
         """One whole answer. Every call that reached the upstream is settled."""
         provider = self._provider()
         admission = await self.meter.admit(ctx, prepared)
+        result = ctx.result = CallResult.start(ctx, prepared)
+        return await _awaited(self._start_whole(provider, prepared, result, admission), result)
+
+    def _start_whole(
+        self, provider: Provider, prepared: Prepared, result: CallResult, admission: Admission
+    ) -> asyncio.Task[Completion]:
+        """The whole answer, read (and settled) by its own task: a client leaving cannot stop it."""
+        task = asyncio.get_running_loop().create_task(
+            self._whole(provider, prepared, result, admission)
+        )
+        self._whole_answers.add(task)
+        task.add_done_callback(self._whole_answers.discard)
+        return task
+
+    async def _whole(
+        self, provider: Provider, prepared: Prepared, result: CallResult, admission: Admission
+    ) -> Completion:
+        operation = prepared.operation
         started = time.monotonic()
-        result = ctx.result = CallResult.start(ctx, prepared, streamed=False)
+        settle_now = True
         try:
-            completion = await provider.complete(prepared.body, ctx.request_id)
+            completion = await provider.complete(
+                operation.upstream_path, prepared.body, result.request_id
+            )
         except BaseException as exc:
             result.fail(exc)
+            result.use_usage(None)
             raise
         else:
+            result.outcome = "client_closed" if result.client_left else "ok"
             result.upstream_request_id = completion.upstream_request_id
-            result.use_usage(completion.data.get("usage"), estimate_completion=0)
-            result.outcome = "ok"
+            pending = operation.pending(completion.data)
+            if pending is not None:
+                # Background mode: the reservation is held until the answer is final.
+                settle_now = False
+                self._watch(provider, prepared, result, admission, pending)
+                return completion
+            # No usage in the answer (some compatible servers): its size, a token per 4 bytes.
+            written = -(-len(completion.raw) // CHARS_PER_TOKEN)
+            result.use_usage(operation.usage(completion.data), generated=written)
             return completion
         finally:
             result.latency = time.monotonic() - started
             result.first_token = result.latency
+            if settle_now:
+                admission.settle(result)
+
+    def _watch(
+        self,
+        provider: Provider,
+        prepared: Prepared,
+        result: CallResult,
+        admission: Admission,
+        response_id: str,
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._settle_when_final(provider, prepared, result, admission, response_id)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _settle_when_final(
+        self,
+        provider: Provider,
+        prepared: Prepared,
+        result: CallResult,
+        admission: Admission,
+        response_id: str,
+    ) -> None:
+        """Ask the upstream how a background answer ended (bounded), then settle it.
+
+        If it is not final within `CHAT_API_BACKGROUND_WAIT`, or the server
+        stops first, the call is billed at its reservation (the worst case).
+        """
+        usage: tuple[int, int] | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.background_wait
+        interval = self.settings.background_poll_interval
+        try:
+            while loop.time() < deadline:
+                await asyncio.sleep(interval)
+                interval = min(interval * 1.5, 30.0)
+                try:
+                    answer = await provider.forward(
+                        "GET", f"/responses/{response_id}", None, result.request_id
+                    )
+                except ChatAPIError:
+                    continue  # away for a moment: ask again
+                if is_final(answer.data):
+                    usage = prepared.operation.usage(answer.data)
+                    break
+        finally:
+            if usage is None:
+                result.prompt_tokens, result.completion_tokens = (
+                    prepared.prompt_bound,
+                    prepared.output_bound,
+                )
+                result.estimated = True
+            else:
+                result.use_usage(usage)
             admission.settle(result)
 
-    async def stream(self, prepared: Prepared, ctx: CallContext) -> AsyncIterator[Chunk]:
+    async def stream(self, prepared: Prepared, ctx: CallContext) -> StreamedAnswer:
         """Open a streamed answer.
 
         Errors before the upstream answered (retries done) are raised here,
-        so the caller can still answer with a status code. The returned
-        iterator raises `ChatAPIError` for failures after that.
+        so the caller can still answer with a status code; the call is
+        settled by then. The returned stream raises `ChatAPIError` for
+        failures after that, and settles when it ends or is closed.
         """
         provider = self._provider()
         admission = await self.meter.admit(ctx, prepared)
-        started = time.monotonic()
-        result = ctx.result = CallResult.start(ctx, prepared, streamed=True)
-        if prepared.model.streaming:
-            try:
-                upstream = await provider.open_stream(prepared.body, ctx.request_id)
-            except BaseException as exc:
-                result.fail(exc)
-                result.latency = time.monotonic() - started
-                admission.settle(result)
-                raise
-            if upstream.upstream_request_id:
-                ctx.headers["X-Upstream-Request-ID"] = upstream.upstream_request_id
-        else:
-            upstream = _SingleChunkStream(provider, prepared, ctx.request_id)
-        # Only what the relay needs: the request body (the whole conversation)
-        # is not held for as long as the answer streams.
-        return self._relay(upstream, prepared.client_wants_usage, admission, result, started)
-
-    async def _relay(
-        self,
-        upstream: UpstreamStream,
-        client_wants_usage: bool,
-        admission: Admission,
-        result: CallResult,
-        started: float,
-    ) -> AsyncIterator[Chunk]:
-        stats = StreamStats(upstream_request_id=upstream.upstream_request_id)
-        self.open_streams += 1
-        self._streams_changed(1)
+        result = ctx.result = CallResult.start(ctx, prepared)
+        if not prepared.model.streaming:
+            # Read by its own task; the stream starts now, so pings flow while it thinks.
+            return _Replay(
+                prepared, result, self._start_whole(provider, prepared, result, admission)
+            )
+        call = CallStream(self, prepared, result, admission)
         try:
-            async for raw in upstream:
-                chunk = _parse_chunk(raw)
-                _observe(chunk, stats)
-                if stats.first_token_at is None:
-                    stats.first_token_at = time.monotonic()
-                if not chunk.is_usage_only or client_wants_usage:
-                    yield chunk
-                del raw, chunk  # not held while the next event is awaited: thousands wait at once
-            if not upstream.saw_done and stats.finish_reason is None:
-                raise UpstreamError("The answer was cut off: the connection to OpenAI ended early.")
-            result.outcome = "ok"
+            await call.open(provider)
         except BaseException as exc:
             result.fail(exc)
+            await call.aclose()
+            raise
+        if call.upstream_request_id:
+            ctx.headers["X-Upstream-Request-ID"] = call.upstream_request_id
+        return call
+
+    async def drain(self, grace: float) -> None:
+        """Let whole answers still being read (clients gone) finish and settle, at shutdown."""
+        if self._whole_answers:
+            await asyncio.wait(set(self._whole_answers), timeout=grace)
+        for task in [*self._whole_answers, *self._background]:
+            task.cancel()  # settles with an estimate: its finally runs
+        if self._whole_answers or self._background:
+            await asyncio.wait({*self._whole_answers, *self._background}, timeout=1.0)
+
+
+class CallStream:
+    """A streamed answer that owns its upstream response and its settlement."""
+
+    def __init__(
+        self, engine: Engine, prepared: Prepared, result: CallResult, admission: Admission
+    ) -> None:
+        self._engine = engine
+        self._operation = prepared.operation
+        self._wants_usage = prepared.client_wants_usage
+        self._result = result
+        self._admission: Admission | None = admission
+        self._body: dict[str, Any] | None = prepared.body
+        self._upstream: UpstreamStream | None = None
+        self._ended = False  # the relay ran to its end or raised: the outcome is set
+        self._stats = StreamStats()
+        self._started = time.monotonic()
+        self.upstream_request_id: str | None = None
+        engine.open_streams += 1
+        engine.streams_changed(1)
+
+    async def open(self, provider: Provider) -> None:
+        body, self._body = self._body, None  # not held while it streams: the whole conversation
+        assert body is not None
+        self._upstream = await provider.open_stream(
+            self._operation.upstream_path, body, self._result.request_id
+        )
+        self.upstream_request_id = self._upstream.upstream_request_id
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._relay()
+
+    async def _relay(self) -> AsyncIterator[Chunk]:
+        upstream = self._upstream
+        assert upstream is not None
+        stats = self._stats
+        try:
+            async for raw in upstream:
+                chunk = parse_event(raw)
+                self._operation.observe(chunk, stats, self._wants_usage)
+                if stats.first_token_at is None:
+                    stats.first_token_at = time.monotonic()
+                if chunk.relay:
+                    yield chunk
+                del raw, chunk  # not held while the next event is awaited: thousands wait at once
+            if self._operation.ends_with_done and not upstream.saw_done and not stats.finished:
+                raise UpstreamError("The answer was cut off: the connection to OpenAI ended early.")
+            if not self._operation.ends_with_done and not stats.finished:
+                raise UpstreamError("The answer was cut off: the connection to OpenAI ended early.")
+            self._result.outcome = "ok"
+            self._ended = True
+        except BaseException as exc:
+            self._result.fail(exc)
+            self._ended = True
             raise
         finally:
-            self.open_streams -= 1
-            self._streams_changed(-1)
-            await upstream.aclose()
-            result.upstream_request_id = upstream.upstream_request_id
-            result.latency = time.monotonic() - started
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the upstream at once and settle the call; safe to call twice."""
+        admission, self._admission = self._admission, None
+        if admission is None:
+            return
+        engine, result, stats = self._engine, self._result, self._stats
+        engine.open_streams -= 1
+        engine.streams_changed(-1)
+        try:
+            if self._upstream is not None:
+                await self._upstream.aclose()
+                result.upstream_request_id = self._upstream.upstream_request_id
+        finally:
+            result.latency = time.monotonic() - self._started
             if stats.first_token_at is not None:
-                result.first_token = stats.first_token_at - started
-            result.use_usage(stats.usage, estimate_completion=tokens_for_chars(stats.content_chars))
+                result.first_token = stats.first_token_at - self._started
+            if not self._ended and self._upstream is not None:
+                result.outcome = "client_closed"  # closed from outside before its end
+            generated = max(stats.pieces, -(-stats.generated_bytes // CHARS_PER_TOKEN))
+            result.use_usage(self._operation.stream_usage(stats), generated=generated)
             admission.settle(result)
 
 
-def _parse_chunk(raw: bytes) -> Chunk:
+async def _awaited(task: asyncio.Task[Completion], result: CallResult) -> Completion:
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("OpenAI sent a broken event; the answer stopped.") from None
-    if not isinstance(data, dict):
-        raise UpstreamError("OpenAI sent a broken event; the answer stopped.")
-    error = data.get("error")
-    if error is not None:
-        message = error.get("message") if isinstance(error, dict) else None
-        raise UpstreamError(
-            f"OpenAI stopped the answer: {redact(str(message))}"
-            if message
-            else "OpenAI stopped the answer."
-        )
-    return Chunk(raw, data, is_usage_only=not data.get("choices") and bool(data.get("usage")))
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        result.client_left = True  # the task reads the answer to its end and settles it
+        raise
 
 
-def _observe(chunk: Chunk, stats: StreamStats) -> None:
-    data = chunk.data
-    usage = data.get("usage")
-    if usage:
-        stats.usage = usage
-    for choice in data.get("choices") or ():
-        delta = choice.get("delta") or {}
-        content = delta.get("content")
-        if content:
-            stats.content_chars += len(content)
-        for call in delta.get("tool_calls") or ():
-            arguments = (call.get("function") or {}).get("arguments")
-            if arguments:
-                stats.content_chars += len(arguments)
-        if choice.get("finish_reason"):
-            stats.finish_reason = choice["finish_reason"]
+class _Replay:
+    """A whole answer, read by its own task, relayed as the stream events it would have been."""
 
-
-def _check_message(message: Any, index: int, max_chars: int) -> None:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise BadRequest(f"'{where}' must be an object with 'role' and 'content'.", param=where)
-    role = message.get("role")
-    if not isinstance(role, str) or role not in ROLES:  # a dict or list role is unhashable
-        raise BadRequest(
-            f"'{where}.role' must be one of: system, developer, user, assistant, tool.",
-            param=f"{where}.role",
-        )
-    content = message.get("content")
-    if content is None:
-        calls = message.get("tool_calls")
-        if role in ("assistant", "function") or (isinstance(calls, list) and calls):
-            return
-        raise BadRequest(f"'{where}.content' is required.", param=f"{where}.content")
-    if isinstance(content, str):
-        size = len(content)
-    elif isinstance(content, list):
-        size = sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
-        if not all(isinstance(part, dict) for part in content):
-            raise BadRequest(f"'{where}.content' parts must be objects.", param=f"{where}.content")
-    else:
-        raise BadRequest(
-            f"'{where}.content' must be a string or a list of parts.", param=f"{where}.content"
-        )
-    if size > max_chars:
-        raise BadRequest(
-            f"'{where}.content' is too long: at most {max_chars} characters are allowed.",
-            param=f"{where}.content",
-        )
-
-
-def _positive_int(body: dict[str, Any], name: str, ceiling: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # JSON does not tell 1 from 1.0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(f"'{name}' must be a whole number of at least 1.", param=name)
-    if value > ceiling:
-        raise BadRequest(f"'{name}' is too large: at most {ceiling} is allowed.", param=name)
-    return value
-
-
-class _SingleChunkStream:
-    """A whole answer presented as a stream of one chunk, for models that cannot stream."""
-
-    def __init__(self, provider: Provider, prepared: Prepared, request_id: str) -> None:
-        self._provider = provider
+    def __init__(
+        self, prepared: Prepared, result: CallResult, task: asyncio.Task[Completion]
+    ) -> None:
         self._prepared = prepared
-        self._request_id = request_id
-        self.upstream_request_id: str | None = None
-        self.saw_done = False
+        self._result = result
+        self._task = task
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        completion = await self._provider.complete(self._prepared.body, self._request_id)
-        self.upstream_request_id = completion.upstream_request_id
-        data = completion.data
-        head = {
-            "id": data.get("id"),
-            "object": "chat.completion.chunk",
-            "created": data.get("created"),
-            "model": data.get("model"),
-            "system_fingerprint": data.get("system_fingerprint"),
-        }
-        choices = []
-        for choice in data.get("choices") or ():
-            message = dict(choice.get("message") or {})
-            calls = message.get("tool_calls")
-            if calls:
-                message["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-            choices.append(
-                {
-                    "index": choice.get("index", 0),
-                    "delta": message,
-                    "logprobs": choice.get("logprobs"),
-                    "finish_reason": choice.get("finish_reason"),
-                }
-            )
-        yield orjson.dumps({**head, "choices": choices})
-        if data.get("usage"):
-            yield orjson.dumps({**head, "choices": [], "usage": data["usage"]})
-        self.saw_done = True
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        completion = await _awaited(self._task, self._result)
+        stats = StreamStats()
+        operation = self._prepared.operation
+        for raw in as_chunks(completion):
+            chunk = parse_event(raw)
+            operation.observe(chunk, stats, self._prepared.client_wants_usage)
+            if chunk.relay:
+                yield chunk
 
     async def aclose(self) -> None:
-        return None
+        if not self._task.done():
+            self._result.client_left = True  # it goes on, and settles when the answer is in

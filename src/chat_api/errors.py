@@ -10,7 +10,8 @@
     ├── Forbidden                   403 permission_denied
     ├── NotFound                    404 not_found (model_not_found from the upstream)
     ├── RateLimited                 429 requests|tokens rate_limit_exceeded,
-    │                                   insufficient_quota insufficient_quota (+ Retry-After)
+    │                                   insufficient_quota insufficient_quota
+    │                                   (+ Retry-After when waiting helps)
     ├── ServiceUnavailable          503 service_unavailable (+ Retry-After when known)
     │   └── NotConfigured           503 no OpenAI key and no demo mode
     ├── UpstreamError               502 upstream_error
@@ -180,16 +181,16 @@ class RateLimited(ChatAPIError):
         code: str | None = None,
         reason: str | None = None,
     ) -> None:
+        """`retry_after=None`: no wait is known to help (a budget that never renews, no
+        credit left), so no Retry-After, and SDKs are told not to retry."""
         if code == "insufficient_quota":
             kind = "insufficient_quota"
         elif kind == "insufficient_quota":
             code = "insufficient_quota"
-        wait: dict[str, str] = {}
-        self.retry_after: int | None = None
-        if retry_after is not None:
-            self.retry_after = max(1, int(retry_after + 0.999))
-            wait["Retry-After"] = str(self.retry_after)
+        seconds = None if retry_after is None else max(1, int(retry_after + 0.999))
+        wait = dict(self.DO_NOT_RETRY) if seconds is None else {"Retry-After": str(seconds)}
         super().__init__(message, code=code, headers={**(headers or {}), **wait})
+        self.retry_after = seconds
         self.error_type = kind
         self.reason = reason or self.code
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from typing import Any
@@ -41,6 +42,19 @@ class RedactingFilter(logging.Filter):
             if name not in _STANDARD and name not in _ID_FIELDS and isinstance(value, str):
                 setattr(record, name, redact(value))  # fields passed as `extra` too
         return True
+
+
+class StopFilter(logging.Filter):
+    """Drops uvicorn's report of a request that the server cancelled because it is stopping.
+
+    Such a stream has already told its client (a last error event) and
+    settled its call; uvicorn still logs the cancellation as "Exception in
+    ASGI application" with some forty lines of traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.name == "uvicorn.error" and isinstance(error, asyncio.CancelledError))
 
 
 class JSONFormatter(logging.Formatter):
@@ -83,6 +97,7 @@ def configure(level: str, fmt: str) -> None:
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else PlainFormatter())
+    handler.addFilter(StopFilter())  # before RedactingFilter, which turns exc_info into text
     handler.addFilter(RedactingFilter())
     for name in ("chat_api", "uvicorn", "uvicorn.error", "gunicorn.error"):
         logger = logging.getLogger(name)

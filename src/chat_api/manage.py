@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 # imported inside each command, so `chat-api serve` starts (or fails) fast.
 
 Loader = Callable[[], Settings]
+_T = TypeVar("_T")
 
 
 def _run(settings: Settings, work: Callable[[AsyncEngine], Awaitable[int]]) -> int:
@@ -54,42 +56,64 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
+    if isinstance(value, float):  # dollars, already as exact as they are kept: shown in full
+        return format(Decimal(repr(value)).normalize(), "f")
     if isinstance(value, list):
         return ",".join(map(str, value)) or "all"
     return str(value)
 
 
+# Where `chat-api keys create` takes each field of a key.
+_FLAG_FOR_FIELD = {
+    "name": "--name",
+    "models": "--models",
+    "rpm": "--rpm",
+    "tpm": "--tpm",
+    "budget_usd": "--budget",
+    "budget_period": "--period",
+    "expires_in_days": "--days",
+}
+
+KEYS_OFF_WARNING = (
+    "chat-api: warning: keys are not checked until CHAT_API_MASTER_KEY is set; "
+    "until then the service answers every request, with or without a key."
+)
+
+
+def _flag_error(exc: ValidationError) -> str:
+    """The first problem with a new key's fields, named by its flag."""
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{_FLAG_FOR_FIELD.get(field, field)}: {message[:1].lower()}{message[1:]}."
+
+
 def _keys_create(settings: Settings, args: argparse.Namespace) -> int:
-    from chat_api.routes.schemas import describe
     from chat_api.store.keys import KeySpec, KeyStore
 
     try:
-        budget = Decimal(args.budget) if args.budget is not None else None
         spec = KeySpec(
             name=args.name,
             models=[m.strip() for m in (args.models or "").split(",") if m.strip()],
             rpm=args.rpm,
             tpm=args.tpm,
-            budget_usd=budget,
+            max_in_flight=args.max_in_flight,
+            budget_usd=args.budget,
             budget_period=args.period,
             expires_in_days=args.days,
         )
-    except InvalidOperation:
-        raise SystemExit(
-            "chat-api: --budget must be a number of dollars, like 5 or 2.50."
-        ) from None
     except ValidationError as exc:
-        raise SystemExit(f"chat-api: {describe(exc)}") from None
+        raise SystemExit(f"chat-api: {_flag_error(exc)}") from None
     for model in spec.models:
         if model not in settings.models:
-            raise SystemExit(f"chat-api: the model '{model}' is not in CHAT_API_MODELS.")
+            raise SystemExit(f"chat-api: --models: the model '{model}' is not in CHAT_API_MODELS.")
 
     async def work(engine: AsyncEngine) -> int:
         record, secret = await KeyStore(engine).create(spec)
         print(f"Created key {record.id} ({record.name}).")
         print(f"Secret (shown only now, keep it safe): {secret}")
+        if not settings.keys_enabled:
+            print(KEYS_OFF_WARNING, file=sys.stderr)
         return 0
 
     return _run(settings, work)
@@ -103,6 +127,7 @@ _KEY_COLUMNS = (
     "models",
     "rpm",
     "tpm",
+    "max_in_flight",
     "budget_usd",
     "budget_period",
     "expires_at",
@@ -149,14 +174,53 @@ def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     return _run(settings, work)
 
 
-def _day(value: str | None) -> datetime | None:
+def _refusing(parse: Callable[[str], _T], expected: str) -> Callable[[str], _T]:
+    """An argparse type: what `parse` cannot take is refused as "expected <expected>"."""
+
+    def convert(value: str) -> _T:
+        try:
+            return parse(value)
+        except (ValueError, ArithmeticError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+
+    return convert
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A flag's type: a whole number from `low` (up to `high`)."""
+
+    def number(value: str) -> int:
+        parsed = int(value)
+        if parsed < low or (high is not None and parsed > high):
+            raise ValueError(value)
+        return parsed
+
+    span = f"from {low} to {high}" if high is not None else f"of {low} or more"
+    return _refusing(number, f"a whole number {span}")
+
+
+def _amount(value: str) -> Decimal:
+    amount = Decimal(value)
+    if not amount.is_finite():
+        raise ValueError(value)
+    return amount
+
+
+def _day(value: str) -> datetime:
     from chat_api.errors import ChatAPIError
     from chat_api.routes.usage import parse_day
 
     try:
-        return parse_day(value, "date")
-    except ChatAPIError as exc:
-        raise SystemExit(f"chat-api: {exc.message}") from None
+        day = parse_day(value, "date")
+    except ChatAPIError:
+        raise ValueError(value) from None
+    assert day is not None
+    return day
+
+
+_dollars = _refusing(_amount, "a number of dollars, like 5 or 2.50")
+_days = _refusing(float, "a number of days, like 30 or 0.5")
+_date = _refusing(_day, "a date like 2026-11-30 or 2026-11-30T12:00")
 
 
 def _usage(settings: Settings, args: argparse.Namespace) -> int:
@@ -168,8 +232,8 @@ def _usage(settings: Settings, args: argparse.Namespace) -> int:
             key_id=args.key,
             all_keys=args.key is None,
             model=args.model,
-            since=_day(args.since),
-            until=_day(args.until),
+            since=args.since,
+            until=args.until,
         )
         measures = ("requests", "prompt_tokens", "completion_tokens", "cost_usd")
         print(table([summary["totals"]], measures))
@@ -201,15 +265,20 @@ def add_commands(commands: Any, load: Loader) -> None:
     create = key_commands.add_parser("create", help="make a new client key")
     create.add_argument("--name", required=True, help="who or what the key is for")
     create.add_argument("--models", help="comma-separated models it may use (default: all)")
-    create.add_argument("--rpm", type=int, help="requests per minute")
-    create.add_argument("--tpm", type=int, help="tokens per minute")
-    create.add_argument("--budget", help="budget in US dollars, e.g. 5 or 2.50")
+    create.add_argument("--rpm", type=whole_number(1), help="requests per minute")
+    create.add_argument("--tpm", type=whole_number(1), help="tokens per minute")
+    create.add_argument(
+        "--max-in-flight",
+        type=whole_number(1),
+        help="calls in progress at once (default: the server's)",
+    )
+    create.add_argument("--budget", type=_dollars, help="budget in US dollars, e.g. 5 or 2.50")
     create.add_argument(
         "--period",
         choices=["daily", "monthly", "total"],
         help="when the budget renews (default: total, never)",
     )
-    create.add_argument("--days", type=float, help="the key expires after this many days")
+    create.add_argument("--days", type=_days, help="the key expires after this many days")
     create.set_defaults(handler=bind(_keys_create))
     key_commands.add_parser("list", help="every key, without secrets").set_defaults(
         handler=bind(_keys_list)
@@ -225,8 +294,8 @@ def add_commands(commands: Any, load: Loader) -> None:
     usage = commands.add_parser("usage", help="who spent what, as tables")
     usage.add_argument("--key", help="only this key id")
     usage.add_argument("--model", help="only this model")
-    usage.add_argument("--since", help="from this day, e.g. 2026-11-01")
-    usage.add_argument("--until", help="before this day")
+    usage.add_argument("--since", type=_date, help="from this day, e.g. 2026-11-01")
+    usage.add_argument("--until", type=_date, help="before this day")
     usage.set_defaults(handler=bind(_usage))
 
     db = commands.add_parser("db", help="database schema")

@@ -19,7 +19,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from chat_api.meter import CallResult
+from chat_api.calls import CallResult
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

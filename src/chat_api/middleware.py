@@ -111,7 +111,7 @@ class CrossOrigin(CORSMiddleware):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         origin = sec_fetch_site = host = None
-        for name, value in scope["headers"]:
+        for name, value in scope.get("headers", ()):  # lifespan has none
             if name == b"origin":
                 origin = value
             elif name == b"sec-fetch-site":

@@ -53,8 +53,12 @@ class EventStreamResponse(Response):
         keepalive: float,
         headers: Mapping[str, str] | None = None,
         on_shutdown: bytes | None = None,
+        owner: object | None = None,
     ) -> None:
         self.events = events
+        # What the events come from (an engine.CallStream): closed at the end whatever
+        # happens, even if the events were never started (a failed first write).
+        self.owner = owner
         self.keepalive = keepalive
         self.on_shutdown = on_shutdown  # the last event when the server stops mid-stream
         self.status_code = 200
@@ -82,12 +86,12 @@ class EventStreamResponse(Response):
             if not finished:
                 writer.cancel()
 
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        self.send, self.last_write = send, loop.time()
         keepalive = KeepAlive.of(loop)
-        keepalive.add(self)
         watcher = asyncio.ensure_future(watch())
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            self.send, self.last_write = send, loop.time()
+            keepalive.add(self)
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 self.last_write = loop.time()
@@ -116,6 +120,7 @@ class EventStreamResponse(Response):
                 self.pinging.cancel()
             watcher.cancel()
             await _close(self.events)
+            await _close(self.owner)
 
     async def ping(self) -> None:
         if self.send is None:
@@ -177,7 +182,7 @@ _KEEPALIVES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KeepAlive] = (
 )
 
 
-async def _close(events: AsyncIterator[bytes]) -> None:
+async def _close(events: object) -> None:
     """Run the events' cleanup (closing the upstream, the ledger row) to the end."""
     close = getattr(events, "aclose", None)
     if close is not None:

@@ -20,19 +20,21 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chat_api.auth import Guard
+from chat_api.calls import CallResult
 from chat_api.catalog import Catalog
 from chat_api.config import Settings
-from chat_api.engine import ChatEngine
+from chat_api.engine import Engine
+from chat_api.limits.admission import KeyMeter
 from chat_api.limits.budgets import Budgets, MemoryBudgets, RedisBudgets
 from chat_api.limits.counters import Counter, MemoryCounter, RedisCounter
-from chat_api.limits.policy import KeyMeter
-from chat_api.meter import CallResult
+from chat_api.limits.in_flight import InFlight, MemoryInFlight, RedisInFlight
 from chat_api.metrics import Metrics
 from chat_api.middleware import cors_summary
 from chat_api.providers import build_provider
 from chat_api.store.database import migrate, open_engine
 from chat_api.store.keys import KeyStore
 from chat_api.store.ledger import Ledger
+from chat_api.store.owners import OwnerStore
 
 log = logging.getLogger("chat_api")
 
@@ -66,17 +68,26 @@ async def open_services(
     redis: Redis | None = None
     counter: Counter = MemoryCounter()
     budgets: Budgets = MemoryBudgets()
+    in_flight: InFlight = MemoryInFlight()
     if settings.redis_url:
         redis = Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         stack.push_async_callback(redis.aclose)
         counter = RedisCounter(redis, prefix=settings.redis_prefix, replicas=settings.replicas)
         budgets = RedisBudgets(redis, prefix=settings.redis_prefix)
+        in_flight = RedisInFlight(redis, prefix=settings.redis_prefix, replicas=settings.replicas)
 
     def record(result: CallResult) -> None:
         ledger.add(result)
         metrics.call_done(result)
 
-    meter = KeyMeter(catalog, counter, budgets, record, ledger.spent)
+    meter = KeyMeter(
+        counter,
+        budgets,
+        in_flight,
+        record,
+        ledger.spent,
+        default_max_in_flight=settings.max_in_flight,
+    )
     stack.push_async_callback(meter.drain)  # runs before the ledger closes
 
     provider = build_provider(settings)
@@ -87,12 +98,13 @@ async def open_services(
             "No OpenAI key is set: chat answers 503. Set OPENAI_API_KEY_CYB_SEC, "
             "or CHAT_API_DEMO=1 for the demo model."
         )
-    engine = ChatEngine(
-        settings, catalog, provider, meter, streams_changed=metrics.open_streams.inc
-    )
+    engine = Engine(settings, catalog, provider, meter, streams_changed=metrics.open_streams.inc)
     stack.push_async_callback(_let_streams_finish, engine)
+    # Whole answers whose clients left are read to their end (and billed) first.
+    stack.push_async_callback(engine.drain, settings.shutdown_grace)
     keys = KeyStore(database)
     app.state.engine = engine
+    app.state.owners = OwnerStore(database)
     app.state.keys = keys
     app.state.ledger = ledger
     app.state.meter = meter
@@ -117,7 +129,7 @@ async def open_services(
     )
 
 
-async def _let_streams_finish(engine: ChatEngine) -> None:
+async def _let_streams_finish(engine: Engine) -> None:
     """Streams the server cancelled at shutdown still close upstream and settle: wait for that."""
     for _ in range(30):
         if engine.open_streams <= 0:

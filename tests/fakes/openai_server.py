@@ -4,20 +4,35 @@ It speaks `POST /v1/chat/completions` (whole and streamed, with usage and
 tool-call deltas) and misbehaves on demand. Tests queue `Plan`s; each request
 takes the next one (or the default answer). It records every request it
 received and whether each stream was closed early by its client.
+
+The Responses API (tests/fakes/responses_api.py), conversations, embeddings
+and model pages (tests/fakes/conversations_api.py) are served from the same
+app and the same plan queue: each model call (chat completion, response,
+compaction, embedding) takes the first plan whose `endpoint` is None; any
+other request takes only a plan that names its endpoint (`"responses.retrieve"`,
+`"conversations.items.list"`…). What the upstream billed for them is in `biller`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.types import Message, Receive, Scope, Send
 
+from tests.fakes.billing import Biller
+
 DEFAULT_TEXT = "Hello from the fake upstream. It has several words to stream."
+MODEL_CALLS = frozenset(
+    {"chat.completions.create", "responses.create", "responses.compact", "embeddings.create"}
+)
 
 
 @dataclass
@@ -29,8 +44,8 @@ class Plan:
     error_body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     tool_calls: list[dict[str, Any]] | None = None
-    finish_reason: str = "stop"
-    usage: dict[str, int] | None = None  # default: words counted
+    finish_reason: str = "stop"  # responses: "length" or "content_filter" make it incomplete
+    usage: dict[str, Any] | None = None  # default: words counted
     send_usage: bool = True
     delay_before_headers: float = 0.0
     chunk_interval: float = 0.0
@@ -44,6 +59,13 @@ class Plan:
     comments_forever: bool = False  # only ': keep-alive' lines, never data
     # Sent as they are on a 200 answer, whole or streamed (bytes need not be latin-1).
     raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # None: the next model call takes this plan; else only a request to this endpoint.
+    endpoint: str | None = None
+    # The Responses API also reads these (chunks are its events):
+    reasoning_tokens: int = 0  # a reasoning item first, and this many reasoning tokens
+    cached_tokens: int = 0  # input_tokens_details.cached_tokens
+    failed_after_chunks: int | None = None  # send response.failed after N events
+    queued_for: float = 0.0  # a background response stays queued this long
 
 
 @dataclass
@@ -51,6 +73,8 @@ class Received:
     body: dict[str, Any]
     headers: dict[str, str]
     path: str
+    method: str = "POST"
+    query: dict[str, str] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
     closed_early: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -64,6 +88,20 @@ class FakeOpenAI:
         self.received: list[Received] = []
         self.lock = threading.Lock()
         self.api_key = "sk-test-fake-upstream-key-0123456789abcdef"
+        self.biller = Biller()
+        # Imported here: both modules build on this one.
+        from tests.fakes.conversations_api import ConversationsAPI
+        from tests.fakes.responses_api import ResponsesAPI
+
+        self.responses = ResponsesAPI(self)
+        self.conversations = ConversationsAPI(self)
+        self.routes = [
+            (method, re.compile(pattern), name, handler)
+            for method, pattern, name, handler in [
+                *self.responses.routes(),
+                *self.conversations.routes(),
+            ]
+        ]
 
     # --- test-side helpers --------------------------------------------------
 
@@ -78,9 +116,21 @@ class FakeOpenAI:
     def last(self) -> Received:
         return self.received[-1]
 
-    def _next_plan(self) -> Plan:
+    def _next_plan(self, endpoint: str = "chat.completions.create") -> Plan:
         with self.lock:
-            return self.plans.pop(0) if self.plans else Plan()
+            for index, plan in enumerate(self.plans):
+                if plan.endpoint == endpoint or (plan.endpoint is None and endpoint in MODEL_CALLS):
+                    return self.plans.pop(index)
+            return Plan()
+
+    def _route(
+        self, method: str, path: str
+    ) -> tuple[str, Callable[[Any], Awaitable[None]], dict[str, str]] | None:
+        for route_method, pattern, name, handler in self.routes:
+            match = pattern.fullmatch(path)
+            if match and route_method == method:
+                return name, handler, match.groupdict()
+        return None
 
     # --- ASGI -----------------------------------------------------------------
 
@@ -91,33 +141,65 @@ class FakeOpenAI:
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    await self.responses.stop()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         if scope["path"] == "/v1/models":
             await _send_json(send, 200, {"object": "list", "data": []})
             return
+        route = None
         if scope["path"] != "/v1/chat/completions":
-            await _send_json(send, 404, {"error": {"message": "no such path"}})
-            return
+            route = self._route(scope["method"], scope["path"])
+            if route is None:
+                await _send_json(send, 404, {"error": {"message": "no such path"}})
+                return
         raw = b""
         while True:
             message = await receive()
             raw += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        record = Received(json.loads(raw or b"{}"), headers, scope["path"])
+        query = dict(parse_qsl(scope["query_string"].decode()))
+        record = Received(json.loads(raw or b"{}"), headers, scope["path"], scope["method"], query)
         self.received.append(record)
-        plan = self._next_plan()
+        plan = self._next_plan(route[0] if route else "chat.completions.create")
         if headers.get("authorization") != f"Bearer {self.api_key}":
             plan = Plan(status=401, error_body=_error("Incorrect API key provided: sk-te****", 401))
         watcher = asyncio.ensure_future(_watch_disconnect(receive, record))
         try:
-            await self._answer(plan, record, send)
+            if route is None:
+                await self._answer(plan, record, send)
+            else:
+                await self._serve(route, plan, record, send)
             record.finished.set()
         finally:
             await asyncio.sleep(0)
             watcher.cancel()
+
+    async def _serve(
+        self,
+        route: tuple[str, Callable[[Any], Awaitable[None]], dict[str, str]],
+        plan: Plan,
+        record: Received,
+        send: Send,
+    ) -> None:
+        from tests.fakes.responses_api import Refusal
+        from tests.fakes.responses_events import Call
+
+        name, handler, params = route
+        if plan.delay_before_headers:
+            await asyncio.sleep(plan.delay_before_headers)
+        if plan.status != 200:
+            body = plan.error_body or _error("fake error", plan.status)
+            await _send_json(send, plan.status, body, plan.headers)
+            return
+        try:
+            await handler(Call(name, params, record.query, record.body, plan, record, send))
+        except Refusal as refusal:
+            await _send_json(
+                send, refusal.status, refusal.body, {"x-request-id": "req_fake_upstream"}
+            )
 
     async def _answer(self, plan: Plan, record: Received, send: Send) -> None:
         if plan.delay_before_headers:
@@ -168,29 +250,7 @@ class FakeOpenAI:
                 plan.raw_headers,
             )
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream"),
-                    *((k.encode(), v.encode()) for k, v in _default_request_id(plan).items()),
-                    *plan.raw_headers,
-                ],
-            }
-        )
-        if plan.raw_chunks is not None:
-            for piece in plan.raw_chunks:
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-                await asyncio.sleep(plan.chunk_interval)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        if plan.comments_forever:
-            while not record.closed_early.is_set():
-                await send(
-                    {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
-                )
-                await asyncio.sleep(0.05)
+        if await start_stream(plan, record, send, b"text/event-stream"):
             return
         head = {
             "id": "chatcmpl-fake123",
@@ -275,6 +335,35 @@ def _default_request_id(plan: Plan) -> dict[str, str]:
     if any(name.lower() == b"x-request-id" for name, _ in plan.raw_headers):
         return {}
     return {"x-request-id": "req_fake_upstream"}
+
+
+async def start_stream(plan: Plan, record: Received, send: Send, content_type: bytes) -> bool:
+    """Start a 200 event stream; True when the plan's raw bytes or comments were the whole of it."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", content_type),
+                *((k.encode(), v.encode()) for k, v in _default_request_id(plan).items()),
+                *plan.raw_headers,
+            ],
+        }
+    )
+    if plan.raw_chunks is not None:
+        for piece in plan.raw_chunks:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await asyncio.sleep(plan.chunk_interval)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+    if plan.comments_forever:
+        while not record.closed_early.is_set():
+            await send(
+                {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+            )
+            await asyncio.sleep(0.05)
+        return True
+    return False
 
 
 def _words(text: str) -> list[str]:

@@ -247,14 +247,15 @@ def test_a_crowd_of_concurrent_streams_is_served_or_capped_and_resources_come_ba
         }
     )
     pid = gateway.process.pid
-    warm, _ = make_key(gateway.url)
+    warm, _ = make_key(gateway.url, max_in_flight=1000)
     fake.queue(*[Plan(chunk_interval=0.05) for _ in range(2 * count + 100)])
     # Warm up with concurrent key lookups: the database pool grows to its steady size.
     asyncio.run(_crowd(gateway.port, warm, 100))
     baseline = idle_stats(gateway.url, pid)
     after: list[ProcStats] = []
     for round_ in range(2):  # the second round shows whether anything ratchets up
-        secret, _ = make_key(gateway.url, rpm=cap)  # a fresh key: a fresh per-minute count
+        # A fresh key (a fresh per-minute count) allowed as many streams at once as it may make.
+        secret, _ = make_key(gateway.url, rpm=cap, max_in_flight=count)
         avoid_minute_edge(margin=45 if FULL else 8)
         started = time.monotonic()
         results = asyncio.run(_crowd(gateway.port, secret, count))

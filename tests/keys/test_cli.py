@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
+from chat_api import cli
+from chat_api.manage import table
 from tests.conftest import GatewayFactory
 from tests.keys.conftest import MASTER, auth
 
@@ -74,16 +77,85 @@ def test_create_use_list_revoke_and_read_usage(
     )
 
 
-def test_mistakes_get_one_plain_line(tmp_path: Path) -> None:
-    database = f"sqlite+aiosqlite:///{tmp_path}/cli.db"
-    for args, says in (
-        (("keys", "create", "--name", "x", "--budget", "lots"), "number of dollars"),
-        (("keys", "create", "--name", "x", "--models", "gpt-99"), "not in CHAT_API_MODELS"),
-        (("keys", "create", "--name", "x", "--rpm", "0"), "'rpm' is out of range"),
-        (("usage", "--since", "last week"), "must be a date"),
-    ):
-        result = _cli(*args, database=database)
-        assert result.returncode != 0
-        assert says in result.stderr and "Traceback" not in result.stderr
-    assert "up to date" in _cli("db", "upgrade", database=database).stdout
-    assert "There is no key" in _cli("keys", "revoke", "key_nope", database=database).stdout
+CREATE = ("keys", "create", "--name", "x")
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "says"),
+    [
+        (("usage", "--since", "yesterday"), "--since", "expected a date like 2026-11-30"),
+        (("usage", "--until", "soon"), "--until", "expected a date like 2026-11-30"),
+        ((*CREATE, "--budget", "lots"), "--budget", "number of dollars"),
+        ((*CREATE, "--budget", "NaN"), "--budget", "number of dollars"),
+        ((*CREATE, "--budget", "-1"), "--budget", "greater than or equal"),
+        ((*CREATE, "--budget", "0.1234567"), "--budget", "6 decimal"),
+        ((*CREATE, "--models", "gpt-99"), "--models", "CHAT_API_MODELS"),
+        ((*CREATE, "--rpm", "0"), "--rpm", "whole number of 1 or more"),
+        ((*CREATE, "--rpm", "many"), "--rpm", "whole number"),
+        ((*CREATE, "--rpm", "2000000000"), "--rpm", "less than or equal"),
+        ((*CREATE, "--tpm", "1.5"), "--tpm", "whole number"),
+        ((*CREATE, "--days", "soon"), "--days", "number of days"),
+        ((*CREATE, "--days", "0"), "--days", "greater than 0"),
+        ((*CREATE, "--period", "weekly"), "--period", "daily"),
+        (("keys", "create", "--name", ""), "--name", "at least 1 character"),
+        (("keys", "create"), "--name", "required"),
+        (("serve", "--port", "70000"), "--port", "from 0 to 65535"),
+        (("serve", "--port", "http"), "--port", "from 0 to 65535"),
+        (("serve", "--workers", "0"), "--workers", "of 1 or more"),
+        (("serve", "--backlog", "lots"), "--backlog", "of 1 or more"),
+        (("serve", "--log-level", "loud"), "--log-level", "debug"),
+    ],
+)
+def test_a_wrong_flag_is_named_in_one_plain_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    flag: str,
+    says: str,
+) -> None:
+    monkeypatch.setenv("CHAT_API_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/cli.db")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(list(args))
+    # argparse prints its usage and a line, then exits 2; our own checks exit with their line.
+    code = stopped.value.code
+    said = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert code not in (0, None)
+    assert flag in said and says in said, said
+    assert "Traceback" not in said and "'date'" not in said
+
+
+def test_other_mistakes_get_one_plain_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CHAT_API_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/cli.db")
+    assert cli.main(["db", "upgrade"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert cli.main(["keys", "revoke", "key_nope"]) == 1
+    assert "There is no key" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keys_on", [False, True], ids=["keys-off", "keys-on"])
+def test_a_key_made_while_keys_are_off_comes_with_a_warning(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    keys_on: bool,
+) -> None:
+    monkeypatch.setenv("CHAT_API_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/cli.db")
+    if keys_on:
+        monkeypatch.setenv("CHAT_API_MASTER_KEY", MASTER)
+    assert cli.main(["keys", "create", "--name", "early"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"cak_[\w-]+", out), "the key is still made"
+    if keys_on:
+        assert err == ""
+    else:
+        assert "CHAT_API_MASTER_KEY" in err and "not checked" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_the_usage_table_shows_dollars_in_full() -> None:
+    rows = [{"cost_usd": 1.35e-05}, {"cost_usd": 0.0}, {"cost_usd": 2.5}, {"cost_usd": 12.0}]
+    lines = table(rows, ["cost_usd"]).splitlines()[2:]
+    assert lines == ["0.0000135", "0", "2.5", "12"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from chat_api.routes.ops import UpstreamProbe
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.keys.conftest import MASTER, PrivateRedis, auth, make_key
-from tests.ops.conftest import Spawn
+from tests.ops.conftest import Spawn, free_port
 
 WORDS = len(DEFAULT_TEXT.split(" "))
 
@@ -114,8 +116,56 @@ def test_one_json_line_per_request_with_ids_and_no_keys(
     assert not re.search(r"Traceback", everything)
 
 
+def test_ready_says_when_the_upstream_cannot_be_reached(gateway_factory: GatewayFactory) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    nobody = f"http://{address}/v1"
+    server = gateway_factory(openai_base_url=nobody)
+    ready = httpx.get(server.url + "/ready")
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
+    checks = ready.json()["checks"]
+    assert checks["database"] == "ok"
+    assert checks["upstream"].startswith("failing") and address in checks["upstream"]
+    demo = gateway_factory(openai_base_url=nobody, demo=True)  # the demo calls nobody
+    assert httpx.get(demo.url + "/ready").status_code == 200
+
+
+def test_the_upstream_probe_is_cached_for_ten_seconds() -> None:
+    async def scenario() -> list[str]:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        upstream = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        now = 100.0
+        probe = UpstreamProbe(f"http://127.0.0.1:{port}/v1", clock=lambda: now)
+        seen = [await probe.status()]
+        upstream.close()
+        await upstream.wait_closed()
+        now += 9.9
+        seen.append(await probe.status())  # still the answer of 9.9 s ago: no new connection
+        now += 0.1
+        seen.append(await probe.status())  # ten seconds on: asked again, and nobody answers
+        return seen
+
+    ok, cached, failing = asyncio.run(scenario())
+    assert ok == cached == "ok"
+    assert failing.startswith("failing") and "cannot connect to 127.0.0.1" in failing
+
+
+def test_the_upstream_probe_asks_the_proxy_when_there_is_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    direct = UpstreamProbe("https://api.openai.com/v1")
+    assert (direct.host, direct.port) == ("api.openai.com", 443)
+    monkeypatch.setenv("HTTPS_PROXY", "http://10.1.2.3:3128")
+    proxied = UpstreamProbe("https://api.openai.com/v1")
+    assert (proxied.host, proxied.port) == ("10.1.2.3", 3128)
+
+
 @pytest.mark.parametrize("workers", [2])
-def test_metrics_add_up_across_workers(
+def test_workers_add_up_their_metrics_and_log_like_one(
     spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path, workers: int
 ) -> None:
     gateway = spawn(
@@ -132,3 +182,11 @@ def test_metrics_add_up_across_workers(
     text = httpx.get(gateway.url + "/metrics").text
     assert _metric(text, "chatapi_requests_total", route="/chat", status="200") == 20
     assert _metric(text, "chatapi_upstream_calls_total", outcome="ok") == 20
+    gateway.stop()
+    lines = [json.loads(line) for line in gateway.logs().splitlines() if line.startswith("{")]
+    messages = [entry["message"] for entry in lines]
+    assert messages.count("started") == workers  # each worker's start, as one process logs it
+    chat = [e for e in lines if e["message"] == "request" and e.get("route") == "/chat"]
+    assert len(chat) == 20 and all(e["status"] == 200 for e in chat)
+    assert messages.count("Application shutdown complete.") == workers
+    assert "Traceback" not in gateway.logs()

@@ -138,3 +138,31 @@ def test_gunicorn_workers_load_the_app_that_quiets_the_collector(
     with ServerThread(app) as served:
         assert httpx.get(served.url + "/health").status_code == 200
         assert gc.get_threshold() == (50_000, 20, 10)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_quietly(spawn: Spawn, tmp_path: Path) -> None:
+    gateway = spawn(
+        {
+            "CHAT_API_DEMO": "1",
+            "CHAT_API_DEMO_DELAY": "0.2",  # the demo's answer takes about ten seconds
+            "CHAT_API_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
+            "CHAT_API_LEDGER_FLUSH_INTERVAL": "30",  # rows stay queued until shutdown
+        }
+    )
+    reader = StreamReader(gateway, "/chat/stream", {"message": "hi"})
+    reader.start()
+    assert reader.first.wait(10)
+    gateway.signal(signal.SIGINT)
+    deadline = time.monotonic() + 10
+    while "Shutting down" not in gateway.logs():  # the first Ctrl-C has been taken
+        assert time.monotonic() < deadline, gateway.logs()
+        time.sleep(0.05)
+    gateway.signal(signal.SIGINT)
+    assert gateway.wait(20) == 0
+    reader.join(5)
+    logs = gateway.logs()
+    assert "Traceback" not in logs, logs
+    assert "second Ctrl-C" in logs
+    last = json.loads(reader.events[-1])
+    assert "restarting" in last["error"]  # the client was told, not cut off
+    assert _rows(tmp_path) == [("/chat/stream", "client_closed")]  # and the call was recorded

@@ -204,7 +204,13 @@ def test_models_list_and_retrieve(gateway_factory: GatewayFactory) -> None:
     server = gateway_factory(models=("gpt-4o", "o1-mini", "gpt-4o-mini"))
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as sdk:
         listed = sdk.models.list()
-        assert [m.id for m in listed.data] == ["gpt-4o", "o1-mini", "gpt-4o-mini"]
+        assert [m.id for m in listed.data] == [
+            "gpt-4o",
+            "o1-mini",
+            "gpt-4o-mini",
+            "text-embedding-3-small",  # the embedding models follow the chat models
+            "text-embedding-3-large",
+        ]
         assert {m.object for m in listed.data} == {"model"}
         one = sdk.models.retrieve("o1-mini")
         assert one.id == "o1-mini" and one.object == "model"

@@ -2,12 +2,14 @@
 
 Before a call, `reserve` adds the call's worst-case cost to the running
 total (spent plus everything reserved by calls still in flight) in one
-atomic step, if and only if the total is still under the limit. After the
-call, `adjust` swaps the reservation for the real cost. So a request is
-refused only once the budget is really taken, and however many run at once,
-spending ends below limit + one request's worst-case cost: the last request
-let in saw every earlier one counted at its worst case. The running total
-starts from the ledger (`seed`) the first time a key's period is seen.
+atomic step, if and only if the total stays within the limit. After the
+call, `adjust` swaps the reservation for the real cost. So however many
+calls run at once, on however many replicas, what they can cost together
+never passes the limit: each was let in only if its worst case fitted
+beside every earlier one counted at its own worst case. (Only a call whose
+upstream bill passed its worst case could break that, and the worst case
+is built so that it cannot.) The running total starts from the ledger
+(`seed`) the first time a key's period is seen.
 
 `RedisBudgets` keeps totals in Redis for all replicas; when Redis cannot be
 reached it fails closed (503), because money is not guessed.
@@ -47,8 +49,13 @@ def utcnow() -> datetime:
 
 
 class Budgets(Protocol):
-    async def reserve(self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed) -> int:
-        """Reserve `amount` micro-dollars while under `limit`; 0 when the budget is taken."""
+    async def reserve(
+        self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed
+    ) -> tuple[bool, int]:
+        """Reserve `amount` micro-dollars if the total stays within `limit`.
+
+        Returns whether it was reserved, and the total before this call.
+        """
         ...
 
     async def adjust(self, key_id: str, bucket: str, delta: int) -> None: ...
@@ -67,14 +74,16 @@ class MemoryBudgets:
             self._used.setdefault(key, seeded)  # another request may have seeded meanwhile
         return self._used[key]
 
-    async def reserve(self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed) -> int:
-        used = await self.used(key_id, bucket, seed)
+    async def reserve(
+        self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed
+    ) -> tuple[bool, int]:
+        await self.used(key_id, bucket, seed)
         # No await from here on: check and take happen as one step.
         used = self._used[(key_id, bucket)]
-        if used >= limit:
-            return 0
+        if used + amount > limit:
+            return False, used
         self._used[(key_id, bucket)] = used + amount
-        return amount
+        return True, used
 
     async def adjust(self, key_id: str, bucket: str, delta: int) -> None:
         key = (key_id, bucket)
@@ -84,11 +93,11 @@ class MemoryBudgets:
 
 _RESERVE = """
 local cur = redis.call('GET', KEYS[1])
-if not cur then return -1 end
+if not cur then return {-1, 0} end
 cur = tonumber(cur)
-if cur >= tonumber(ARGV[2]) then return 0 end
+if cur + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0, cur} end
 redis.call('INCRBY', KEYS[1], ARGV[1])
-return tonumber(ARGV[1])
+return {1, cur}
 """
 
 _UNAVAILABLE = "Budgets cannot be checked right now (the shared store is away). Try again shortly."
@@ -118,17 +127,19 @@ class RedisBudgets:
         except (RedisError, OSError):
             raise ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"}) from None
 
-    async def reserve(self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed) -> int:
+    async def reserve(
+        self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed
+    ) -> tuple[bool, int]:
         key = self._key(key_id, bucket)
         try:
             for _ in range(2):
-                taken = int(await self._reserve(keys=[key], args=[amount, limit]))
-                if taken >= 0:
-                    return taken
+                taken, used = await self._reserve(keys=[key], args=[amount, limit])
+                if int(taken) >= 0:
+                    return bool(taken), int(used)
                 await self._seed(key, seed)
         except (RedisError, OSError):
             raise ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"}) from None
-        return 0
+        return False, limit
 
     async def adjust(self, key_id: str, bucket: str, delta: int) -> None:
         if delta:

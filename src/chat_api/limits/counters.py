@@ -33,8 +33,13 @@ class Hit:
 
 
 class Counter(Protocol):
-    async def hit(self, name: str, amount: int, limit: int) -> Hit:
-        """Count `amount` if it fits under `limit` in this minute."""
+    async def hit(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
+        """Count `amount` if it fits under `limit` in this minute.
+
+        `whole=False`: count it while the minute is still under `limit`, so
+        one call may pass the limit by its own amount (token limits: a call
+        with a large worst case must still be possible on a small limit).
+        """
         ...
 
     async def add(self, name: str, window: int, amount: int) -> None:
@@ -52,16 +57,16 @@ class MemoryCounter:
         self._counts: dict[tuple[str, int], int] = {}
         self._last_window = 0
 
-    async def hit(self, name: str, amount: int, limit: int) -> Hit:
-        return self.hit_now(name, amount, limit)
+    async def hit(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
+        return self.hit_now(name, amount, limit, whole=whole)
 
-    def hit_now(self, name: str, amount: int, limit: int) -> Hit:
+    def hit_now(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
         window, reset = _window(time.time())
         if window != self._last_window:
             self._counts = {k: v for k, v in self._counts.items() if k[1] >= window - 1}
             self._last_window = window
         used = self._counts.get((name, window), 0)
-        if used + amount > limit:
+        if (used + amount > limit) if whole else (used >= limit):
             return Hit(False, used, window, reset)
         self._counts[(name, window)] = used + amount
         return Hit(True, used + amount, window, reset)
@@ -75,7 +80,9 @@ class MemoryCounter:
 _HIT = """
 local n = redis.call('INCRBY', KEYS[1], ARGV[1])
 if n == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], 120) end
-if n > tonumber(ARGV[2]) then
+local over = n > tonumber(ARGV[2])
+if ARGV[3] == '0' then over = n - tonumber(ARGV[1]) >= tonumber(ARGV[2]) end
+if over then
   redis.call('DECRBY', KEYS[1], ARGV[1])
   return {0, n - tonumber(ARGV[1])}
 end
@@ -104,18 +111,18 @@ class RedisCounter:
             )
         self._down_until = time.monotonic() + 1.0
 
-    async def hit(self, name: str, amount: int, limit: int) -> Hit:
+    async def hit(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
         if not self.degraded:
             window, reset = _window(time.time())
             try:
                 allowed, used = await self._hit(
-                    keys=[f"{self._prefix}{name}:{window}"], args=[amount, limit]
+                    keys=[f"{self._prefix}{name}:{window}"], args=[amount, limit, int(whole)]
                 )
                 return Hit(bool(allowed), int(used), window, reset)
             except (RedisError, OSError) as exc:
                 self._went_down(exc)
         share = max(1, math.ceil(limit / self._replicas))
-        return self._local.hit_now(name, amount, share)
+        return self._local.hit_now(name, amount, share, whole=whole)
 
     async def add(self, name: str, window: int, amount: int) -> None:
         if amount == 0:

@@ -1,8 +1,9 @@
 """The interface every provider offers the engine.
 
-A provider speaks OpenAI's chat-completions wire format: it takes a request
-body (a dict) and gives back raw JSON bytes, so the gateway can relay what it
-receives without rebuilding it.
+A provider speaks OpenAI's wire format: it takes the API path of an
+operation (`/chat/completions`, `/responses`, `/embeddings`) and a request
+body (a dict), and gives back raw JSON bytes, so the gateway can relay what
+it receives without rebuilding it.
 """
 
 from __future__ import annotations
@@ -50,12 +51,25 @@ class Provider(Protocol):
 
     name: str
 
-    async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
-        """One whole answer. Raises `ChatAPIError` subclasses or SDK errors."""
+    async def complete(self, path: str, body: dict[str, Any], request_id: str) -> Completion:
+        """One whole answer from `POST <base><path>`. Raises `ChatAPIError` subclasses."""
         ...
 
-    async def open_stream(self, body: dict[str, Any], request_id: str) -> UpstreamStream:
+    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> UpstreamStream:
         """Start a streamed answer; returns once the upstream has answered with 200."""
+        ...
+
+    async def forward(
+        self, method: str, path: str, body: dict[str, Any] | None, request_id: str
+    ) -> Completion:
+        """Any other call (`GET /responses/{id}`, `DELETE …`, conversations): its JSON answer.
+
+        `path` may carry a query string. Non-200 answers raise as for `complete`.
+        """
+        ...
+
+    async def open_replay(self, path: str, request_id: str) -> UpstreamStream:
+        """`GET <path>` answered as a stream (a stored response resumed)."""
         ...
 
     async def aclose(self) -> None:

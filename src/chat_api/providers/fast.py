@@ -66,8 +66,8 @@ class FastOpenAIProvider:
 
     def __init__(self, settings: Settings) -> None:
         assert settings.openai_api_key is not None
-        base = (settings.openai_base_url or OPENAI_BASE_URL).rstrip("/")
-        self._url = URL(base + "/chat/completions")  # parsed once, not per call
+        self._base = (settings.openai_base_url or OPENAI_BASE_URL).rstrip("/")
+        self._urls: dict[str, URL] = {}  # each operation's URL, parsed once, not per call
         self._headers = {
             "Authorization": "Bearer " + settings.openai_api_key.get_secret_value(),
             "Content-Type": "application/json",
@@ -100,13 +100,21 @@ class FastOpenAIProvider:
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
             try:
-                self._proxy, self._proxy_auth = get_env_proxy_for_url(self._url)
+                self._proxy, self._proxy_auth = get_env_proxy_for_url(URL(self._base))
             except LookupError:
                 self._proxy, self._proxy_auth = None, None
         return self._session
 
-    async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
-        response = await self._post(body, request_id)
+    def _url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self._base + path)
+        return url
+
+    async def complete(
+        self, path: str, body: dict[str, Any] | None, request_id: str, *, method: str = "POST"
+    ) -> Completion:
+        response = await self._post(path, body, request_id, method=method)
         try:
             raw = await read_capped(
                 response.content.iter_any(), response.content_length, MAX_BODY_BYTES
@@ -125,21 +133,34 @@ class FastOpenAIProvider:
             raise UpstreamError("OpenAI sent an answer that is not a JSON object.")
         return Completion(raw, data, upstream_request_id(response.headers.get("x-request-id")))
 
-    async def open_stream(self, body: dict[str, Any], request_id: str) -> _FastStream:
-        response = await self._post(body, request_id)
+    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _FastStream:
+        response = await self._post(path, body, request_id)
         return _FastStream(response, asyncio.get_running_loop().time() + self._deadline)
 
-    async def _post(self, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+    async def forward(
+        self, method: str, path: str, body: dict[str, Any] | None, request_id: str
+    ) -> Completion:
+        return await self.complete(path, body, request_id, method=method)
+
+    async def open_replay(self, path: str, request_id: str) -> _FastStream:
+        response = await self._post(path, None, request_id, method="GET")
+        return _FastStream(response, asyncio.get_running_loop().time() + self._deadline)
+
+    async def _post(
+        self, path: str, body: dict[str, Any] | None, request_id: str, *, method: str = "POST"
+    ) -> aiohttp.ClientResponse:
         """Send, retrying before any byte of an answer was read; a 200 response, unread."""
-        payload = orjson.dumps(body)
+        payload = None if body is None else orjson.dumps(body)
         headers = {"X-Request-ID": request_id}
         session = self._client()
+        url = self._url(path)
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                response = await session.post(
-                    self._url,
-                    data=_body(payload),
+                response = await session.request(
+                    method,
+                    url,
+                    data=None if payload is None else _body(payload),
                     headers=headers,
                     proxy=self._proxy,
                     proxy_auth=self._proxy_auth,

@@ -39,7 +39,6 @@ from chat_api.providers.base import (
     upstream_request_id,
 )
 
-PATH = "/chat/completions"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
 MAX_ERROR_BYTES = 64 * 1024
 
@@ -70,8 +69,10 @@ class OpenAIProvider:
         )
         self._deadline = settings.stream_deadline
 
-    async def complete(self, body: dict[str, Any], request_id: str) -> Completion:
-        response = await self._post(body, request_id, stream=True)  # read below, capped
+    async def complete(
+        self, path: str, body: dict[str, Any] | None, request_id: str, *, method: str = "POST"
+    ) -> Completion:
+        response = await self._post(path, body, request_id, stream=True, method=method)
         try:
             length = response.headers.get("content-length", "")
             declared = int(length) if length.isdigit() else None
@@ -88,22 +89,45 @@ class OpenAIProvider:
             raise UpstreamError("OpenAI sent an answer that is not a JSON object.")
         return Completion(raw, data, upstream_request_id(response.headers.get("x-request-id")))
 
-    async def open_stream(self, body: dict[str, Any], request_id: str) -> _OpenAIStream:
-        response = await self._post(body, request_id, stream=True)
+    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _OpenAIStream:
+        response = await self._post(path, body, request_id, stream=True)
+        return _OpenAIStream(response, asyncio.get_running_loop().time() + self._deadline)
+
+    async def forward(
+        self, method: str, path: str, body: dict[str, Any] | None, request_id: str
+    ) -> Completion:
+        return await self.complete(path, body, request_id, method=method)
+
+    async def open_replay(self, path: str, request_id: str) -> _OpenAIStream:
+        response = await self._post(path, None, request_id, stream=True, method="GET")
         return _OpenAIStream(response, asyncio.get_running_loop().time() + self._deadline)
 
     async def _post(
-        self, body: dict[str, Any], request_id: str, *, stream: bool
+        self,
+        path: str,
+        body: dict[str, Any] | None,
+        request_id: str,
+        *,
+        stream: bool,
+        method: str = "POST",
     ) -> httpx2.Response:
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
         if stream:
             headers[RAW_RESPONSE_HEADER] = "stream"  # hand back the response unread
         try:
-            return await self._client.post(
-                PATH,
-                cast_to=httpx2.Response,
-                content=orjson.dumps(body),
-                options={"headers": headers},
+            if method == "POST":
+                return await self._client.post(
+                    path,
+                    cast_to=httpx2.Response,
+                    content=orjson.dumps(body),
+                    options={"headers": headers},
+                )
+            if method == "DELETE":
+                return await self._client.delete(
+                    path, cast_to=httpx2.Response, options={"headers": headers}
+                )
+            return await self._client.get(
+                path, cast_to=httpx2.Response, options={"headers": headers}
             )
         except openai.OpenAIError as exc:
             raise _from_sdk(exc) from None

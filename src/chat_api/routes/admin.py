@@ -8,8 +8,8 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from chat_api.calls import Caller
 from chat_api.errors import BadRequest, Forbidden, NotFound
-from chat_api.meter import Caller
 from chat_api.responses import JSONResponse
 from chat_api.routes.deps import CallerDep, engine_of, read_json
 from chat_api.routes.schemas import describe, simple_errors

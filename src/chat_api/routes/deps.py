@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
 
-from chat_api.engine import CallContext, ChatEngine
+from chat_api.calls import CallContext, Caller
+from chat_api.engine import Engine
 from chat_api.errors import BadRequest
-from chat_api.meter import Caller
 
 
-def engine_of(request: Request) -> ChatEngine:
-    engine: ChatEngine = request.app.state.engine
+def engine_of(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
     return engine
 
 
@@ -68,3 +69,23 @@ SHUTDOWN_MESSAGE = "The server is restarting and had to stop this answer. Please
 
 
 CallerDep = Annotated[Caller | None, Depends(authenticate)]
+
+
+def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:
+    """`CHAT_API_FIELD_POLICY`: drop the fields the operator drops, refuse those it refuses.
+
+    For fields that change who pays or what OpenAI keeps (`store`, `metadata`,
+    `user`, `service_tier`, `prompt_cache_key`, `safety_identifier`, ...):
+    passed through unless the operator says otherwise.
+    """
+    for name, rule in policy.items():
+        if name not in body:
+            continue
+        if rule == "refuse":
+            raise BadRequest(
+                f"This server does not accept the field '{name}'. Send the request without it.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        if rule == "drop":
+            del body[name]

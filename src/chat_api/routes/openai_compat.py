@@ -7,17 +7,25 @@ relayed as the bytes the upstream sent. Errors are OpenAI-shaped.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from chat_api.engine import Chunk
+from chat_api.calls import Caller, Chunk
+from chat_api.catalog import Catalog
 from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServiceUnavailable
-from chat_api.meter import Caller
+from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import (
+    SHUTDOWN_MESSAGE,
+    CallerDep,
+    apply_field_policy,
+    context,
+    engine_of,
+    read_json,
+)
 from chat_api.sse import DONE, frame
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
@@ -38,14 +46,14 @@ _ERROR_SCHEMA = {
     },
     "required": ["error"],
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
+V1_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
     for status, text in {
         400: "The request is malformed.",
-        401: "A client key is required and was missing or wrong.",
-        403: "The key may not use this model, OpenAI refuses it for the server's account, "
+        403: "This key may not use that model, OpenAI refused it for this project, "
         "or the request came from a website that may not call this server.",
-        404: "The model is not available here (`model_not_found`).",
+        401: "A client key is required and was missing or wrong.",
+        404: "The model, or the stored object, is not available here.",
         413: "The body is larger than the limit.",
         429: "A rate limit or budget is used up; see Retry-After.",
         502: "OpenAI rejected the server's key, failed, or broke the connection.",
@@ -107,7 +115,7 @@ _COMPLETION_BODY = {
                                 },
                             },
                         },
-                        "stream": {"type": ["boolean", "null"]},  # null: not streamed
+                        "stream": {"type": ["boolean", "null"]},  # null: not set (Node SDK)
                         "max_tokens": {"type": ["integer", "null"], "minimum": 1},
                         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
                     },
@@ -124,33 +132,51 @@ _COMPLETION_BODY = {
 }
 
 
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "openai"}
+def _model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "openai"}
 
 
-def _visible(names: tuple[str, ...], caller: Caller | None) -> list[str]:
+def _visible(catalog: Catalog, caller: Caller | None) -> list[str]:
+    names = [*catalog.names, *catalog.embedding_names]
     if caller is None or not caller.models:
-        return list(names)
+        return names
     return [name for name in names if name in caller.models]
 
 
-@router.get("/models", responses=_ERRORS)
+@router.get("/models", responses=V1_ERRORS)
 async def list_models(request: Request, caller: CallerDep) -> Response:
-    """The models this key may use, as OpenAI's `GET /v1/models` lists them."""
-    names = _visible(engine_of(request).catalog.names, caller)
-    return JSONResponse({"object": "list", "data": [_model_object(name) for name in names]})
+    """The models this key may use (chat and embedding), as OpenAI's `GET /v1/models` lists them."""
+    catalog = engine_of(request).catalog
+    data = [
+        _model_object(name, catalog.published.get(name, 0)) for name in _visible(catalog, caller)
+    ]
+    return JSONResponse({"object": "list", "data": data})
 
 
-@router.get("/models/{model}", responses=_ERRORS)
+@router.get("/models/{model}", responses=V1_ERRORS)
 async def retrieve_model(model: str, request: Request, caller: CallerDep) -> Response:
-    """One model, as OpenAI's `GET /v1/models/{model}` returns it."""
-    names = engine_of(request).catalog.names
-    if model not in _visible(names, caller):
-        raise ModelNotAllowed(model, tuple(_visible(names, caller)))
-    return JSONResponse(_model_object(model))
+    """One model, as OpenAI's `GET /v1/models/{model}` returns it, with its real `created`."""
+    engine = engine_of(request)
+    catalog = engine.catalog
+    visible = _visible(catalog, caller)
+    if model not in visible:
+        raise ModelNotAllowed(model, tuple(visible))
+    created = catalog.published.get(model)
+    if created is None and engine.provider is not None:
+        try:
+            answer = await engine.provider.forward(
+                "GET", f"/models/{model}", None, request.scope["state"]["request_id"]
+            )
+        except ChatAPIError:
+            answer = None
+        value = answer.data.get("created") if answer is not None else None
+        if isinstance(value, int):
+            created = catalog.published[model] = value
+    return JSONResponse(_model_object(model, created or 0))
 
 
-@router.post("/chat/completions", responses=_ERRORS, openapi_extra=_COMPLETION_BODY)
+@router.post("/chat/completions", responses=V1_ERRORS, openapi_extra=_COMPLETION_BODY)
+@hot
 async def chat_completions(request: Request, caller: CallerDep) -> Response:
     """OpenAI's chat completions: same request, same response, same stream.
 
@@ -162,12 +188,13 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_type")
     apply_field_policy(body, request.app.state.settings.field_policy)
-    prepared = engine.prepare(body, caller=caller)
+    prepared = engine.chat.prepare(body, caller)
     ctx = context(request, "/v1/chat/completions", caller)
     if prepared.stream:
-        chunks = await engine.stream(prepared, ctx)
+        chunks = await until_disconnect(request.receive, engine.stream(prepared, ctx))
         return EventStreamResponse(
             _openai_events(chunks),
+            owner=chunks,
             keepalive=request.app.state.settings.keepalive_interval,
             headers=ctx.headers,
             on_shutdown=frame(ServiceUnavailable(SHUTDOWN_MESSAGE).body(openai_dialect=True)),
@@ -179,31 +206,11 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
     return Response(completion.raw, media_type="application/json", headers=headers)
 
 
-def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:
-    """`CHAT_API_FIELD_POLICY`: drop the fields the operator drops, refuse those it refuses.
-
-    For fields that change who pays or what OpenAI keeps (`store`, `metadata`,
-    `user`, `service_tier`, `prompt_cache_key`, `safety_identifier`, ...):
-    passed through unless the operator says otherwise.
-    """
-    for name, rule in policy.items():
-        if name not in body:
-            continue
-        if rule == "refuse":
-            raise BadRequest(
-                f"This server does not accept the field '{name}'. Send the request without it.",
-                param=name,
-                code="unsupported_parameter",
-            )
-        if rule == "drop":
-            del body[name]
-
-
-async def _openai_events(chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+async def _openai_events(chunks: AsyncIterable[Chunk]) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield frame(chunk.raw)
-            del chunk  # see ChatEngine._relay
+            del chunk  # see engine.CallStream._relay
         yield DONE
     except ChatAPIError as exc:
         yield frame(exc.body(openai_dialect=True))

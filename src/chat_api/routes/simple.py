@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import orjson
@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chat_api import __version__
-from chat_api.engine import Chunk
+from chat_api.calls import Chunk
 from chat_api.errors import ChatAPIError
+from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
 from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
 from chat_api.routes.schemas import (
@@ -136,11 +137,12 @@ def _openai_body(chat: ChatRequest, *, stream: bool) -> dict[str, Any]:
     responses=_ERRORS,
     openapi_extra=_CHAT_BODY,
 )
+@hot
 async def chat(request: Request, caller: CallerDep) -> Response:
     """Send one message (with optional history) and get the whole answer."""
     engine = engine_of(request)
     chat_request = parse_chat_request(await read_json(request))
-    prepared = engine.prepare(_openai_body(chat_request, stream=False), caller=caller)
+    prepared = engine.chat.prepare(_openai_body(chat_request, stream=False), caller)
     ctx = context(request, "/chat", caller)
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     choices = completion.data.get("choices") or [{}]
@@ -155,7 +157,7 @@ async def chat(request: Request, caller: CallerDep) -> Response:
                 {"role": "user", "content": chat_request.message},
                 {"role": "assistant", "content": text},
             ],
-            "usage": _usage_of(completion.data.get("usage"), prepared.prompt_estimate, len(text)),
+            "usage": _usage_of(completion.data.get("usage"), prepared.prompt_bound, len(text)),
         },
         headers={**ctx.headers, **_upstream_id(completion.upstream_request_id)},
     )
@@ -172,6 +174,7 @@ async def chat(request: Request, caller: CallerDep) -> Response:
     },
     openapi_extra=_CHAT_BODY,
 )
+@hot
 async def chat_stream(request: Request, caller: CallerDep) -> Response:
     """Send one message and read the answer piece by piece as server-sent events.
 
@@ -181,11 +184,12 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
     """
     engine = engine_of(request)
     chat_request = parse_chat_request(await read_json(request))
-    prepared = engine.prepare(_openai_body(chat_request, stream=True), caller=caller)
+    prepared = engine.chat.prepare(_openai_body(chat_request, stream=True), caller)
     ctx = context(request, "/chat/stream", caller)
-    chunks = await engine.stream(prepared, ctx)
+    chunks = await until_disconnect(request.receive, engine.stream(prepared, ctx))
     return EventStreamResponse(
-        _simple_events(chunks, prepared.model.name, prepared.prompt_estimate),
+        _simple_events(chunks, prepared.model.name, prepared.prompt_bound),
+        owner=chunks,
         keepalive=request.app.state.settings.keepalive_interval,
         headers=ctx.headers,
         on_shutdown=frame(orjson.dumps({"error": SHUTDOWN_MESSAGE})),
@@ -193,7 +197,7 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
 
 
 async def _simple_events(
-    chunks: AsyncIterator[Chunk], model: str, prompt_estimate: int
+    chunks: AsyncIterable[Chunk], model: str, prompt_estimate: int
 ) -> AsyncIterator[bytes]:
     usage: Any = None
     relayed = 0

@@ -9,12 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
+from chat_api.calls import Caller
 from chat_api.errors import BadRequest
 from chat_api.limits.budgets import period_bounds, utcnow
 from chat_api.responses import JSONResponse
 from chat_api.routes.deps import CallerDep
 from chat_api.routes.schemas import simple_errors
-from chat_api.store.ledger import Ledger
+from chat_api.store.ledger import Ledger, dollars
 
 router = APIRouter(tags=["usage"])
 
@@ -57,18 +58,30 @@ async def my_usage(
     body["limits"] = {
         "rpm": caller.rpm if caller else None,
         "tpm": caller.tpm if caller else None,
+        # Calls it may have in progress at once: its own cap, else the server's default.
+        "max_in_flight": _in_flight_cap(request, caller),
         "models": list(caller.models) if caller and caller.models else None,
     }
     body["budget"] = None
     if caller is not None and caller.key_id is not None and caller.budget_usd is not None:
         _, start, reset_in = period_bounds(caller.budget_period, utcnow())
-        spent = await ledger.spent(caller.key_id, start)
-        remaining = max(Decimal(0), caller.budget_usd - spent)
+        spent = dollars(await ledger.spent(caller.key_id, start))
+        # From the spend as shown, so that spent and remaining add up to the limit on screen.
+        remaining = max(Decimal(0), caller.budget_usd - Decimal(repr(spent)))
         body["budget"] = {
-            "limit_usd": float(caller.budget_usd),
+            "limit_usd": dollars(caller.budget_usd),
             "period": caller.budget_period,
-            "spent_usd": round(float(spent), 6),
-            "remaining_usd": round(float(remaining), 6),
+            "spent_usd": spent,
+            "remaining_usd": dollars(remaining),
             "renews_in_seconds": int(reset_in) if caller.budget_period != "total" else None,
         }
     return JSONResponse(body)
+
+
+def _in_flight_cap(request: Request, caller: Caller | None) -> int | None:
+    if caller is None or caller.key_id is None:
+        return None
+    if caller.max_in_flight is not None:
+        return caller.max_in_flight
+    default: int = request.app.state.settings.max_in_flight
+    return default or None

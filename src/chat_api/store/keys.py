@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chat_api.meter import Caller
+from chat_api.calls import Caller
 from chat_api.store.database import as_utc, utcnow
 from chat_api.store.schema import client_keys
 
@@ -53,6 +53,12 @@ class KeySpec(BaseModel):
         default=None, ge=1, le=1_000_000_000, description="Requests per minute."
     )
     tpm: int | None = Field(default=None, ge=1, le=1_000_000_000, description="Tokens per minute.")
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Calls this key may have in progress at once; none: the server's default.",
+    )
     budget_usd: Decimal | None = Field(
         default=None,
         ge=0,
@@ -99,6 +105,7 @@ class KeyRecord:
     models: tuple[str, ...]
     rpm: int | None
     tpm: int | None
+    max_in_flight: int | None
     budget_usd: Decimal | None
     budget_period: str | None
     expires_at: datetime | None
@@ -116,6 +123,7 @@ class KeyRecord:
             models=models,
             rpm=row["rpm"],
             tpm=row["tpm"],
+            max_in_flight=row["max_in_flight"],
             budget_usd=Decimal(str(budget)) if budget is not None else None,
             budget_period=row["budget_period"],
             expires_at=as_utc(row["expires_at"]),
@@ -133,6 +141,7 @@ class KeyRecord:
             models=self.models,
             rpm=self.rpm,
             tpm=self.tpm,
+            max_in_flight=self.max_in_flight,
             budget_usd=self.budget_usd,
             budget_period=self.budget_period,
         )
@@ -149,6 +158,7 @@ class KeyRecord:
             "models": list(self.models),
             "rpm": self.rpm,
             "tpm": self.tpm,
+            "max_in_flight": self.max_in_flight,
             "budget_usd": float(self.budget_usd) if self.budget_usd is not None else None,
             "budget_period": self.budget_period,
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
@@ -177,6 +187,7 @@ class KeyStore:
             "models": ",".join(spec.models),
             "rpm": spec.rpm,
             "tpm": spec.tpm,
+            "max_in_flight": spec.max_in_flight,
             "budget_usd": spec.budget_usd,
             "budget_period": period,
             "expires_at": expires,

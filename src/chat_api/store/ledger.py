@@ -11,19 +11,32 @@ import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from chat_api.meter import CallResult
+from chat_api.calls import CallResult
 from chat_api.store.schema import usage
 
 log = logging.getLogger("chat_api.ledger")
 
 MAX_PENDING = 200_000  # rows held while the database is away (~60 MB)
+STORED = Decimal("0.00000001")  # the ledger keeps dollars to 8 decimals
+
+
+def dollars(amount: Decimal | float | int) -> float:
+    """An amount of money as every answer and table shows it: exactly as the ledger keeps it.
+
+    Nothing is rounded away, so the same spend reads the same everywhere (a
+    sum the database returns as a float is brought back to the 8 decimals it
+    was stored with). Anything finer, which no stored amount has, is rounded
+    up: money errs on the operator's side.
+    """
+    exact = amount if isinstance(amount, Decimal) else Decimal(repr(amount))
+    return float(exact.quantize(STORED, rounding=ROUND_CEILING))
 
 
 def _row(result: CallResult) -> dict[str, Any]:
@@ -42,6 +55,7 @@ def _row(result: CallResult) -> dict[str, Any]:
         "ttft_ms": round(result.first_token * 1000, 3) if result.first_token is not None else None,
         "request_id": result.request_id,
         "upstream_request_id": result.upstream_request_id,
+        "call_id": result.call_id,
     }
 
 
@@ -206,10 +220,10 @@ def _numbers(row: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in dict(row).items():
         name = str(key)  # SQLAlchemy hands back str subclasses, which orjson refuses
-        if isinstance(value, Decimal):
-            out[name] = float(round(value, 6))
-        elif name == "cost_usd" and value is not None:
-            out[name] = round(float(value), 6)
+        if name == "cost_usd" and value is not None:
+            out[name] = dollars(value)
+        elif isinstance(value, Decimal):
+            out[name] = float(value)
         elif name == "day" and value is not None:
             out[name] = str(value)[:10]
         else:

@@ -28,6 +28,7 @@ client_keys = Table(
     Column("models", Text, nullable=False, default=""),
     Column("rpm", Integer, nullable=True),
     Column("tpm", Integer, nullable=True),
+    Column("max_in_flight", Integer, nullable=True),
     Column("budget_usd", Numeric(18, 6), nullable=True),
     Column("budget_period", String(16), nullable=True),
     Column("expires_at", DateTime(timezone=True), nullable=True),
@@ -53,6 +54,18 @@ usage = Table(
     Column("ttft_ms", Float, nullable=True),
     Column("request_id", String(128), nullable=False),
     Column("upstream_request_id", String(128), nullable=True),
+    Column("call_id", String(40), nullable=True),
     Index("ix_usage_key_at", "key_id", "at"),
     Index("ix_usage_at", "at"),
+    Index("ux_usage_call_id", "call_id", unique=True),
+)
+
+# Which key created each stored response or conversation (None: the master key or keys off).
+owners = Table(
+    "owners",
+    metadata,
+    Column("object_id", String(128), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("key_id", String(32), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )

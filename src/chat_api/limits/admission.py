@@ -1,0 +1,298 @@
+"""Admission: whether a call may start, what it reserves, and how it settles.
+
+For a client key, `KeyMeter.admit` counts the request against its
+requests/minute, takes one of its slots for calls in flight, counts the
+call's worst case (`Prepared.worst_tokens`) against its tokens/minute, and
+reserves the worst-case cost (`Prepared.worst_cost`) against its budget. A
+call whose worst case does not fit what the budget has left is refused
+before it starts, with a sentence saying what is left and what would fit.
+Any refusal is a 429 with OpenAI's `x-ratelimit-*` headers, and
+`Retry-After` when waiting helps. Calls by the master key, or with keys
+off, are only recorded.
+
+`Admission.settle` runs exactly once when an admitted call ends, whatever
+happened: it queues the ledger row (never on the response path) and the
+corrections (the real tokens and cost replace the reservation; the slot is
+given back), which a background task applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+from typing import Any, Protocol
+
+from chat_api.calls import CallContext, Caller, CallResult, Prepared
+from chat_api.errors import RateLimited
+from chat_api.limits.budgets import Budgets, period_bounds, utcnow
+from chat_api.limits.counters import Counter
+from chat_api.limits.in_flight import InFlight
+
+log = logging.getLogger("chat_api.limits")
+
+MICRO = Decimal(1_000_000)
+
+Sink = Callable[[CallResult], None]
+SpentSince = Callable[[str, Any], Coroutine[Any, Any, Decimal]]
+
+
+class Admission(Protocol):
+    """A call let through; `settle` must be called exactly once when it ends."""
+
+    def settle(self, result: CallResult) -> None: ...
+
+
+class Meter(Protocol):
+    async def admit(self, ctx: CallContext, prepared: Prepared) -> Admission: ...
+
+
+def to_micro(amount: Decimal) -> int:
+    """Micro-dollars, rounded up: money errs on the operator's side."""
+    return int((amount * MICRO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def dollars(micro: int) -> str:
+    """A micro-dollar amount as people read it: $0.004213."""
+    return f"${Decimal(micro) / MICRO:.6f}"
+
+
+@dataclass(slots=True)
+class _Recorded:
+    meter: KeyMeter
+
+    def settle(self, result: CallResult) -> None:
+        self.meter.sink(result)
+
+
+@dataclass(slots=True)
+class _Limited:
+    meter: KeyMeter
+    key_id: str
+    call_id: str
+    in_flight: bool
+    token_window: int | None
+    tokens_reserved: int
+    bucket: str | None
+    micro_reserved: int
+
+    def settle(self, result: CallResult) -> None:
+        result.call_id = self.call_id
+        self.meter.sink(result)
+        self.meter.later(self._correct(result))
+
+    async def _correct(self, result: CallResult) -> None:
+        meter = self.meter
+        if self.in_flight:
+            await meter.in_flight.give_back(self.key_id, self.call_id)
+        if self.token_window is not None:
+            delta = result.total_tokens - self.tokens_reserved
+            await meter.counter.add(f"tpm:{self.key_id}", self.token_window, delta)
+        if self.bucket is not None:
+            delta = to_micro(result.cost) - self.micro_reserved
+            await meter.budgets.adjust(self.key_id, self.bucket, delta)
+
+
+class KeyMeter:
+    """Limits and records calls; see the module docstring."""
+
+    def __init__(
+        self,
+        counter: Counter,
+        budgets: Budgets,
+        in_flight: InFlight,
+        sink: Sink,
+        spent_since: SpentSince,
+        *,
+        default_max_in_flight: int,
+    ) -> None:
+        self.counter = counter
+        self.budgets = budgets
+        self.in_flight = in_flight
+        self.sink = sink
+        self._spent_since = spent_since
+        self._default_max_in_flight = default_max_in_flight
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recorded = _Recorded(self)
+
+    def later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._quietly(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _quietly(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception as exc:
+            log.warning("could not correct a limit after a call", extra={"error": repr(exc)})
+
+    async def drain(self) -> None:
+        """Wait for queued corrections (at shutdown, and in tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def cap_of(self, caller: Caller) -> int | None:
+        """The calls in flight a key may have; None: no cap."""
+        cap = caller.max_in_flight if caller.max_in_flight is not None else None
+        if cap is None:
+            cap = self._default_max_in_flight or None
+        return cap
+
+    async def admit(self, ctx: CallContext, prepared: Prepared) -> Admission:
+        caller = ctx.caller
+        if caller is None or caller.key_id is None:
+            return self._recorded
+        key_id = caller.key_id
+        call_id = _new_call_id()
+        headers: dict[str, str] = {}
+        undo: list[Coroutine[Any, Any, None]] = []
+        try:
+            if caller.rpm is not None:
+                hit = await self.counter.hit(f"rpm:{key_id}", 1, caller.rpm)
+                headers.update(_rate_headers("requests", caller.rpm, hit.used, hit.reset_in))
+                if not hit.allowed:
+                    raise RateLimited(
+                        f"This key is limited to {caller.rpm} requests a minute. "
+                        f"Try again in {math.ceil(hit.reset_in)} seconds.",
+                        retry_after=hit.reset_in,
+                        headers=headers,
+                    )
+                undo.append(self.counter.add(f"rpm:{key_id}", hit.window, -1))
+            cap = self.cap_of(caller)
+            if cap is not None:
+                if not await self.in_flight.take(key_id, call_id, cap):
+                    raise RateLimited(
+                        f"This key already has {cap} calls in progress, its limit. "
+                        "Wait for one to finish, then try again.",
+                        retry_after=1.0,
+                        headers=headers,
+                        code="too_many_calls_in_flight",
+                    )
+                undo.append(self.in_flight.give_back(key_id, call_id))
+            token_window: int | None = None
+            tokens = prepared.worst_tokens
+            if caller.tpm is not None:
+                hit = await self.counter.hit(f"tpm:{key_id}", tokens, caller.tpm, whole=False)
+                headers.update(_rate_headers("tokens", caller.tpm, hit.used, hit.reset_in))
+                if not hit.allowed:
+                    raise RateLimited(
+                        f"This key is limited to {caller.tpm} tokens a minute. "
+                        f"Try again in {math.ceil(hit.reset_in)} seconds.",
+                        retry_after=hit.reset_in,
+                        kind="tokens",
+                        headers=headers,
+                    )
+                token_window = hit.window
+                undo.append(self.counter.add(f"tpm:{key_id}", hit.window, -tokens))
+            bucket: str | None = None
+            reserved = 0
+            if caller.budget_usd is not None:
+                bucket, reserved = await self._reserve(caller, key_id, prepared, headers)
+        except BaseException:
+            for step in reversed(undo):
+                await step
+            raise
+        for step in undo:
+            step.close()  # kept: these were only needed to undo a refusal
+        ctx.headers.update(headers)
+        return _Limited(
+            self, key_id, call_id, cap is not None, token_window, tokens, bucket, reserved
+        )
+
+    async def _reserve(
+        self, caller: Caller, key_id: str, prepared: Prepared, headers: dict[str, str]
+    ) -> tuple[str, int]:
+        assert caller.budget_usd is not None
+        bucket, start, reset_in = period_bounds(caller.budget_period, utcnow())
+        limit = to_micro(caller.budget_usd)
+        worst = max(1, to_micro(prepared.worst_cost))
+
+        async def seed() -> int:
+            return to_micro(await self._spent_since(key_id, start))
+
+        taken, used = await self.budgets.reserve(key_id, bucket, worst, limit, seed)
+        if taken:
+            return bucket, worst
+        left = max(0, limit - used)
+        renews = caller.budget_period in ("daily", "monthly")
+        raise RateLimited(
+            _refusal(caller, prepared, left, worst, renews, reset_in),
+            # Waiting helps only for a budget that renews (calls in flight
+            # also give back what they did not use, but that is not a promise).
+            retry_after=reset_in if renews else None,
+            headers={**headers, "x-ratelimit-limit-budget-usd": str(caller.budget_usd)},
+            code="insufficient_quota",
+        )
+
+
+def _amount(budget: Decimal) -> str:
+    """A budget as its owner wrote it: $5, $0.06."""
+    return f"${budget.normalize():f}"
+
+
+def _refusal(
+    caller: Caller, prepared: Prepared, left: int, worst: int, renews: bool, reset_in: float
+) -> str:
+    """Why a call does not fit the budget, and what would."""
+    assert caller.budget_usd is not None
+    budget = caller.budget_usd
+    when = f" It renews in {_duration(reset_in)}." if renews else ""
+    if left <= 0:
+        return (
+            f"This key has nothing left of its {_amount(budget)} budget (calls still in "
+            f"progress give back what they do not use when they finish).{when}"
+        )
+    model = prepared.model
+    head = (
+        f"This call could cost up to {dollars(worst)}, but this key has only {dollars(left)} "
+        f"left of its {_amount(budget)} budget."
+    )
+    prompt_cost = to_micro(model.cost(prepared.prompt_bound, 0))
+    per_token = model.cost(0, 1) * MICRO
+    n = prepared.body.get("n")
+    choices = n if isinstance(n, int) and n > 0 else 1
+    if prompt_cost >= left or per_token <= 0:
+        return f"{head} Send a shorter request.{when}"
+    fits = int((left - prompt_cost) / (per_token * choices))
+    if fits < 1:
+        return f"{head} Send a shorter request.{when}"
+    return f"{head} Set max_tokens to {fits} or less and it fits.{when}"
+
+
+def _new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def reset_duration(seconds: float) -> str:
+    """A wait as OpenAI writes it in `x-ratelimit-reset-*`: "120ms", "8.64s", "6m0s", "1h2m3s"."""
+    milliseconds = max(0, round(seconds * 1000))
+    if milliseconds < 1000:
+        return f"{milliseconds}ms"
+    hours, rest = divmod(milliseconds / 1000, 3600)
+    minutes, rest = divmod(rest, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
+
+
+def _rate_headers(kind: str, limit: int, used: int, reset_in: float) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{kind}": str(limit),
+        f"x-ratelimit-remaining-{kind}": str(max(0, limit - used)),
+        f"x-ratelimit-reset-{kind}": reset_duration(reset_in),
+    }
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 7200:
+        return f"{round(seconds / 3600)} hours"
+    if seconds >= 120:
+        return f"{round(seconds / 60)} minutes"
+    return f"{math.ceil(seconds)} seconds"

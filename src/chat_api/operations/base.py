@@ -1,0 +1,130 @@
+"""What an operation tells the engine about its kind of call.
+
+The engine runs every operation the same way: admission (limits and the
+worst-case reservation), the provider call, the relay of the answer, and
+settlement (the ledger row at what the upstream billed). An operation only
+says what differs: how a request is checked and bounded (`prepare`), where
+it goes upstream, how usage is read from a whole answer and from stream
+events, and when a stream is complete.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import orjson
+
+from chat_api.calls import Caller, Chunk, Prepared, StreamStats
+from chat_api.errors import BadRequest, UpstreamError
+from chat_api.redact import redact
+
+if TYPE_CHECKING:
+    from chat_api.catalog import Catalog
+    from chat_api.config import Settings
+
+# Request fields that would change where or as whom we call upstream.
+FORBIDDEN_FIELDS = frozenset(
+    {"api_key", "base_url", "api_base", "organization", "project", "headers", "extra_headers"}
+)
+# service_tier values that cost more than the list price: refused for keys with a budget.
+COSTLIER_TIERS = frozenset({"priority", "scale"})
+
+
+class Operation:
+    """One kind of metered call. Subclasses fill in what their kind needs."""
+
+    name: ClassVar[str]
+    upstream_path: ClassVar[str]
+    # Does a stream end with `data: [DONE]` (chat), or with a final event (responses)?
+    ends_with_done: ClassVar[bool] = True
+
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+
+    def prepare(self, body: dict[str, Any], caller: Caller | None) -> Prepared:
+        """Check `body` and work out its worst case; `BadRequest` before anything is sent."""
+        raise NotImplementedError
+
+    def usage(self, data: dict[str, Any]) -> tuple[int, int] | None:
+        """(prompt, completion) tokens from a whole answer, if it says."""
+        raise NotImplementedError
+
+    def observe(self, chunk: Chunk, stats: StreamStats, client_wants_usage: bool) -> None:
+        """Note what a stream event says (usage, text written, the end); mark it not relayed."""
+        raise NotImplementedError
+
+    def pending(self, data: dict[str, Any]) -> str | None:
+        """The id of a stored answer still being written upstream (background mode), if so."""
+        return None
+
+    def stream_usage(self, stats: StreamStats) -> tuple[int, int] | None:
+        """(prompt, completion) tokens from what a stream's events said, if they did."""
+        raise NotImplementedError
+
+    def check_common(self, body: dict[str, Any], caller: Caller | None) -> None:
+        """What every operation refuses, whatever its kind."""
+        for name in FORBIDDEN_FIELDS.intersection(body):
+            raise BadRequest(f"The field '{name}' cannot be set by clients.", param=name)
+        tier = body.get("service_tier")
+        if tier in COSTLIER_TIERS and caller is not None and caller.budget_usd is not None:
+            raise BadRequest(
+                f"service_tier '{tier}' costs more than the list price, so keys with a budget "
+                "cannot use it. Leave it out or use 'auto'.",
+                param="service_tier",
+                code="invalid_value",
+            )
+
+    def stream_flag(self, body: dict[str, Any]) -> bool:
+        stream = body.get("stream")
+        if stream is None:
+            return False  # the Node SDK sends null for "not set"
+        if not isinstance(stream, bool):
+            raise BadRequest("'stream' must be true or false.", param="stream")
+        return stream
+
+
+def parse_event(raw: bytes) -> Chunk:
+    """A stream event's JSON; an error event or broken JSON ends the answer."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("OpenAI sent a broken event; the answer stopped.") from None
+    if not isinstance(data, dict):
+        raise UpstreamError("OpenAI sent a broken event; the answer stopped.")
+    error = data.get("error")
+    if error is not None and data.get("type") in (None, "error"):
+        message = error.get("message") if isinstance(error, dict) else None
+        raise UpstreamError(
+            f"OpenAI stopped the answer: {redact(str(message))}"
+            if message
+            else "OpenAI stopped the answer."
+        )
+    return Chunk(raw, data)
+
+
+def positive_int(body: dict[str, Any], name: str, ceiling: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON does not tell 1 from 1.0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(
+            f"'{name}' must be a whole number of at least 1.", param=name, code="invalid_value"
+        )
+    if value > ceiling:
+        raise BadRequest(
+            f"'{name}' is too large: at most {ceiling} is allowed.",
+            param=name,
+            code="invalid_value",
+        )
+    return value
+
+
+def token_usage(usage: Any, prompt_name: str, completion_name: str) -> tuple[int, int] | None:
+    if isinstance(usage, dict):
+        prompt, completion = usage.get(prompt_name), usage.get(completion_name)
+        if isinstance(prompt, int) and isinstance(completion, int):
+            return prompt, completion
+    return None

@@ -1,0 +1,397 @@
+"""OpenAI's Responses API, conversations and embeddings under `/v1`, relayed as sent.
+
+The gateway adds only keys, limits, metering and ownership. Creating a
+response (or compacting one) and embeddings go through the engine like
+chat: admitted at their worst case, settled at what the upstream billed.
+Everything else (retrieve, resume a stream, delete, cancel, input items,
+conversations) is passed on unmetered, after the ownership check: a stored
+response or conversation belongs to the key that created it, and any other
+client key asking for it — directly, as `previous_response_id` or as
+`conversation` — gets 404 as if it did not exist, before anything reaches
+the upstream. The master key, and everyone when keys are off, sees all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from chat_api.calls import Caller, Chunk
+from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServiceUnavailable
+from chat_api.fastlane import hot
+from chat_api.providers.base import Provider, UpstreamStream
+from chat_api.responses import EventStreamResponse, until_disconnect
+from chat_api.routes.deps import (
+    SHUTDOWN_MESSAGE,
+    CallerDep,
+    apply_field_policy,
+    context,
+    engine_of,
+    read_json,
+)
+from chat_api.routes.openai_compat import V1_ERRORS
+from chat_api.sse import frame
+from chat_api.store.owners import Kind, OwnerStore
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], responses=V1_ERRORS)
+# The bodies follow OpenAI's API reference and are relayed as they are.
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
+
+
+def _owners(request: Request) -> OwnerStore:
+    owners: OwnerStore = request.app.state.owners
+    return owners
+
+
+def _key_of(caller: Caller | None) -> str | None:
+    return caller.key_id if caller is not None else None
+
+
+async def _check_owner(request: Request, caller: Caller | None, object_id: str, kind: Kind) -> None:
+    """404, as if it did not exist, unless `caller` may see `object_id`."""
+    if caller is None or caller.key_id is None:
+        return  # keys off, or the master key: everything
+    owner = await _owners(request).owner_of(object_id)
+    if owner is None or owner.key_id != caller.key_id or owner.kind != kind:
+        noun = "response" if kind == "response" else "conversation"
+        raise NotFound(
+            f"No {noun} with id '{object_id}' was found.",
+            param="previous_response_id" if kind == "response" else "conversation",
+            code=f"{noun}_not_found",
+        )
+
+
+def _conversation_id(body: dict[str, Any]) -> str | None:
+    conversation = body.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    if conversation is not None and not isinstance(conversation, str):
+        raise BadRequest(
+            "'conversation' must be an id or {\"id\": ...}.",
+            param="conversation",
+            code="invalid_type",
+        )
+    return conversation
+
+
+async def _check_references(request: Request, caller: Caller | None, body: dict[str, Any]) -> None:
+    """Stored objects a request would read: each must be the caller's own."""
+    given = body.get("input")
+    if caller is not None and caller.key_id is not None and isinstance(given, list):
+        for item in given:
+            if isinstance(item, dict) and item.get("type") == "item_reference":
+                # An item id can point into any key's stored responses: the gateway does
+                # not track items one by one, so a client key sends the item itself.
+                raise BadRequest(
+                    "An 'item_reference' cannot be used with a client key: send the item itself.",
+                    param="input",
+                    code="invalid_value",
+                )
+    previous = body.get("previous_response_id")
+    if isinstance(previous, str):
+        await _check_owner(request, caller, previous, "response")
+    conversation = _conversation_id(body)
+    if conversation is not None:
+        await _check_owner(request, caller, conversation, "conversation")
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_type")
+    return body
+
+
+def _provider(request: Request) -> Provider:
+    provider = engine_of(request).provider
+    if provider is None:
+        from chat_api.errors import NotConfigured
+
+        raise NotConfigured()
+    return provider
+
+
+def _json(raw: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(raw, media_type="application/json", headers=headers)
+
+
+@router.post("/responses", openapi_extra=_BODY)
+@hot
+async def create_response(request: Request, caller: CallerDep) -> Response:
+    """OpenAI's `POST /v1/responses`: whole, streamed (every event as sent) or in the background."""
+    engine = engine_of(request)
+    body = await _json_body(request)
+    apply_field_policy(body, request.app.state.settings.field_policy)
+    prepared = engine.responses.prepare(body, caller)
+    await _check_references(request, caller, body)
+    ctx = context(request, "/v1/responses", caller)
+    keeps = body.get("store") is not False
+    if prepared.stream:
+        events = await until_disconnect(request.receive, engine.stream(prepared, ctx))
+        recorder = _Recorder(_owners(request), _key_of(caller)) if keeps else None
+        return EventStreamResponse(
+            _response_events(events, recorder),
+            owner=events,
+            keepalive=request.app.state.settings.keepalive_interval,
+            headers=ctx.headers,
+            on_shutdown=_error_event(ServiceUnavailable(SHUTDOWN_MESSAGE)),
+        )
+    completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
+    if keeps and isinstance(completion.data.get("id"), str):
+        await _owners(request).record(completion.data["id"], "response", _key_of(caller))
+    return _json(completion.raw, _upstream_id(ctx.headers, completion.upstream_request_id))
+
+
+@router.post("/responses/compact", openapi_extra=_BODY)
+async def compact_response(request: Request, caller: CallerDep) -> Response:
+    """OpenAI's `POST /v1/responses/compact`, metered like a response."""
+    engine = engine_of(request)
+    body = await _json_body(request)
+    prepared = engine.compaction.prepare(body, caller)
+    await _check_references(request, caller, body)
+    ctx = context(request, "/v1/responses/compact", caller)
+    completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
+    return _json(completion.raw, _upstream_id(ctx.headers, completion.upstream_request_id))
+
+
+@router.post("/responses/input_tokens", openapi_extra=_BODY)
+async def count_input_tokens(request: Request, caller: CallerDep) -> Response:
+    """OpenAI's `POST /v1/responses/input_tokens`: counting costs nothing, so it is not metered."""
+    engine = engine_of(request)
+    body = await _json_body(request)
+    info = engine.catalog.resolve(body.get("model") if isinstance(body.get("model"), str) else None)
+    if caller is not None:
+        caller.check_model(info.name)
+    await _check_references(request, caller, body)
+    answer = await _provider(request).forward(
+        "POST", "/responses/input_tokens", {**body, "model": info.name}, _request_id(request)
+    )
+    return _json(answer.raw)
+
+
+@router.get("/responses/{response_id}")
+async def retrieve_response(response_id: str, request: Request, caller: CallerDep) -> Response:
+    """A stored response; with `stream=true` (and `starting_after=N`) its events again."""
+    await _check_owner(request, caller, response_id, "response")
+    provider = _provider(request)
+    path = _with_query(f"/responses/{response_id}", request)
+    if request.query_params.get("stream") == "true":
+        upstream = await until_disconnect(
+            request.receive, provider.open_replay(path, _request_id(request))
+        )
+        replay = _Replay(upstream)
+        return EventStreamResponse(
+            _response_events(replay, None),
+            owner=replay,
+            keepalive=request.app.state.settings.keepalive_interval,
+        )
+    return _json((await provider.forward("GET", path, None, _request_id(request))).raw)
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, request: Request, caller: CallerDep) -> Response:
+    """Delete a stored response (it is then forgotten here too)."""
+    await _check_owner(request, caller, response_id, "response")
+    answer = await _provider(request).forward(
+        "DELETE", f"/responses/{response_id}", None, _request_id(request)
+    )
+    await _owners(request).forget(response_id)
+    return _json(answer.raw)
+
+
+@router.post("/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, request: Request, caller: CallerDep) -> Response:
+    """Cancel a background response; it is settled when the upstream says it is final."""
+    await _check_owner(request, caller, response_id, "response")
+    answer = await _provider(request).forward(
+        "POST", f"/responses/{response_id}/cancel", None, _request_id(request)
+    )
+    return _json(answer.raw)
+
+
+@router.get("/responses/{response_id}/input_items")
+async def list_input_items(response_id: str, request: Request, caller: CallerDep) -> Response:
+    """The input items of a stored response."""
+    await _check_owner(request, caller, response_id, "response")
+    path = _with_query(f"/responses/{response_id}/input_items", request)
+    return _json((await _provider(request).forward("GET", path, None, _request_id(request))).raw)
+
+
+# --- conversations -----------------------------------------------------------------------
+
+
+@router.post("/conversations", openapi_extra=_BODY)
+async def create_conversation(request: Request, caller: CallerDep) -> Response:
+    """Create a conversation; it belongs to the key that created it."""
+    body = await _json_body(request)
+    answer = await _provider(request).forward("POST", "/conversations", body, _request_id(request))
+    conversation_id = answer.data.get("id")
+    if isinstance(conversation_id, str):
+        await _owners(request).record(conversation_id, "conversation", _key_of(caller))
+    return _json(answer.raw)
+
+
+async def _conversation_call(
+    request: Request, caller: Caller | None, conversation_id: str, method: str, rest: str = ""
+) -> Response:
+    await _check_owner(request, caller, conversation_id, "conversation")
+    body = await _json_body(request) if method == "POST" else None
+    path = _with_query(f"/conversations/{conversation_id}{rest}", request)
+    answer = await _provider(request).forward(method, path, body, _request_id(request))
+    if method == "DELETE" and not rest:
+        await _owners(request).forget(conversation_id)
+    return _json(answer.raw)
+
+
+@router.get("/conversations/{conversation_id}")
+async def retrieve_conversation(
+    conversation_id: str, request: Request, caller: CallerDep
+) -> Response:
+    """A conversation."""
+    return await _conversation_call(request, caller, conversation_id, "GET")
+
+
+@router.post("/conversations/{conversation_id}", openapi_extra=_BODY)
+async def update_conversation(
+    conversation_id: str, request: Request, caller: CallerDep
+) -> Response:
+    """Update a conversation's metadata."""
+    return await _conversation_call(request, caller, conversation_id, "POST")
+
+
+@router.delete("/conversations/{conversation_id}")
+async def delete_conversation(
+    conversation_id: str, request: Request, caller: CallerDep
+) -> Response:
+    """Delete a conversation."""
+    return await _conversation_call(request, caller, conversation_id, "DELETE")
+
+
+@router.get("/conversations/{conversation_id}/items")
+async def list_conversation_items(
+    conversation_id: str, request: Request, caller: CallerDep
+) -> Response:
+    """A conversation's items."""
+    return await _conversation_call(request, caller, conversation_id, "GET", "/items")
+
+
+@router.post("/conversations/{conversation_id}/items", openapi_extra=_BODY)
+async def create_conversation_items(
+    conversation_id: str, request: Request, caller: CallerDep
+) -> Response:
+    """Add items to a conversation."""
+    return await _conversation_call(request, caller, conversation_id, "POST", "/items")
+
+
+@router.get("/conversations/{conversation_id}/items/{item_id}")
+async def retrieve_conversation_item(
+    conversation_id: str, item_id: str, request: Request, caller: CallerDep
+) -> Response:
+    """One item of a conversation."""
+    return await _conversation_call(request, caller, conversation_id, "GET", f"/items/{item_id}")
+
+
+@router.delete("/conversations/{conversation_id}/items/{item_id}")
+async def delete_conversation_item(
+    conversation_id: str, item_id: str, request: Request, caller: CallerDep
+) -> Response:
+    """Delete one item of a conversation."""
+    return await _conversation_call(request, caller, conversation_id, "DELETE", f"/items/{item_id}")
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+@router.post("/embeddings", openapi_extra=_BODY)
+async def create_embeddings(request: Request, caller: CallerDep) -> Response:
+    """OpenAI's `POST /v1/embeddings`, metered at its input."""
+    engine = engine_of(request)
+    prepared = engine.embeddings.prepare(await _json_body(request), caller)
+    ctx = context(request, "/v1/embeddings", caller)
+    completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
+    return _json(completion.raw, _upstream_id(ctx.headers, completion.upstream_request_id))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Records the owner of a streamed response as soon as its id is known."""
+
+    def __init__(self, owners: OwnerStore, key_id: str | None) -> None:
+        self.owners = owners
+        self.key_id = key_id
+        self.done = False
+
+    async def see(self, data: dict[str, Any]) -> None:
+        response = data.get("response")
+        if isinstance(response, dict) and isinstance(response.get("id"), str):
+            self.done = True
+            await self.owners.record(response["id"], "response", self.key_id)
+
+
+class _Replay:
+    """An unmetered upstream stream (a stored response replayed), closed whatever happens."""
+
+    def __init__(self, upstream: UpstreamStream) -> None:
+        self._upstream = upstream
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        from chat_api.operations.base import parse_event
+
+        try:
+            async for raw in self._upstream:
+                yield parse_event(raw)
+        finally:
+            await self._upstream.aclose()
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+async def _response_events(
+    events: AsyncIterable[Chunk], recorder: _Recorder | None
+) -> AsyncIterator[bytes]:
+    """Each event as OpenAI framed it: `event: <type>` and its data, unchanged."""
+    try:
+        async for chunk in events:
+            kind = chunk.data.get("type")
+            if recorder is not None and not recorder.done:
+                await recorder.see(chunk.data)
+            head = b"event: " + kind.encode() + b"\n" if isinstance(kind, str) else b""
+            yield head + frame(chunk.raw)
+            del chunk
+    except ChatAPIError as exc:
+        yield _error_event(exc)
+
+
+def _error_event(error: ChatAPIError) -> bytes:
+    """An `error` event as the Responses API sends one."""
+    payload = {"type": "error", "code": error.code, "message": error.message, "param": error.param}
+    return b"event: error\n" + frame(orjson.dumps(payload))
+
+
+def _with_query(path: str, request: Request) -> str:
+    query = request.url.query
+    return f"{path}?{query}" if query else path
+
+
+def _request_id(request: Request) -> str:
+    request_id: str = request.scope["state"]["request_id"]
+    return request_id
+
+
+def _upstream_id(headers: dict[str, str], upstream_request_id: str | None) -> dict[str, str]:
+    extra = dict(headers)
+    if upstream_request_id:
+        extra["X-Upstream-Request-ID"] = upstream_request_id
+    return extra

@@ -1,0 +1,111 @@
+"""Who owns each stored response and conversation: the key that created it.
+
+OpenAI keeps stored responses and conversations per organisation, so any
+client key could read, continue or delete another key's objects through the
+gateway. The gateway records the creating key of every id it hands out and
+answers 404 to anyone else. `key_id` is None for objects made with the master
+key, or while client keys are off.
+
+An owner never changes once recorded, so lookups are cached in process (an
+LRU of the most recent ids). Only ids that exist are cached: an id unknown
+here may be recorded a moment later by another replica. A cached owner that
+another replica has since forgotten is harmless: the object is gone upstream
+too, so its owner gets OpenAI's 404 and everyone else the gateway's.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, get_args
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chat_api.store.database import as_utc, utcnow
+from chat_api.store.schema import owners
+
+Kind = Literal["response", "conversation"]
+KINDS: frozenset[str] = frozenset(get_args(Kind))
+CACHE_SIZE = 10_000  # ~2 MB of recent owners
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    object_id: str
+    kind: Kind
+    key_id: str | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: RowMapping) -> Owner:
+        created = as_utc(row["created_at"])
+        assert created is not None  # the column is NOT NULL
+        return cls(row["object_id"], row["kind"], row["key_id"], created)
+
+
+class OwnerStore:
+    """The `owners` table, with a small cache in front of it."""
+
+    def __init__(self, engine: AsyncEngine, *, cache_size: int = CACHE_SIZE) -> None:
+        self._engine = engine
+        self._cache: OrderedDict[str, Owner] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def record(self, object_id: str, kind: Kind, key_id: str | None) -> Owner:
+        """Note that `key_id` created `object_id`; the first record of an id stands.
+
+        Recording an id again (a retried call, a second replica) changes
+        nothing and answers the owner already on file.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)}, not {kind!r}")
+        now = utcnow()
+        try:
+            async with self._engine.begin() as connection:
+                await connection.execute(
+                    insert(owners).values(
+                        object_id=object_id, kind=kind, key_id=key_id, created_at=now
+                    )
+                )
+        except IntegrityError:
+            existing = await self._load(object_id)
+            if existing is None:  # recorded and forgotten in between: record it anew
+                return await self.record(object_id, kind, key_id)
+            self._remember(existing)
+            return existing
+        owner = Owner(object_id, kind, key_id, now)
+        self._remember(owner)
+        return owner
+
+    async def owner_of(self, object_id: str) -> Owner | None:
+        """Who created `object_id`, or None when the gateway never handed it out."""
+        cached = self._cache.get(object_id)
+        if cached is not None:
+            self._cache.move_to_end(object_id)
+            return cached
+        owner = await self._load(object_id)
+        if owner is not None:
+            self._remember(owner)
+        return owner
+
+    async def forget(self, object_id: str) -> None:
+        """The object was deleted: drop its row and its cache entry."""
+        self._cache.pop(object_id, None)
+        async with self._engine.begin() as connection:
+            await connection.execute(delete(owners).where(owners.c.object_id == object_id))
+
+    async def _load(self, object_id: str) -> Owner | None:
+        async with self._engine.connect() as connection:
+            result = await connection.execute(select(owners).where(owners.c.object_id == object_id))
+            row = result.mappings().first()
+        return Owner.from_row(row) if row is not None else None
+
+    def _remember(self, owner: Owner) -> None:
+        self._cache[owner.object_id] = owner
+        self._cache.move_to_end(owner.object_id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
