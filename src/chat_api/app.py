@@ -44,7 +44,7 @@ from chat_api.middleware import (
 )
 from chat_api.observe import RequestObserver
 from chat_api.redact import remember
-from chat_api.routes import admin, openai_compat, ops, responses_api, simple, usage
+from chat_api.routes import admin, openai_compat, ops, page, responses_api, simple, usage
 from chat_api.routes.schemas import ChatRequest
 from chat_api.services import open_services
 
@@ -168,6 +168,7 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     app.include_router(usage.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
     _add_page(app)
     _document(app)
     return app
