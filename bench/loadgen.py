@@ -123,11 +123,12 @@ def build_request(spec: dict[str, Any]) -> bytes:
     body = orjson.dumps(spec["body"])
     return (
         b"POST %b HTTP/1.1\r\nhost: %b:%d\r\ncontent-type: application/json\r\n"
-        b"authorization: Bearer sk-bench\r\ncontent-length: %d\r\n\r\n%b"
+        b"authorization: Bearer %b\r\ncontent-length: %d\r\n\r\n%b"
         % (
             spec["path"].encode(),
             spec["host"].encode(),
             spec["port"],
+            spec.get("key", "sk-bench").encode(),
             len(body),
             body,
         )

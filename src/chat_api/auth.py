@@ -6,22 +6,26 @@ wait (429) for its next failures, while a valid key from that address is
 always let in: behind a proxy or a NAT, many people share one address, and
 one of them guessing must not lock out the others. The address is the real
 client's (`CHAT_API_TRUSTED_PROXIES` says whose `X-Forwarded-For` to believe).
+Client keys come from the process's `KeyCache`: no database query per
+request, and still every revocation refused from the next request on (see
+store/keycache.py).
 """
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 
 from fastapi import Request
-from sqlalchemy.exc import SQLAlchemyError
 
 from chat_api.calls import Caller
 from chat_api.config import Settings
-from chat_api.errors import RateLimited, ServiceUnavailable, Unauthorized
+from chat_api.errors import RateLimited, Unauthorized
 from chat_api.limits.counters import Counter
 from chat_api.store.database import utcnow
-from chat_api.store.keys import KeyStore, same_secret
+from chat_api.store.keycache import KeyCache
+from chat_api.store.keys import KEY_PREFIX, hash_key
 
 MASTER = Caller(key_id=None, name="master")
 MAX_BLOCKED = 10_000
@@ -36,9 +40,9 @@ def bearer_token(header: str | None) -> str | None:
 
 
 class Guard:
-    def __init__(self, settings: Settings, keys: KeyStore, counter: Counter) -> None:
+    def __init__(self, settings: Settings, keys: KeyCache, counter: Counter) -> None:
         assert settings.master_key is not None
-        self._master = settings.master_key.get_secret_value()
+        self._master = hash_key(settings.master_key.get_secret_value())
         self._keys = keys
         self._counter = counter
         self._per_minute = settings.auth_failures_per_minute
@@ -48,18 +52,14 @@ class Guard:
         address = request.client.host if request.client else "unknown"
         token = bearer_token(request.headers.get("authorization"))
         if token is not None:
-            if same_secret(token, self._master):
+            digest = hash_key(token)
+            if hmac.compare_digest(digest, self._master):
                 return MASTER
-            try:
-                record = await self._keys.find(token)
-            except (SQLAlchemyError, OSError):
-                # The key store is away: refuse like budgets do (503, try again), never a 500.
-                raise ServiceUnavailable(
-                    "Keys cannot be checked right now (the database is away). Try again shortly.",
-                    headers={"Retry-After": "5"},
-                ) from None
-            if record is not None and record.usable(utcnow()):
-                return record.caller()
+            if token.startswith(KEY_PREFIX):
+                # A database that is away or stalled is a 503 (try again), never a 500.
+                record = await self._keys.find(token, digest)
+                if record is not None and record.usable(utcnow()):
+                    return record.caller()
         await self._failed(address)
         raise Unauthorized()
 

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     # --- keys, limits, storage -----------------------------------------------
     master_key: SecretStr | None = None
     database_url: str = "sqlite+aiosqlite:///./chat-api.db"
+    database_pool_size: int = Field(default=10, ge=1, le=10_000)
+    database_max_overflow: int = Field(default=20, ge=0, le=10_000)
+    database_timeout: float = Field(default=3.0, gt=0, le=600)
     redis_url: str | None = None
     redis_prefix: str = "chatapi:"
     replicas: int = Field(default=1, ge=1)

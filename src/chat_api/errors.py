@@ -13,7 +13,9 @@
     │                                   insufficient_quota insufficient_quota
     │                                   (+ Retry-After when waiting helps)
     ├── ServiceUnavailable          503 service_unavailable (+ Retry-After when known)
-    │   └── NotConfigured           503 no OpenAI key and no demo mode
+    │   ├── NotConfigured           503 no OpenAI key and no demo mode
+    │   ├── ChangeNotAnnounced      503 a key changed, but Redis could not tell the replicas
+    │   └── ServerStopping          503 server_stopping: shut down before the answer was ready
     ├── UpstreamError               502 upstream_error
     └── UpstreamTimeout             504 upstream_timeout
 
@@ -211,6 +213,30 @@ class NotConfigured(ServiceUnavailable):
         )
 
 
+class ChangeNotAnnounced(ServiceUnavailable):
+    default_code = "change_not_announced"
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(
+            f"Key {key_id} is revoked, but the other replicas could not be told at once "
+            "(Redis is away): they refuse it within a minute. Revoke it again to tell them now.",
+            headers={"Retry-After": "5"},
+        )
+
+
+SHUTDOWN_MESSAGE = "The server is restarting and had to stop this answer. Please send it again."
+
+
+class ServerStopping(ServiceUnavailable):
+    """The server stopped (its shutdown grace ran out) before the answer was ready."""
+
+    default_code = "server_stopping"
+
+    def __init__(self) -> None:
+        # Another replica (or this one, restarted) takes the request at once.
+        super().__init__(SHUTDOWN_MESSAGE, headers={"Retry-After": "1"})
+
+
 class UpstreamError(ChatAPIError):
     status = 502
     type = "upstream_error"
@@ -338,10 +364,19 @@ def _upstream_message(body: Any, fallback: str) -> str:
     return fallback
 
 
+# The message our disconnect watchers cancel a call with (responses.py). Any other
+# cancellation of a call is the server stopping it: its shutdown grace ran out.
+CLIENT_LEFT = "the client disconnected"
+
+
 def outcome_of(exc: BaseException) -> str:
     """The ledger's word for how a call that raised `exc` ended."""
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+    if isinstance(exc, asyncio.CancelledError):
+        return "client_closed" if exc.args[:1] == (CLIENT_LEFT,) else "server_stopped"
+    if isinstance(exc, GeneratorExit):  # a stream closed while it waited for its client
         return "client_closed"
+    if isinstance(exc, ServerStopping):
+        return "server_stopped"
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
     if isinstance(exc, ChatAPIError):

@@ -8,8 +8,10 @@ Content-Length was sent, and gives up on a body that has not arrived within
 `body_timeout` seconds (408); adds security headers, a Content-Security-Policy
 on every HTML answer and `openai-processing-ms` on every `/v1` answer; when the
 answer is complete, hands the status and duration to `observe` (the metrics
-and the log line). In front of it, `CrossOrigin` answers CORS for requests
-from browsers and marks those from websites that may not call (403 here).
+and the log line). A request the server stops before its answer started (its
+shutdown grace ran out) gets a 503 that asks to send it again, not uvicorn's
+plain-text 500 and a traceback. In front of it, `CrossOrigin` answers CORS for
+requests from browsers and marks those from websites that may not call (403 here).
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from collections.abc import Callable, Sequence
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chat_api.errors import ChatAPIError, Forbidden, PayloadTooLarge, RequestTimeout
+from chat_api.errors import (
+    ChatAPIError,
+    Forbidden,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerStopping,
+)
 from chat_api.redact import contains_secret
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -228,11 +236,18 @@ class GatewayMiddleware:
         )
         try:
             if cross_origin == REFUSED:
-                await _answer_early(scope, exchange.send, _refused_origin())
+                await _reject(scope, exchange.send, _refused_origin())
             elif declared > self.max_body:
-                await _answer_early(scope, exchange.send, PayloadTooLarge(self.max_body))
+                await _reject(scope, exchange.send, PayloadTooLarge(self.max_body))
             else:
                 await self.app(scope, exchange.receive, exchange.send)
+        except asyncio.CancelledError:
+            # Disconnect watchers end their own requests (responses.py): this is
+            # the server stopping. Nothing sent yet: say so, and end as answered.
+            task = asyncio.current_task()
+            if exchange.started or task is None or task.uncancel() > 0:
+                raise
+            await _reject(scope, exchange.send, ServerStopping())
         finally:
             self.observe(scope, exchange.status, time.perf_counter() - started)
 
@@ -254,6 +269,7 @@ class _Exchange:
         "_timeout",
         "body_done",
         "received",
+        "started",
         "status",
     )
 
@@ -272,12 +288,14 @@ class _Exchange:
         self._max_body, self._timeout = max_body, body_timeout
         self._deadline = asyncio.get_running_loop().time() + body_timeout
         self.status = 500  # until an answer starts
+        self.started = False
         self.received = 0
         self.body_done = False
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            self.started = True
             headers = [*message.get("headers", ()), *self._headers]
             if self._started is not None:
                 spent = round((time.perf_counter() - self._started) * 1000)
@@ -314,19 +332,23 @@ def _is_html_without_csp(headers: list[tuple[bytes, bytes]]) -> bool:
     return html
 
 
-async def _answer_early(scope: Scope, send: Send, error: ChatAPIError) -> None:
-    """Answer `error` without reading the body, and close the connection."""
+async def _reject(scope: Scope, send: Send, error: ChatAPIError) -> None:
+    """Answer `error` and close the connection, in the request's dialect."""
     openai_dialect = is_openai_dialect(scope["path"])
     body = error.body(openai_dialect)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    headers += [
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()
+    ]
     await send(
         {
             "type": "http.response.start",
             "status": error.status_for(openai_dialect),
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
+            "headers": headers,
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from sqlalchemy import event
 
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI
-from tests.keys.conftest import MASTER, auth, avoid_minute_edge, make_key
+from tests.keys.conftest import MASTER, RedisPlace, auth, avoid_minute_edge, make_key
 from tests.servers import ServerThread
 
 UNAUTHORIZED = "A valid API key is required. Send it as 'Authorization: Bearer <key>'."
@@ -88,21 +91,71 @@ def test_expired_and_revoked_keys_get_the_same_401(keyed: ServerThread) -> None:
     assert revoked.status_code == 401 and revoked.json()["error"] == UNAUTHORIZED
 
 
+def _chat(server: ServerThread, secret: str) -> int:
+    response = httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(secret))
+    return response.status_code
+
+
 def test_revocation_is_seen_by_another_replica_at_once(
+    postgres_url: str, shared_redis: RedisPlace, gateway_factory: GatewayFactory
+) -> None:
+    shared = {"redis_url": shared_redis.url, "redis_prefix": shared_redis.prefix}
+    one = gateway_factory(master_key=MASTER, database_url=postgres_url, **shared)
+    two = gateway_factory(master_key=MASTER, database_url=postgres_url, **shared)
+    secret, key_id = make_key(one.url)
+    assert [_chat(two, secret) for _ in range(3)] == [200] * 3  # cached on two by now
+    assert httpx.delete(one.url + f"/admin/keys/{key_id}", headers=auth(MASTER)).status_code == 200
+    assert _chat(two, secret) == 401
+
+
+def test_without_redis_another_process_refuses_a_revoked_key_within_a_second(
     postgres_url: str, gateway_factory: GatewayFactory
 ) -> None:
     one = gateway_factory(master_key=MASTER, database_url=postgres_url)
     two = gateway_factory(master_key=MASTER, database_url=postgres_url)
     secret, key_id = make_key(one.url)
-    assert (
-        httpx.post(two.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
-        == 200
-    )
+    assert _chat(one, secret) == 200 and _chat(two, secret) == 200
     assert httpx.delete(one.url + f"/admin/keys/{key_id}", headers=auth(MASTER)).status_code == 200
-    assert (
-        httpx.post(two.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
-        == 401
+    assert _chat(one, secret) == 401  # the process that revoked it: at once
+    refused_at = None
+    deadline = time.monotonic() + 5
+    while refused_at is None and time.monotonic() < deadline:
+        if _chat(two, secret) == 401:
+            refused_at = time.monotonic()
+        else:
+            time.sleep(0.05)
+    assert refused_at is not None  # within SHORT_TTL (1 s) of its last read, in fact
+
+
+def _key_queries(server: ServerThread) -> list[str]:
+    """Every query the server's database is sent for client keys, from now on."""
+    seen: list[str] = []
+    engine = server.server.config.app.state.services.database.sync_engine
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "client_keys" in statement:
+            seen.append(statement)
+
+    return seen
+
+
+def test_client_keys_are_checked_without_a_query_per_request(
+    gateway_factory: GatewayFactory, shared_redis: RedisPlace
+) -> None:
+    keyed = gateway_factory(
+        master_key=MASTER, redis_url=shared_redis.url, redis_prefix=shared_redis.prefix
     )
+    secret, _ = make_key(keyed.url)
+    queries = _key_queries(keyed)
+    statuses = [_chat(keyed, secret) for _ in range(30)]
+    assert statuses == [200] * 30
+    assert len(queries) == 1  # read once; Redis says when to read it again
+    unknown = ["cak_" + secrets.token_urlsafe(32) for _ in range(5)]
+    for token in unknown * 2:
+        assert _chat(keyed, token) == 401
+    # Unknown keys are never remembered: each attempt asks the database again.
+    assert len(queries) >= 10
 
 
 def test_a_key_limited_to_some_models(keyed: ServerThread, fake: FakeOpenAI) -> None:

@@ -65,9 +65,6 @@ def context(request: Request, endpoint: str, caller: Caller | None) -> CallConte
     return ctx
 
 
-SHUTDOWN_MESSAGE = "The server is restarting and had to stop this answer. Please send it again."
-
-
 CallerDep = Annotated[Caller | None, Depends(authenticate)]
 
 

@@ -15,11 +15,10 @@ from starlette.responses import Response
 
 from chat_api.calls import Caller, Chunk
 from chat_api.catalog import Catalog
-from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServiceUnavailable
+from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
 from chat_api.routes.deps import (
-    SHUTDOWN_MESSAGE,
     CallerDep,
     apply_field_policy,
     context,
@@ -29,6 +28,7 @@ from chat_api.routes.deps import (
 from chat_api.sse import DONE, frame
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
+_ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=True))  # a stream's last event
 
 _ERROR_SCHEMA = {
     "type": "object",
@@ -197,7 +197,7 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
             owner=chunks,
             keepalive=request.app.state.settings.keepalive_interval,
             headers=ctx.headers,
-            on_shutdown=frame(ServiceUnavailable(SHUTDOWN_MESSAGE).body(openai_dialect=True)),
+            on_shutdown=_ON_SHUTDOWN,
         )
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     headers = dict(ctx.headers)

@@ -21,12 +21,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chat_api.calls import Caller, Chunk
-from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServiceUnavailable
+from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.providers.base import Provider, UpstreamStream
 from chat_api.responses import EventStreamResponse, until_disconnect
 from chat_api.routes.deps import (
-    SHUTDOWN_MESSAGE,
     CallerDep,
     apply_field_policy,
     context,
@@ -143,7 +142,7 @@ async def create_response(request: Request, caller: CallerDep) -> Response:
             owner=events,
             keepalive=request.app.state.settings.keepalive_interval,
             headers=ctx.headers,
-            on_shutdown=_error_event(ServiceUnavailable(SHUTDOWN_MESSAGE)),
+            on_shutdown=_error_event(ServerStopping()),
         )
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     if keeps and isinstance(completion.data.get("id"), str):

@@ -15,10 +15,10 @@ from starlette.responses import Response
 
 from chat_api import __version__
 from chat_api.calls import Chunk
-from chat_api.errors import ChatAPIError
+from chat_api.errors import ChatAPIError, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import CallerDep, context, engine_of, read_json
 from chat_api.routes.schemas import (
     ChatRequest,
     ChatResponse,
@@ -33,6 +33,7 @@ from chat_api.tokens import tokens_for_chars
 router = APIRouter(tags=["simple API"])
 
 SERVICE_NAME = "OpenAI Chat API"
+_ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=False))  # a stream's last event
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": SimpleError, "description": text}
@@ -192,7 +193,7 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
         owner=chunks,
         keepalive=request.app.state.settings.keepalive_interval,
         headers=ctx.headers,
-        on_shutdown=frame(orjson.dumps({"error": SHUTDOWN_MESSAGE})),
+        on_shutdown=_ON_SHUTDOWN,
     )
 
 
