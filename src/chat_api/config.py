@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=32, ge=0)  # per client key that sets none; 0: no cap
     ledger_flush_interval: float = Field(default=0.5, gt=0)
     ledger_batch_size: int = Field(default=200, ge=1)
+    # With Redis: how long a dead replica's calls hold their slots and leases before
+    # another replica settles them, and how often each replica looks for such leases.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    reaper_interval: float = Field(default=5.0, gt=0)
     migrate_on_start: bool = True
     shutdown_grace: float = Field(default=20.0, ge=0)
     prometheus_multiproc_dir: str | None = Field(

@@ -27,14 +27,16 @@ from chat_api.engine import Engine
 from chat_api.limits.admission import KeyMeter
 from chat_api.limits.budgets import Budgets, MemoryBudgets, RedisBudgets
 from chat_api.limits.counters import Counter, MemoryCounter, RedisCounter
-from chat_api.limits.in_flight import InFlight, MemoryInFlight, RedisInFlight
+from chat_api.limits.epoch import Epoch
+from chat_api.limits.in_flight import Holds, InFlight, MemoryInFlight, RedisInFlight
+from chat_api.limits.leases import RedisLeases
 from chat_api.metrics import Metrics
 from chat_api.middleware import cors_summary
 from chat_api.providers import build_provider
 from chat_api.store.database import migrate, open_engine
 from chat_api.store.keycache import KeyCache, KeySetVersion
 from chat_api.store.keys import KeyStore
-from chat_api.store.ledger import Ledger
+from chat_api.store.ledger import Ledger, row_of
 from chat_api.store.owners import OwnerStore
 from chat_api.store.shared import open_redis
 
@@ -76,12 +78,27 @@ async def open_services(
     counter: Counter = MemoryCounter()
     budgets: Budgets = MemoryBudgets()
     in_flight: InFlight = MemoryInFlight()
+    leases: RedisLeases | None = None
     if settings.redis_url:
         redis = open_redis(settings.redis_url)
         stack.push_async_callback(redis.aclose)
-        counter = RedisCounter(redis, prefix=settings.redis_prefix, replicas=settings.replicas)
-        budgets = RedisBudgets(redis, prefix=settings.redis_prefix)
-        in_flight = RedisInFlight(redis, prefix=settings.redis_prefix, replicas=settings.replicas)
+        prefix, replicas = settings.redis_prefix, settings.replicas
+        holds = Holds(redis, seconds=settings.lease_seconds)
+        # Long enough for every replica's renewer to notice that Redis lost its data.
+        epoch = Epoch(redis, prefix=prefix, grace=holds.renew_every * 1.5)
+        leases = RedisLeases(
+            redis,
+            prefix=prefix,
+            holds=holds,
+            write_rows=ledger.write_now,
+            reap_every=settings.reaper_interval,
+            epoch=epoch,
+        )
+        leases.start()
+        stack.push_async_callback(leases.close)
+        counter = RedisCounter(redis, prefix=prefix, replicas=replicas)
+        budgets = RedisBudgets(redis, prefix=prefix, leases=leases, replicas=replicas)
+        in_flight = RedisInFlight(redis, prefix=prefix, replicas=replicas, holds=holds)
 
     def record(result: CallResult) -> None:
         ledger.add(result)
@@ -94,7 +111,10 @@ async def open_services(
         record,
         ledger.spent,
         default_max_in_flight=settings.max_in_flight,
+        leases=leases,
+        row_of=row_of,
     )
+    ledger.on_written = meter.rows_written
     stack.push_async_callback(meter.drain)  # runs before the ledger closes
 
     provider = build_provider(settings)

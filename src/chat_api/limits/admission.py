@@ -13,7 +13,9 @@ off, are only recorded.
 `Admission.settle` runs exactly once when an admitted call ends, whatever
 happened: it queues the ledger row (never on the response path) and the
 corrections (the real tokens and cost replace the reservation; the slot is
-given back), which a background task applies.
+given back), which a background task applies. With Redis, every admitted
+call holds a lease until its row is committed, so a replica that dies
+loses no row (see `limits/leases.py`).
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Protocol
 
+from redis.exceptions import RedisError
+
 from chat_api.calls import CallContext, Caller, CallResult, Prepared
 from chat_api.errors import RateLimited
 from chat_api.limits.budgets import Budgets, period_bounds, utcnow
 from chat_api.limits.counters import Counter
 from chat_api.limits.in_flight import InFlight
+from chat_api.limits.leases import Lease, RedisLeases
 
 log = logging.getLogger("chat_api.limits")
 
 MICRO = Decimal(1_000_000)
 
 Sink = Callable[[CallResult], None]
-SpentSince = Callable[[str, Any], Coroutine[Any, Any, Decimal]]
+SpentSince = Callable[..., Coroutine[Any, Any, Decimal]]  # (key id, since, *, queued)
 
 
 class Admission(Protocol):
@@ -79,6 +84,7 @@ class _Limited:
     tokens_reserved: int
     bucket: str | None
     micro_reserved: int
+    lease: Lease | None
 
     def settle(self, result: CallResult) -> None:
         result.call_id = self.call_id
@@ -92,8 +98,15 @@ class _Limited:
         if self.token_window is not None:
             delta = result.total_tokens - self.tokens_reserved
             await meter.counter.add(f"tpm:{self.key_id}", self.token_window, delta)
-        if self.bucket is not None:
-            delta = to_micro(result.cost) - self.micro_reserved
+        delta = to_micro(result.cost) - self.micro_reserved if self.bucket is not None else 0
+        leases, lease = meter.leases, self.lease
+        if leases is not None and lease is not None:
+            try:
+                await leases.settle(lease, delta, meter.row_of(result))
+            except BaseException:
+                leases.abandon(lease)  # the reaper settles it at its reservation
+                raise
+        elif self.bucket is not None:
             await meter.budgets.adjust(self.key_id, self.bucket, delta)
 
 
@@ -109,8 +122,12 @@ class KeyMeter:
         spent_since: SpentSince,
         *,
         default_max_in_flight: int,
+        leases: RedisLeases | None = None,
+        row_of: Callable[[CallResult], dict[str, Any]] = lambda result: {},
     ) -> None:
         self.counter = counter
+        self.leases = leases
+        self.row_of = row_of
         self.budgets = budgets
         self.in_flight = in_flight
         self.sink = sink
@@ -130,6 +147,11 @@ class KeyMeter:
         except Exception as exc:
             log.warning("could not correct a limit after a call", extra={"error": repr(exc)})
 
+    def rows_written(self, call_ids: list[str]) -> None:
+        """The ledger committed these rows: their calls' leases can go."""
+        if self.leases is not None and any(c in self.leases.held for c in call_ids):
+            self.later(self.leases.written(call_ids))
+
     async def drain(self) -> None:
         """Wait for queued corrections (at shutdown, and in tests)."""
         while self._tasks:
@@ -148,6 +170,7 @@ class KeyMeter:
             return self._recorded
         key_id = caller.key_id
         call_id = _new_call_id()
+        lease = Lease.of(call_id, key_id, ctx, prepared) if self.leases is not None else None
         headers: dict[str, str] = {}
         undo: list[Coroutine[Any, Any, None]] = []
         try:
@@ -191,7 +214,9 @@ class KeyMeter:
             bucket: str | None = None
             reserved = 0
             if caller.budget_usd is not None:
-                bucket, reserved = await self._reserve(caller, key_id, prepared, headers)
+                bucket, reserved = await self._reserve(caller, key_id, prepared, headers, lease)
+            elif lease is not None:
+                await self._open_lease(lease)
         except BaseException:
             for step in reversed(undo):
                 await step
@@ -200,11 +225,24 @@ class KeyMeter:
             step.close()  # kept: these were only needed to undo a refusal
         ctx.headers.update(headers)
         return _Limited(
-            self, key_id, call_id, cap is not None, token_window, tokens, bucket, reserved
+            self, key_id, call_id, cap is not None, token_window, tokens, bucket, reserved, lease
         )
 
+    async def _open_lease(self, lease: Lease) -> None:
+        assert self.leases is not None
+        try:
+            await self.leases.open(lease)
+        except (RedisError, OSError) as exc:
+            # Limits already fell back to this replica; the row is only as safe as this process.
+            log.warning("could not take a lease for a call", extra={"error": type(exc).__name__})
+
     async def _reserve(
-        self, caller: Caller, key_id: str, prepared: Prepared, headers: dict[str, str]
+        self,
+        caller: Caller,
+        key_id: str,
+        prepared: Prepared,
+        headers: dict[str, str],
+        lease: Lease | None = None,
     ) -> tuple[str, int]:
         assert caller.budget_usd is not None
         bucket, start, reset_in = period_bounds(caller.budget_period, utcnow())
@@ -214,7 +252,13 @@ class KeyMeter:
         async def seed() -> int:
             return to_micro(await self._spent_since(key_id, start))
 
-        taken, used = await self.budgets.reserve(key_id, bucket, worst, limit, seed)
+        async def committed() -> int:
+            return to_micro(await self._spent_since(key_id, start, queued=False))
+
+        if lease is not None:
+            lease.seed = committed  # its own queued rows are put back with their leases
+
+        taken, used = await self.budgets.reserve(key_id, bucket, worst, limit, seed, lease)
         if taken:
             return bucket, worst
         left = max(0, limit - used)

@@ -9,7 +9,9 @@ never passes the limit: each was let in only if its worst case fitted
 beside every earlier one counted at its own worst case. (Only a call whose
 upstream bill passed its worst case could break that, and the worst case
 is built so that it cannot.) The running total starts from the ledger
-(`seed`) the first time a key's period is seen.
+(`seed`) the first time a key's period is seen. With Redis, a missing total
+is not trusted as "nothing spent": if Redis lost its data, every replica
+first adds back its calls in flight (`limits/epoch.py`).
 
 `RedisBudgets` keeps totals in Redis for all replicas; when Redis cannot be
 reached it fails closed (503), because money is not guessed.
@@ -20,12 +22,16 @@ from __future__ import annotations
 import calendar
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chat_api.errors import ServiceUnavailable
+from chat_api.limits.leases import WRITE_LEASE
+
+if TYPE_CHECKING:
+    from chat_api.limits.leases import Lease, RedisLeases
 
 Seed = Callable[[], Awaitable[int]]
 
@@ -50,11 +56,18 @@ def utcnow() -> datetime:
 
 class Budgets(Protocol):
     async def reserve(
-        self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed
+        self,
+        key_id: str,
+        bucket: str,
+        amount: int,
+        limit: int,
+        seed: Seed,
+        lease: Lease | None = None,
     ) -> tuple[bool, int]:
         """Reserve `amount` micro-dollars if the total stays within `limit`.
 
         Returns whether it was reserved, and the total before this call.
+        With `lease`, the call's lease is written in the same step.
         """
         ...
 
@@ -75,7 +88,13 @@ class MemoryBudgets:
         return self._used[key]
 
     async def reserve(
-        self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed
+        self,
+        key_id: str,
+        bucket: str,
+        amount: int,
+        limit: int,
+        seed: Seed,
+        lease: Lease | None = None,
     ) -> tuple[bool, int]:
         await self.used(key_id, bucket, seed)
         # No await from here on: check and take happen as one step.
@@ -91,28 +110,39 @@ class MemoryBudgets:
             self._used[key] += delta
 
 
-_RESERVE = """
+# KEYS[budget, (lease, lease index)], ARGV[amount, limit, (lease arguments)]
+_RESERVE = (
+    WRITE_LEASE
+    + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {-1, 0} end
 cur = tonumber(cur)
 if cur + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0, cur} end
 redis.call('INCRBY', KEYS[1], ARGV[1])
+if #KEYS > 1 then write_lease(KEYS[2], KEYS[3], ARGV, 3) end
 return {1, cur}
 """
+)
 
 _UNAVAILABLE = "Budgets cannot be checked right now (the shared store is away). Try again shortly."
 
 
 class RedisBudgets:
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(
+        self, redis: Redis, *, prefix: str, leases: RedisLeases | None = None, replicas: int = 1
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._reserve = redis.register_script(_RESERVE)
+        self.leases = leases
+        self._replicas = replicas
 
     def _key(self, key_id: str, bucket: str) -> str:
         return f"{self._prefix}budget:{key_id}:{bucket}"
 
     async def _seed(self, key: str, seed: Seed) -> None:
+        if self.leases is not None:  # Redis may have lost its data: not "nothing spent"
+            await self.leases.before_seed(self._replicas)
         value = await seed()
         await self._redis.set(key, value, nx=True, ex=60 * 60 * 24 * 40)
 
@@ -128,13 +158,27 @@ class RedisBudgets:
             raise ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"}) from None
 
     async def reserve(
-        self, key_id: str, bucket: str, amount: int, limit: int, seed: Seed
+        self,
+        key_id: str,
+        bucket: str,
+        amount: int,
+        limit: int,
+        seed: Seed,
+        lease: Lease | None = None,
     ) -> tuple[bool, int]:
         key = self._key(key_id, bucket)
+        keys: list[str] = [key]
+        args: list[str | float | int] = [amount, limit]
+        if lease is not None and self.leases is not None:
+            lease.bucket, lease.reserved, lease.budget_key = bucket, amount, key
+            keys += [self.leases.key(lease.call_id), self.leases.index]
+            args += lease.args(self.leases.seconds)
         try:
             for _ in range(2):
-                taken, used = await self._reserve(keys=[key], args=[amount, limit])
+                taken, used = await self._reserve(keys=keys, args=args)
                 if int(taken) >= 0:
+                    if taken and lease is not None and self.leases is not None:
+                        self.leases.taken(lease)
                     return bool(taken), int(used)
                 await self._seed(key, seed)
         except (RedisError, OSError):

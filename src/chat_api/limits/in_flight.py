@@ -3,9 +3,10 @@
 A call takes a slot when it is admitted and gives it back when it settles.
 `MemoryInFlight` counts in this process. `RedisInFlight` keeps, per key, a
 sorted set of the open calls' ids scored by when their hold runs out; each
-replica renews the holds of its own open calls every few seconds, so the
-calls of a replica that died stop counting within `HOLD_SECONDS`, without
-anybody cleaning up. When Redis cannot be reached, it counts here against
+replica renews the holds of its own open calls (`Holds`, shared with the
+call leases) every third of the hold, so the calls of a replica that died
+stop counting within the hold (`CHAT_API_LEASE_SECONDS`), without anybody
+cleaning up. When Redis cannot be reached, it counts here against
 this replica's share of the cap, as the rate counters do.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -24,7 +26,62 @@ from redis.exceptions import RedisError
 log = logging.getLogger("chat_api.limits")
 
 HOLD_SECONDS = 30.0
-RENEW_EVERY = 10.0
+
+
+class Holds:
+    """Members of Redis sorted sets this replica keeps alive, each scored by when it runs out.
+
+    One renewer for everything a replica holds (calls in flight, call
+    leases): every third of `seconds` it pushes each hold's end forward,
+    then runs the `checks` (noticing that Redis lost its data). What a dead
+    replica held runs out within `seconds`.
+    """
+
+    def __init__(self, redis: Redis, *, seconds: float = HOLD_SECONDS) -> None:
+        self._redis = redis
+        self.seconds = seconds
+        self._held: dict[tuple[str, str], None] = {}  # (sorted set, member)
+        self._renewer: asyncio.Task[None] | None = None
+        self.checks: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def renew_every(self) -> float:
+        return self.seconds / 3
+
+    def until(self) -> float:
+        return time.time() + self.seconds
+
+    def keep(self, zset: str, member: str) -> None:
+        self._held[(zset, member)] = None
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew(), name="holds")
+
+    def drop(self, zset: str, member: str) -> None:
+        self._held.pop((zset, member), None)
+
+    async def restore(self) -> None:
+        """Put every hold back (Redis lost its data)."""
+        if not self._held:
+            return
+        until = self.until()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for zset, member in list(self._held):
+                pipe.zadd(zset, {member: until})
+            await pipe.execute()
+
+    async def _renew(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.renew_every)
+            until = self.until()
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for zset, member in list(self._held):
+                        pipe.zadd(zset, {member: until}, xx=True)
+                    await pipe.execute()
+                for check in self.checks:
+                    await check()
+            except (RedisError, OSError) as exc:
+                log.warning("could not renew calls in flight", extra={"error": type(exc).__name__})
 
 
 class InFlight(Protocol):
@@ -75,24 +132,27 @@ return 1
 
 
 class RedisInFlight:
-    def __init__(self, redis: Redis, *, prefix: str, replicas: int) -> None:
+    def __init__(
+        self, redis: Redis, *, prefix: str, replicas: int, holds: Holds | None = None
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._replicas = max(1, replicas)
         self._take = redis.register_script(_TAKE)
+        self._holds = holds if holds is not None else Holds(redis)
         self._mine: dict[str, str] = {}  # call id -> key id, the calls this replica holds
         self._local = MemoryInFlight()
-        self._renewer: asyncio.Task[None] | None = None
 
     def _key(self, key_id: str) -> str:
         return f"{self._prefix}inflight:{key_id}"
 
     async def take(self, key_id: str, call_id: str, cap: int) -> bool:
         now = time.time()
+        seconds = self._holds.seconds
         try:
             taken = await self._take(
                 keys=[self._key(key_id)],
-                args=[now, now + HOLD_SECONDS, cap, call_id, math.ceil(HOLD_SECONDS * 2)],
+                args=[now, now + seconds, cap, call_id, math.ceil(seconds * 2)],
             )
         except (RedisError, OSError) as exc:
             log.warning(
@@ -103,14 +163,14 @@ class RedisInFlight:
         if not taken:
             return False
         self._mine[call_id] = key_id
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew(), name="in-flight")
+        self._holds.keep(self._key(key_id), call_id)
         return True
 
     async def give_back(self, key_id: str, call_id: str) -> None:
         self._local.give_back_now(key_id, call_id)
         if self._mine.pop(call_id, None) is None:
             return
+        self._holds.drop(self._key(key_id), call_id)
         with contextlib.suppress(RedisError, OSError):  # the hold runs out by itself
             await self._redis.zrem(self._key(key_id), call_id)
 
@@ -119,15 +179,3 @@ class RedisInFlight:
             return int(await self._redis.zcount(self._key(key_id), time.time(), "+inf"))
         except (RedisError, OSError):
             return await self._local.count(key_id)
-
-    async def _renew(self) -> None:
-        while self._mine:
-            await asyncio.sleep(RENEW_EVERY)
-            until = time.time() + HOLD_SECONDS
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for call_id, key_id in list(self._mine.items()):
-                        pipe.zadd(self._key(key_id), {call_id: until}, xx=True)
-                    await pipe.execute()
-            except (RedisError, OSError) as exc:
-                log.warning("could not renew calls in flight", extra={"error": type(exc).__name__})

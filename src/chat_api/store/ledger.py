@@ -4,19 +4,26 @@ Rows are queued in memory by `add` (no I/O on the response path) and written
 in batches by a background task. A failed write keeps its rows and tries
 again; `close` writes whatever is left, so a normal stop loses nothing.
 Reads give up after `read_timeout` seconds with a 503 (none for the CLI).
+Writes are idempotent by `call_id` (a row already there is left as it is),
+so a replica recovering a dead replica's call (`limits/leases.py`) and the
+call's own row can never both land; `on_written` is told which calls'
+rows were committed, so their leases can go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from sqlalchemy import func, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from chat_api.calls import CallResult
@@ -41,7 +48,7 @@ def dollars(amount: Decimal | float | int) -> float:
     return float(exact.quantize(STORED, rounding=ROUND_CEILING))
 
 
-def _row(result: CallResult) -> dict[str, Any]:
+def row_of(result: CallResult) -> dict[str, Any]:
     return {
         "at": datetime.fromtimestamp(result.at, UTC),
         "key_id": result.key_id,
@@ -59,6 +66,28 @@ def _row(result: CallResult) -> dict[str, Any]:
         "upstream_request_id": result.upstream_request_id,
         "call_id": result.call_id,
     }
+
+
+def encode_row(row: dict[str, Any]) -> str:
+    """A row as text, to keep beside its lease until the row is committed."""
+    return json.dumps(
+        {**row, "at": row["at"].timestamp(), "cost_usd": str(row["cost_usd"])},
+        separators=(",", ":"),
+    )
+
+
+def decode_row(text: str | bytes) -> dict[str, Any]:
+    row: dict[str, Any] = json.loads(text)
+    row["at"] = datetime.fromtimestamp(row["at"], UTC)
+    row["cost_usd"] = Decimal(row["cost_usd"])
+    return row
+
+
+async def insert_once(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Insert rows; one whose `call_id` is already there is left as it is."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(usage).on_conflict_do_nothing(index_elements=["call_id"])
+    await connection.execute(statement, rows)
 
 
 class Ledger:
@@ -82,6 +111,7 @@ class Ledger:
         self._reading: dict[tuple[str, datetime | None], asyncio.Future[Decimal]] = {}
         self.written = 0
         self.dropped = 0
+        self.on_written: Callable[[list[str]], None] = lambda call_ids: None
 
     @property
     def backlog(self) -> int:
@@ -92,7 +122,7 @@ class Ledger:
             self._pending.pop(0)
             self.dropped += 1
             log.error("ledger backlog full: dropped the oldest row")
-        self._pending.append(_row(result))
+        self._pending.append(row_of(result))
         if len(self._pending) >= self._batch:
             self._wake.set()
 
@@ -139,9 +169,15 @@ class Ledger:
             if not batch:
                 return
             async with self._engine.begin() as connection:
-                await connection.execute(insert(usage), batch)
+                await insert_once(connection, batch)
             del self._pending[: len(batch)]
             self.written += len(batch)
+            self.on_written([row["call_id"] for row in batch if row["call_id"]])
+
+    async def write_now(self, rows: list[dict[str, Any]]) -> None:
+        """Write rows at once (recovered calls), idempotently."""
+        async with self._engine.begin() as connection:
+            await insert_once(connection, rows)
 
     async def close(self, give_up_after: float = 10.0) -> None:
         """Stop the writer and write what is left, trying for `give_up_after` seconds."""
@@ -219,9 +255,10 @@ class Ledger:
 
         return await answering(self._read_timeout, "Usage cannot be read", run())
 
-    async def spent(self, key_id: str, since: datetime | None) -> Decimal:
+    async def spent(self, key_id: str, since: datetime | None, *, queued: bool = True) -> Decimal:
         """What a key spent since `since` (ever, when None), by the rows written so far.
 
+        `queued`: with the rows this process still holds (else committed rows only).
         Callers asking the same at the same moment (a burst's first calls, all
         seeding one budget) share one query, so a burst cannot drain the pool.
         """
@@ -231,15 +268,15 @@ class Ledger:
             reading = self._reading[asked] = asyncio.ensure_future(self._written(key_id, since))
             reading.add_done_callback(lambda done: self._reading.pop(asked, None))
         value = await asyncio.shield(reading)
-        queued = sum(
+        held = sum(
             (
                 row["cost_usd"]
                 for row in self._pending
-                if row["key_id"] == key_id and (since is None or row["at"] >= since)
+                if queued and row["key_id"] == key_id and (since is None or row["at"] >= since)
             ),
             Decimal(0),
         )
-        return value + queued
+        return value + held
 
     async def _written(self, key_id: str, since: datetime | None) -> Decimal:
         query = select(func.coalesce(func.sum(usage.c.cost_usd), 0)).where(usage.c.key_id == key_id)
