@@ -85,7 +85,7 @@ async def open_services(
         prefix, replicas = settings.redis_prefix, settings.replicas
         holds = Holds(redis, seconds=settings.lease_seconds)
         # Long enough for every replica's renewer to notice that Redis lost its data.
-        epoch = Epoch(redis, prefix=prefix, grace=holds.renew_every * 1.5)
+        epoch = Epoch(redis, prefix=prefix, grace=holds.check_every * 1.5 + 0.5)
         leases = RedisLeases(
             redis,
             prefix=prefix,

@@ -17,7 +17,6 @@ from starlette.types import Receive, Scope, Send
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread
-from tests.web.test_page import browser  # noqa: F401  (the module's Chromium, shared)
 
 pytestmark = pytest.mark.browser
 
@@ -75,7 +74,7 @@ def _open(chromium: Any, url: str) -> tuple[Any, Any, list[tuple[str, str, bool]
 
 @pytest.mark.parametrize("keys", [False, True], ids=["keys-off", "keys-on"])
 def test_a_page_on_another_origin_cannot_make_the_gateway_spend(
-    browser: Any,  # noqa: F811
+    browser: Any,
     gateway_factory: GatewayFactory,
     fake: FakeOpenAI,
     keys: bool,
@@ -96,7 +95,7 @@ def test_a_page_on_another_origin_cannot_make_the_gateway_spend(
 
 
 def test_the_gateways_own_page_still_chats_with_keys_off(
-    browser: Any,  # noqa: F811
+    browser: Any,
     gateway_factory: GatewayFactory,
     fake: FakeOpenAI,
 ) -> None:
@@ -115,7 +114,7 @@ def test_the_gateways_own_page_still_chats_with_keys_off(
 
 @pytest.mark.parametrize(("path", "ready"), [("/docs", ".opblock"), ("/redoc", "h1")])
 def test_the_docs_pages_load_no_third_party_script(
-    browser: Any,  # noqa: F811
+    browser: Any,
     gateway: ServerThread,
     path: str,
     ready: str,

@@ -5,7 +5,10 @@ window. `MemoryCounter` counts in this process; `RedisCounter` counts in
 Redis with one atomic script per hit, so N replicas together hold the limit.
 When Redis cannot be reached, `RedisCounter` falls back to counting here
 against this replica's share of the limit, and tries Redis again a second
-later.
+later. Each replica remembers what it counted in the current window: when
+Redis is back, what it counted meanwhile is added there, and a window
+found empty mid-minute (Redis lost its data) gets back what this replica
+had counted in it, so a restart does not start the minute again from 0.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ class RedisCounter:
         self._hit = redis.register_script(_HIT)
         self._local = MemoryCounter()
         self._down_until = 0.0
+        self._mine: dict[tuple[str, int], int] = {}  # what this replica counted, per window
+        self._owed: dict[tuple[str, int], int] = {}  # counted here while Redis was away
 
     @property
     def degraded(self) -> bool:
@@ -112,22 +117,46 @@ class RedisCounter:
         self._down_until = time.monotonic() + 1.0
 
     async def hit(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
+        window, reset = _window(time.time())
+        slot = (name, window)
         if not self.degraded:
-            window, reset = _window(time.time())
+            key = f"{self._prefix}{name}:{window}"
             try:
-                allowed, used = await self._hit(
-                    keys=[f"{self._prefix}{name}:{window}"], args=[amount, limit, int(whole)]
-                )
-                return Hit(bool(allowed), int(used), window, reset)
+                allowed, used = await self._hit(keys=[key], args=[amount, limit, int(whole)])
+                used = int(used)
+                if allowed:
+                    used += await self._put_back(key, slot, fresh=used == amount)
+                    self._count(slot, amount)
+                return Hit(bool(allowed), used, window, reset)
             except (RedisError, OSError) as exc:
                 self._went_down(exc)
         share = max(1, math.ceil(limit / self._replicas))
-        return self._local.hit_now(name, amount, share, whole=whole)
+        hit = self._local.hit_now(name, amount, share, whole=whole)
+        if hit.allowed:
+            self._count(slot, amount)
+            self._owed[slot] = self._owed.get(slot, 0) + amount
+        return hit
+
+    def _count(self, slot: tuple[str, int], amount: int) -> None:
+        if slot not in self._mine:  # a new window: forget the old ones
+            self._mine = {k: v for k, v in self._mine.items() if k[1] >= slot[1] - 1}
+            self._owed = {k: v for k, v in self._owed.items() if k[1] >= slot[1]}
+        self._mine[slot] = self._mine.get(slot, 0) + amount
+
+    async def _put_back(self, key: str, slot: tuple[str, int], *, fresh: bool) -> int:
+        """What this replica counted that Redis does not hold (lost, or counted while away)."""
+        owed = self._owed.pop(slot, 0)
+        back = self._mine.get(slot, 0) if fresh else owed
+        if back > 0:
+            await self._redis.incrby(key, back)
+        return back
 
     async def add(self, name: str, window: int, amount: int) -> None:
         if amount == 0:
             return
         await self._local.add(name, window, amount)
+        if (name, window) in self._mine:
+            self._mine[(name, window)] = max(0, self._mine[(name, window)] + amount)
         if self.degraded:
             return
         try:

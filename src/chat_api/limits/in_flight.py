@@ -33,7 +33,8 @@ class Holds:
 
     One renewer for everything a replica holds (calls in flight, call
     leases): every third of `seconds` it pushes each hold's end forward,
-    then runs the `checks` (noticing that Redis lost its data). What a dead
+    and every second at most it runs the `checks` (noticing that Redis
+    lost its data). What a dead
     replica held runs out within `seconds`.
     """
 
@@ -47,6 +48,11 @@ class Holds:
     @property
     def renew_every(self) -> float:
         return self.seconds / 3
+
+    @property
+    def check_every(self) -> float:
+        """How often the `checks` run (a GET each): a lost Redis is noticed within this."""
+        return min(1.0, self.renew_every)
 
     def until(self) -> float:
         return time.time() + self.seconds
@@ -70,14 +76,17 @@ class Holds:
             await pipe.execute()
 
     async def _renew(self) -> None:
+        renewed = time.monotonic()
         while self._held:
-            await asyncio.sleep(self.renew_every)
-            until = self.until()
+            await asyncio.sleep(self.check_every)
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for zset, member in list(self._held):
-                        pipe.zadd(zset, {member: until}, xx=True)
-                    await pipe.execute()
+                if time.monotonic() - renewed >= self.renew_every:
+                    renewed = time.monotonic()
+                    until = self.until()
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for zset, member in list(self._held):
+                            pipe.zadd(zset, {member: until}, xx=True)
+                        await pipe.execute()
                 for check in self.checks:
                     await check()
             except (RedisError, OSError) as exc:

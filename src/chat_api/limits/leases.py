@@ -37,6 +37,7 @@ from decimal import Decimal
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from chat_api.calls import CallContext, Prepared
 from chat_api.limits.epoch import Epoch, Seen
@@ -284,6 +285,11 @@ class RedisLeases:
                 # reservation (and a committed row of an open call is in the rebuilt total).
                 counted = lease.reserved + ((lease.delta or 0) if lease.settled else 0)
                 await self._redis.incrby(lease.budget_key, counted)
+        for lease in list(self.held.values()):  # committed while this ran: nothing to keep
+            if lease.settled and lease.written:
+                await self._redis.delete(self.key(lease.call_id))
+                await self._redis.zrem(self.index, lease.call_id)
+                self._gone(lease.call_id)
 
     def abandon(self, lease: Lease) -> None:
         """Stop renewing a lease that could not be settled: the reaper settles it."""
@@ -294,9 +300,14 @@ class RedisLeases:
         mine = [call_id for call_id in call_ids if call_id in self.held]
         if not mine:
             return
-        flags = await self._written(
-            keys=[self.index, *(self.key(call_id) for call_id in mine)], args=mine
-        )
+        try:
+            flags = await self._written(
+                keys=[self.index, *(self.key(call_id) for call_id in mine)], args=mine
+            )
+        except (RedisError, OSError):
+            for call_id in mine:  # not renewed any more: the reaper deletes them
+                self._gone(call_id)
+            raise
         for call_id, deleted in zip(mine, flags, strict=True):
             lease = self.held.get(call_id)
             if deleted:
