@@ -84,7 +84,7 @@ def _first_chunk_p99(name: str, result: dict[str, Any], *, with_target: bool) ->
     ratio = pct(g, 99) / pct(d, 99) if d and g else math.nan
     return _row(
         name,
-        "first chunk p99 (ms)",
+        "first event p99 (ms)" if name.startswith("responses_") else "first chunk p99 (ms)",
         _f(pct(d, 99)),
         _f(pct(g, 99)),
         f"{ratio:.2f}×",
@@ -118,7 +118,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
         rows += _latency_rows("conc8_v1", r, None)
     rows += _keys_rows(results)
     for name, r in results.items():
-        if not name.startswith("streams_"):
+        if not name.startswith(("streams_", "responses_streams_")):
             continue
         count = r["direct"]["requested"]
         interval = name.rsplit("_", 1)[1]
@@ -136,10 +136,11 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
             )
         )
         d, g = r["direct"]["first_ms"], r["gateway"]["first_ms"]
+        first = "first event" if name.startswith("responses_") else "first chunk"
         rows.append(
             _row(
                 name,
-                "first chunk p50 (ms)",
+                f"{first} p50 (ms)",
                 _f(pct(d, 50)),
                 _f(pct(g, 50)),
                 _signed(pct(g, 50) - pct(d, 50)),

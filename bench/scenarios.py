@@ -31,6 +31,12 @@ V1_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."
 STREAM_BODY = {**V1_BODY, "stream": True, "stream_options": {"include_usage": True}}
 CHAT_BODY = {"message": "Say hello."}
 EVENTS_AFTER_CHUNKS = 3  # the finish chunk, the usage chunk, [DONE]
+RESPONSES = "/v1/responses"
+RESPONSES_BODY = {"model": MODEL, "input": "Say hello.", "stream": True}
+# response.created, .in_progress, .output_item.added, .content_part.added before the text;
+# .output_text.done, .content_part.done, .output_item.done, .completed after it.
+RESPONSES_EVENTS_AROUND_DELTAS = 8
+RESPONSES_FIRST = "event: response.output_text.delta"  # the first text, as chat's first chunk
 MASTER_KEY = "bench-master-key-0123456789"
 # The production shape: limits and a budget that are checked on every call, never reached.
 KEY_SPEC = {"name": "bench", "rpm": 100_000_000, "tpm": 1_000_000_000, "budget_usd": 1_000_000}
@@ -183,6 +189,13 @@ class Bench:
         spec.update(expect_events=chunks + EVENTS_AFTER_CHUNKS, duration=chunks * interval + 60)
         return f"streams_{count}_{int(interval * 1000)}ms", spec
 
+    def _responses_streams(self, count: int, interval: float) -> tuple[str, dict[str, Any]]:
+        """As `_streams`, on `POST /v1/responses`: the same sizes, the same chunks."""
+        name, spec = self._streams(count, interval)
+        spec.update(path=RESPONSES, body=RESPONSES_BODY, first_marker=RESPONSES_FIRST)
+        spec["expect_events"] = self.profile["chunks"] + RESPONSES_EVENTS_AROUND_DELTAS
+        return f"responses_{name}", spec
+
     def _warm_streams(self, port: int) -> None:
         self.upstream.configure(chunks=5, interval=0.0)
         self._load(port, {"mode": "streams", "streams": 20, "body": STREAM_BODY})
@@ -224,10 +237,22 @@ class Bench:
         for count, interval in self.profile["streams"]:
             self.fresh_gateway(optional=True)
             name, spec = self._streams(count, interval)
-            result = self._pair(name, spec)
-            gateway = result["gateway"]
-            growth = gateway["rss_peak_kib"] - gateway["rss_baseline_kib"]
-            gateway["rss_per_stream_kib"] = growth / max(1, gateway["peak_open"])
+            self._per_stream(self._pair(name, spec))
+
+    def responses_streams(self) -> None:
+        """The `streams` sizes again on `POST /v1/responses`, for a side-by-side comparison."""
+        for count, interval in self.profile["streams"]:
+            gateway = self.fresh_gateway(optional=True)
+            self.upstream.configure(chunks=5, interval=0.0)
+            warm = {"mode": "streams", "streams": 20, "path": RESPONSES, "body": RESPONSES_BODY}
+            self._load(gateway.port, warm)
+            name, spec = self._responses_streams(count, interval)
+            self._per_stream(self._pair(name, spec))
+
+    def _per_stream(self, result: dict[str, Any]) -> None:
+        gateway = result["gateway"]
+        growth = gateway["rss_peak_kib"] - gateway["rss_baseline_kib"]
+        gateway["rss_per_stream_kib"] = growth / max(1, gateway["peak_open"])
 
     def relay(self) -> None:
         chunks = self.profile["relay_chunks"]
@@ -268,6 +293,7 @@ SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "concurrent": Bench.concurrent,
     "keys": Bench.keys_on,
     "streams": Bench.streams,
+    "responses": Bench.responses_streams,
     "relay": Bench.relay,
     "open": Bench.open_loop,
     "workers": Bench.workers,
