@@ -16,7 +16,10 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="chat-
 os.environ.setdefault("CHAT_API_HOST", "0.0.0.0")  # noqa: S104
 
 wsgi_app = "chat_api.app:serve_app()"  # each worker serves this app alone
-worker_class = "chat_api.worker.Worker"  # uvicorn + uvloop + a deadline for headers
+# uvicorn + uvloop + a deadline and a size limit for headers, as `chat-api serve`. It
+# leaves X-Forwarded-For to the gateway, which believes it only from the proxies in
+# CHAT_API_TRUSTED_PROXIES: gunicorn's `forwarded_allow_ips` is not used.
+worker_class = "chat_api.worker.Worker"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:5000")
 timeout = 120

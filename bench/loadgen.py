@@ -11,8 +11,10 @@ Modes:
   as the previous answer is complete, until `requests` answers (after
   `warmup` unrecorded ones) or `duration` seconds.
 - `streams`: `streams` streamed requests at once, one connection each
-  (connects paced by `connect_parallel`); records time to the first `data:`
-  event, time to the end, and the events received.
+  (connects paced by `connect_parallel`); records time to the first event
+  that holds `first_marker` (default `data:`, any event; Responses streams
+  pass `event: response.output_text.delta`, the first text), time to the
+  end, and the events received (`event:`/`data:` blocks ending in a blank line).
 - `open`: `rate` requests per second for `duration` seconds whatever the
   server does (open loop); latency is counted from each request's planned
   start, so a server that falls behind is charged for it.
@@ -41,7 +43,7 @@ class Exchange:
 
     planned: float = 0.0
     sent: float = 0.0
-    first: float = 0.0  # first body bytes holding a `data:` event (streams)
+    first: float = 0.0  # first body bytes holding the first-event marker (streams)
     end: float = 0.0
     status: int = 0
     events: int = 0
@@ -53,8 +55,10 @@ class Exchange:
 class ClientConnection(asyncio.Protocol):
     """A keep-alive HTTP/1.1 client connection; one exchange at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_marker: bytes = b"data:") -> None:
         self.loop = asyncio.get_running_loop()
+        self.first_marker = first_marker
+        self.seen = b""  # the last bytes before the first event, in case a read splits it
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
@@ -87,8 +91,13 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None:
             return
-        if not exchange.first and b"data:" in body:
-            exchange.first = now()
+        if not exchange.first:
+            marker = self.first_marker
+            seen = self.seen + body
+            if marker in seen:
+                exchange.first = now()
+            else:
+                self.seen = seen[-len(marker) :]
         exchange.bytes += len(body)
         joined = exchange.tail + body[:1]
         exchange.events += body.count(b"\n\n") + (joined == b"\n\n")
@@ -106,6 +115,7 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None or self.closed:
             raise ConnectionError("connection closed")
         self.exchange = exchange
+        self.seen = b""
         self.waiter = self.loop.create_future()
         exchange.sent = now()
         if not exchange.planned:
@@ -123,11 +133,12 @@ def build_request(spec: dict[str, Any]) -> bytes:
     body = orjson.dumps(spec["body"])
     return (
         b"POST %b HTTP/1.1\r\nhost: %b:%d\r\ncontent-type: application/json\r\n"
-        b"authorization: Bearer sk-bench\r\ncontent-length: %d\r\n\r\n%b"
+        b"authorization: Bearer %b\r\ncontent-length: %d\r\n\r\n%b"
         % (
             spec["path"].encode(),
             spec["host"].encode(),
             spec["port"],
+            spec.get("key", "sk-bench").encode(),
             len(body),
             body,
         )
@@ -136,7 +147,10 @@ def build_request(spec: dict[str, Any]) -> bytes:
 
 async def connect(spec: dict[str, Any]) -> ClientConnection:
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(ClientConnection, spec["host"], spec["port"])
+    marker = spec.get("first_marker", "data:").encode()
+    _, protocol = await loop.create_connection(
+        lambda: ClientConnection(marker), spec["host"], spec["port"]
+    )
     return protocol
 
 

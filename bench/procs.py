@@ -45,16 +45,25 @@ def free_port() -> int:
         return port
 
 
-def request(port: int, method: str, path: str, body: Any = None, timeout: float = 5) -> Any:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float = 5,
+    key: str | None = None,
+) -> Any:
     """A small stdlib HTTP call for control and readiness, never for load."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         payload = orjson.dumps(body) if body is not None else None
         headers = {"content-type": "application/json"} if payload else {}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
         conn.request(method, path, body=payload, headers=headers)
         response = conn.getresponse()
         data = response.read()
-        if response.status != 200:
+        if response.status not in (200, 201):
             raise RuntimeError(f"{method} {path}: {response.status} {data[:200]!r}")
         return orjson.loads(data) if data else None
     finally:
@@ -94,6 +103,43 @@ class Upstream:
 
     def configure(self, **behaviour: Any) -> None:
         request(self.port, "POST", "/_bench/config", behaviour)
+
+    def stop(self) -> None:
+        _stop(self.process)
+        self.log.close()
+
+
+class RedisServer:
+    """A redis-server of the bench's own on loopback (no persistence), beside the upstream."""
+
+    def __init__(self, cpus: str, workdir: Path) -> None:
+        self.port = free_port()
+        self.log = (workdir / "redis.log").open("wb")
+        argv = ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", ""]
+        self.process = subprocess.Popen(
+            pinned(cpus, [*argv, "--appendonly", "no"]),
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("redis-server") is not None
 
     def stop(self) -> None:
         _stop(self.process)

@@ -16,6 +16,7 @@ from bench.procs import (
     HOST,
     BareRelay,
     Gateway,
+    RedisServer,
     RSSSampler,
     Server,
     Upstream,
@@ -30,6 +31,15 @@ V1_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."
 STREAM_BODY = {**V1_BODY, "stream": True, "stream_options": {"include_usage": True}}
 CHAT_BODY = {"message": "Say hello."}
 EVENTS_AFTER_CHUNKS = 3  # the finish chunk, the usage chunk, [DONE]
+RESPONSES = "/v1/responses"
+RESPONSES_BODY = {"model": MODEL, "input": "Say hello.", "stream": True}
+# response.created, .in_progress, .output_item.added, .content_part.added before the text;
+# .output_text.done, .content_part.done, .output_item.done, .completed after it.
+RESPONSES_EVENTS_AROUND_DELTAS = 8
+RESPONSES_FIRST = "event: response.output_text.delta"  # the first text, as chat's first chunk
+MASTER_KEY = "bench-master-key-0123456789"
+# The production shape: limits and a budget that are checked on every call, never reached.
+KEY_SPEC = {"name": "bench", "rpm": 100_000_000, "tpm": 1_000_000_000, "budget_usd": 1_000_000}
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
@@ -84,10 +94,18 @@ class Bench:
     gateway_env: dict[str, str] = field(default_factory=dict)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    key: str | None = None  # the client key the load sends, when keys are on
 
     # --- processes ----------------------------------------------------------------
 
-    def fresh_gateway(self, workers: int = 1, *, optional: bool = False) -> Gateway:
+    def fresh_gateway(
+        self,
+        workers: int = 1,
+        *,
+        optional: bool = False,
+        env: dict[str, str] | None = None,
+        key: str | None = None,
+    ) -> Gateway:
         """A new gateway process, so memory figures start from a clean, warm baseline."""
         if optional and self.gateway is not None and not self.profile["fresh"]:
             return self.gateway
@@ -96,13 +114,22 @@ class Bench:
             self.gateway = None
         cpus = self.gateway_cpus if workers == 1 or not self.gateway_cpus else ""
         self.gateway = Gateway(
-            cpus, self.workdir, self.upstream.port, workers=workers, extra_env=self.gateway_env
+            cpus,
+            self.workdir,
+            self.upstream.port,
+            workers=workers,
+            extra_env={**self.gateway_env, **(env or {})},
         )
         self.upstream.configure(chunks=5, interval=0.0)
+        if key is None and env:  # keys on: make the client key the load will use
+            created = request(self.gateway.port, "POST", "/admin/keys", KEY_SPEC, key=MASTER_KEY)
+            key = str(created["key"])
         for _ in range(20):
-            request(self.gateway.port, "POST", V1, V1_BODY)
-            request(self.gateway.port, "POST", "/chat", CHAT_BODY)
-        self._warm_streams(self.gateway.port)
+            request(self.gateway.port, "POST", V1, V1_BODY, key=key)
+            request(self.gateway.port, "POST", "/chat", CHAT_BODY, key=key)
+        self.key = key
+        if key is None:
+            self._warm_streams(self.gateway.port)
         return self.gateway
 
     def stop(self) -> None:
@@ -162,6 +189,13 @@ class Bench:
         spec.update(expect_events=chunks + EVENTS_AFTER_CHUNKS, duration=chunks * interval + 60)
         return f"streams_{count}_{int(interval * 1000)}ms", spec
 
+    def _responses_streams(self, count: int, interval: float) -> tuple[str, dict[str, Any]]:
+        """As `_streams`, on `POST /v1/responses`: the same sizes, the same chunks."""
+        name, spec = self._streams(count, interval)
+        spec.update(path=RESPONSES, body=RESPONSES_BODY, first_marker=RESPONSES_FIRST)
+        spec["expect_events"] = self.profile["chunks"] + RESPONSES_EVENTS_AROUND_DELTAS
+        return f"responses_{name}", spec
+
     def _warm_streams(self, port: int) -> None:
         self.upstream.configure(chunks=5, interval=0.0)
         self._load(port, {"mode": "streams", "streams": 20, "body": STREAM_BODY})
@@ -169,14 +203,56 @@ class Bench:
     def concurrent(self) -> None:
         self._pair("conc8_v1", self._conc8())
 
+    def keys_on(self) -> None:
+        """The production shape: a client key with rpm, tpm and a budget, Redis on loopback.
+
+        Measured against the keys-off rows of the same run (`seq_v1`, `conc8_v1`);
+        run here first when they were not asked for.
+        """
+        if not RedisServer.available():
+            self.log("  keys: skipped, redis-server is not installed")
+            return
+        if "seq_v1" not in self.results or "conc8_v1" not in self.results:
+            self.fresh_gateway(optional=True)
+            self.sequential()
+            self.concurrent()
+        redis = RedisServer(self.other_cpus, self.workdir)
+        try:
+            env = {"CHAT_API_MASTER_KEY": MASTER_KEY, "CHAT_API_REDIS_URL": redis.url}
+            self.fresh_gateway(env=env)
+            p = self.profile
+            self.upstream.configure(chunks=20, interval=0.0)
+            closed = {"mode": "closed", "concurrency": 1, "requests": p["seq"], "duration": 120}
+            closed["warmup"] = p["seq_warmup"]
+            keyed = {"key": self.key}
+            self._pair("keys_seq_v1", {**closed, "body": V1_BODY}, keyed)
+            self._pair("keys_conc8_v1", self._conc8(), keyed)
+        finally:
+            self.stop()
+            redis.stop()
+            self.key = None
+        self.fresh_gateway()  # keys off again for the scenarios after this one
+
     def streams(self) -> None:
         for count, interval in self.profile["streams"]:
             self.fresh_gateway(optional=True)
             name, spec = self._streams(count, interval)
-            result = self._pair(name, spec)
-            gateway = result["gateway"]
-            growth = gateway["rss_peak_kib"] - gateway["rss_baseline_kib"]
-            gateway["rss_per_stream_kib"] = growth / max(1, gateway["peak_open"])
+            self._per_stream(self._pair(name, spec))
+
+    def responses_streams(self) -> None:
+        """The `streams` sizes again on `POST /v1/responses`, for a side-by-side comparison."""
+        for count, interval in self.profile["streams"]:
+            gateway = self.fresh_gateway(optional=True)
+            self.upstream.configure(chunks=5, interval=0.0)
+            warm = {"mode": "streams", "streams": 20, "path": RESPONSES, "body": RESPONSES_BODY}
+            self._load(gateway.port, warm)
+            name, spec = self._responses_streams(count, interval)
+            self._per_stream(self._pair(name, spec))
+
+    def _per_stream(self, result: dict[str, Any]) -> None:
+        gateway = result["gateway"]
+        growth = gateway["rss_peak_kib"] - gateway["rss_baseline_kib"]
+        gateway["rss_per_stream_kib"] = growth / max(1, gateway["peak_open"])
 
     def relay(self) -> None:
         chunks = self.profile["relay_chunks"]
@@ -215,7 +291,9 @@ class Bench:
 SCENARIOS: dict[str, Callable[[Bench], None]] = {
     "sequential": Bench.sequential,
     "concurrent": Bench.concurrent,
+    "keys": Bench.keys_on,
     "streams": Bench.streams,
+    "responses": Bench.responses_streams,
     "relay": Bench.relay,
     "open": Bench.open_loop,
     "workers": Bench.workers,

@@ -1,7 +1,8 @@
 """A fast fake OpenAI upstream: raw asyncio protocol, httptools parser, uvloop.
 
 It answers `POST /v1/chat/completions` (whole JSON, or an SSE stream in
-chunked transfer encoding) on keep-alive HTTP/1.1, and must never be the
+chunked transfer encoding) and `POST /v1/responses` streamed (OpenAI's
+`event:`/`data:` events, numbered) on keep-alive HTTP/1.1, and must never be the
 bottleneck of a benchmark: there is no framework, every answer is built from
 pre-rendered bytes, and stream chunks are driven by `call_later` timers rather
 than one task per stream.
@@ -57,6 +58,75 @@ def _head(model: str) -> bytes:
 
 def _http_chunk(payload: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+
+RESPONSE_ID = b"resp_" + b"0" * 48  # each stream writes its own id of the same width here
+
+
+def _response_events(model: str, behaviour: Behaviour) -> tuple[bytes, bytes, list[bytes]]:
+    """A streamed Response's events as OpenAI orders them: (before the text, after it, deltas).
+
+    The response object carries RESPONSE_ID, for each stream to fill in.
+    """
+    sequence = 0
+    item_id, text = "msg_bench", behaviour.token * behaviour.chunks
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+    def response(status: str, output: list[Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "id": RESPONSE_ID.decode(),
+            "object": "response",
+            "created_at": CREATED,
+            "status": status,
+            "model": model,
+            "output": output,
+            "usage": usage,
+        }
+
+    def event(kind: str, **fields: Any) -> bytes:
+        nonlocal sequence
+        data = orjson.dumps({"type": kind, "sequence_number": sequence, **fields})
+        sequence += 1
+        return b"event: %b\ndata: %b\n\n" % (kind.encode(), data)
+
+    part: dict[str, Any] = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+    item: dict[str, Any] = {
+        "id": item_id,
+        "type": "message",
+        "status": "in_progress",
+        "content": [],
+        "role": "assistant",
+    }
+    before = b"".join(
+        (
+            event("response.created", response=response("in_progress", [], None)),
+            event("response.in_progress", response=response("in_progress", [], None)),
+            event("response.output_item.added", output_index=0, item=item),
+            event("response.content_part.added", **where, part=part),
+        )
+    )
+    deltas = [
+        event("response.output_text.delta", **where, delta=behaviour.token, logprobs=[])
+        for _ in range(behaviour.chunks)
+    ]
+    part = {**part, "text": text}
+    item = {**item, "status": "completed", "content": [part]}
+    usage = {
+        "input_tokens": 9,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": behaviour.chunks,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 9 + behaviour.chunks,
+    }
+    after = b"".join(
+        (
+            event("response.output_text.done", **where, text=text, logprobs=[]),
+            event("response.content_part.done", **where, part=part),
+            event("response.output_item.done", output_index=0, item=item),
+            event("response.completed", response=response("completed", [item], usage)),
+        )
+    )
+    return before, after, deltas
 
 
 class Answers:
@@ -117,6 +187,20 @@ class Answers:
         done = _http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
         self.tail_with_usage = finish + usage_event + done
         self.tail = finish + done
+        self.chat_steps = [self.first, *[self.middle] * (behaviour.chunks - 1)][: behaviour.chunks]
+        self._model = model
+        self._behaviour = behaviour
+        self._responses: tuple[bytes, bytes, list[bytes]] | None = None
+
+    def responses(self) -> tuple[bytes, bytes, list[bytes]]:
+        """A Response's events (before the text, after it, each delta as an HTTP chunk).
+
+        Rendered on first use: a chat-only run never pays for them.
+        """
+        if self._responses is None:
+            before, after, deltas = _response_events(self._model, self._behaviour)
+            self._responses = (before, after, [_http_chunk(d) for d in deltas])
+        return self._responses
 
 
 class Upstream:
@@ -140,15 +224,14 @@ class Upstream:
 
 
 class _Stream:
-    """One SSE answer in flight, advanced by loop timers."""
+    """One SSE answer in flight, advanced by loop timers: `steps` written in turn, then `tail`."""
 
-    __slots__ = ("answers", "first", "handle", "left", "usage")
+    __slots__ = ("handle", "next", "steps", "tail")
 
-    def __init__(self, answers: Answers, usage: bool, count: int) -> None:
-        self.answers = answers
-        self.usage = usage
-        self.left = count
-        self.first = True
+    def __init__(self, steps: list[bytes], tail: bytes) -> None:
+        self.steps = steps  # shared by every stream of a behaviour: never changed
+        self.tail = tail
+        self.next = 0
         self.handle: asyncio.TimerHandle | asyncio.Handle | None = None
 
 
@@ -214,6 +297,8 @@ class Connection(asyncio.Protocol):
             self._write_json(asdict(self.upstream.behaviour))
         elif self.url.startswith(b"/v1/chat/completions"):
             self._chat(orjson.loads(body))
+        elif self.url.startswith(b"/v1/responses"):
+            self._responses(orjson.loads(body))
         elif self.url.startswith(b"/_bench/stats"):
             self._write_json({"requests": self.upstream.requests})
         else:
@@ -241,8 +326,29 @@ class Connection(asyncio.Protocol):
                 self._write(answers.whole)
             return
         usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        stream = self.stream = _Stream(answers, usage, behaviour.chunks)
-        self._write(answers.stream_head)
+        tail = answers.tail_with_usage if usage else answers.tail
+        self._start(answers.stream_head, _Stream(answers.chat_steps, tail))
+
+    def _responses(self, request: dict[str, Any]) -> None:
+        """A streamed Response (the bench streams only): each stream its own response id."""
+        upstream = self.upstream
+        upstream.requests += 1
+        answers = upstream.answers(str(request.get("model", "gpt-4o-mini")))
+        response_id = b"resp_%048x" % upstream.requests
+        before, after, steps = answers.responses()
+        before = before.replace(RESPONSE_ID, response_id)
+        after = after.replace(RESPONSE_ID, response_id)
+        # The events before the text go out with the first delta, as chat's first chunk does.
+        if steps:
+            steps = [_http_chunk(before) + steps[0], *steps[1:]]
+        else:
+            after = before + after
+        self._start(answers.stream_head, _Stream(steps, _http_chunk(after) + b"0\r\n\r\n"))
+
+    def _start(self, head: bytes, stream: _Stream) -> None:
+        behaviour = self.upstream.behaviour
+        self.stream = stream
+        self._write(head)
         if behaviour.interval <= 0:
             stream.handle = self.loop.call_later(behaviour.ttft, self._burst)
         else:
@@ -255,14 +361,12 @@ class Connection(asyncio.Protocol):
 
     def _next_chunk(self, stream: _Stream) -> bool:
         """Write the next chunk; False once the stream is finished."""
-        answers = stream.answers
-        if stream.left == 0:
-            self._write(answers.tail_with_usage if stream.usage else answers.tail)
+        if stream.next == len(stream.steps):
+            self._write(stream.tail)
             self.stream = None
             return False
-        self._write(answers.first if stream.first else answers.middle)
-        stream.first = False
-        stream.left -= 1
+        self._write(stream.steps[stream.next])
+        stream.next += 1
         return True
 
     def _tick(self) -> None:

@@ -119,6 +119,11 @@ def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CHAT_API_MODEL_CAPABILITIES", "[1, 2"),
         ("CHAT_API_PRICES", "cheap"),
         ("CHAT_API_MASTER_KEY", SECRET),
+        ("CHAT_API_TRUSTED_PROXIES", "nginx"),
+        ("CHAT_API_TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("CHAT_API_FIELD_POLICY", '{"store": "forbid"}'),
+        ("CHAT_API_FIELD_POLICY", '{"messages": "drop"}'),
+        ("CHAT_API_FIELD_POLICY", "store=drop"),
     ],
 )
 def test_more_bad_values_stop_serve_with_one_line(
@@ -188,6 +193,37 @@ def test_openai_api_key_is_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None
     settings = Settings()
     assert settings.openai_api_key is not None
     assert settings.openai_api_key.get_secret_value() == "sk-fallback-key-0001"
+
+
+def test_security_settings_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHAT_API_TRUSTED_PROXIES", "10.0.0.0/8, 172.28.0.10,::1")
+    monkeypatch.setenv("CHAT_API_FIELD_POLICY", '{"store": "drop", "service_tier": "refuse"}')
+    settings = Settings()
+    assert settings.trusted_proxies == ("10.0.0.0/8", "172.28.0.10", "::1")
+    assert settings.field_policy == {"store": "drop", "service_tier": "refuse"}
+    assert settings.max_body_bytes == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("env", "origins", "says"),
+    [
+        ({}, (), "only the gateway's own page"),
+        ({"CHAT_API_MASTER_KEY": "m" * 20}, ("*",), "any website; every call still needs a key"),
+        ({"CHAT_API_CORS_ORIGINS": "*"}, ("*",), "keys are off: they spend your OpenAI key"),
+        ({"CHAT_API_CORS_ORIGINS": "https://a.example"}, ("https://a.example",), "a.example"),
+    ],
+)
+def test_cors_default_follows_keys_and_startup_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], origins: tuple[str, ...], says: str
+) -> None:
+    from chat_api.middleware import cors_summary
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.allowed_origins == origins
+    line = cors_summary(settings.allowed_origins, settings.keys_enabled)
+    assert says in line and "\n" not in line
 
 
 def test_a_typo_in_dotenv_stops_serve_like_one_in_the_environment(

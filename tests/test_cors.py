@@ -79,9 +79,57 @@ def test_wildcard_answers_star_and_never_allows_credentials(
     assert "access-control-allow-origin" in credentialed.headers
 
 
-def test_the_default_is_wildcard(gateway_factory: GatewayFactory) -> None:
-    server = gateway_factory()
+def test_the_default_with_keys_on_is_wildcard(gateway_factory: GatewayFactory) -> None:
+    server = gateway_factory(master_key="cors-test-master-key-0123456789")
     response = preflight(server.url, OTHER)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("path", ["/chat", "/chat/stream", "/v1/chat/completions"])
+def test_with_keys_off_other_websites_are_refused_by_default(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, path: str
+) -> None:
+    """A page elsewhere must not spend the operator's key through a local gateway."""
+    server = gateway_factory()
+    refused = preflight(server.url, OTHER, path)
+    assert refused.status_code == 400
+    assert "access-control-allow-origin" not in refused.headers
+    # A "simple" request needs no preflight: a browser sends it and hides only the answer.
+    body = (
+        '{"message": "hi"}'
+        if not path.startswith("/v1")
+        else ('{"messages": [{"role": "user", "content": "hi"}]}')
+    )
+    for origin in (OTHER, "null", "http://127.0.0.1:1"):
+        simple = httpx.post(
+            server.url + path,
+            content=body,
+            headers={"Origin": origin, "Content-Type": "text/plain"},
+        )
+        assert simple.status_code == 403, origin
+        assert "other websites" in simple.text
+        assert "access-control-allow-origin" not in simple.headers
+        assert simple.headers["vary"] == "Origin"
+    assert fake.hits == 0
+
+
+def test_with_keys_off_the_gateways_own_page_still_works(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory()
+    own = server.url  # http://127.0.0.1:<port>: what a browser on the page sends as Origin
+    for headers in ({"Origin": own}, {"Origin": "null", "Sec-Fetch-Site": "same-origin"}):
+        response = httpx.post(server.url + "/chat", json={"message": "hi"}, headers=headers)
+        assert response.status_code == 200, headers
+    assert fake.hits == 2
+
+
+def test_origins_set_on_purpose_are_allowed_with_keys_off(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory(cors_origins=("*",))
+    response = httpx.post(server.url + "/chat", json={"message": "hi"}, headers={"Origin": OTHER})
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "*"
 

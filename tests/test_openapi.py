@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -77,8 +78,16 @@ def test_error_statuses_are_documented(client: httpx.Client) -> None:
     assert "404" in paths["/v1/chat/completions"]["post"]["responses"]
 
 
-def test_docs_page_is_html(client: httpx.Client) -> None:
-    response = client.get("/docs")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/html")
-    assert "/openapi.json" in response.text
+def test_docs_pages_are_html_that_load_only_this_servers_scripts(client: httpx.Client) -> None:
+    for page in ("/docs", "/redoc"):
+        response = client.get(page)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        assert "script-src 'self';" in response.headers["content-security-policy"]
+        sources = re.findall(r'<script src="([^"]+)"', response.text)
+        assert sources and all(src.startswith("/static/") for src in sources)
+        assert "<script>" not in response.text  # nothing inline, which the CSP would block
+        for src in sources:
+            assert client.get(src).status_code == 200, src
+    assert "/openapi.json" in client.get("/static/docs/swagger.js").text
+    assert 'spec-url="/openapi.json"' in client.get("/redoc").text

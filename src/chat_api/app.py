@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from importlib.resources import files
 from typing import Any
@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
 from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from chat_api import __version__
 from chat_api.catalog import Catalog
@@ -33,49 +33,63 @@ from chat_api.errors import (
     NotFound,
     ServiceUnavailable,
 )
-from chat_api.fastlane import FastLane, Handler
+from chat_api.fastlane import FastLane, Handler, hot_routes
 from chat_api.metrics import Metrics
-from chat_api.middleware import CrossOrigin, GatewayMiddleware, is_openai_dialect
+from chat_api.middleware import (
+    PAGE_CSP,
+    CrossOrigin,
+    GatewayMiddleware,
+    is_openai_dialect,
+    parse_networks,
+)
 from chat_api.observe import RequestObserver
-from chat_api.routes import admin, openai_compat, ops, responses_api, simple, usage
+from chat_api.redact import remember
+from chat_api.routes import admin, openai_compat, ops, page, responses_api, simple, usage
 from chat_api.routes.schemas import ChatRequest
 from chat_api.services import open_services
 
 log = logging.getLogger("chat_api")
 
 WEB_DIR = files("chat_api") / "web"
-PAGE_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
-    "form-action 'self'"
+# The documentation pages run only this server's scripts too; Swagger UI and ReDoc
+# style themselves inline and ReDoc searches in a worker it builds from a blob.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with the gateway's own layers in front of it.
+    """FastAPI, with the gateway's own layers in front of its middleware stack.
 
-    Every HTTP request goes through `front`: CORS (for browsers), then `GatewayMiddleware`
-    (request id, body limits, security headers, the log line and metrics),
-    then the fast lane, which answers the chat routes itself. Only what the
-    fast lane passes on enters FastAPI, with its error layer, telemetry
-    hooks, body limit and router. Placed as FastAPI middleware, those layers
-    ran inside FastAPI's own, and every request and every streamed event went
-    through three more send wrappers.
+    Every request goes through the layers `front` builds: CORS (for
+    browsers), then `GatewayMiddleware` (request id, body limits, security
+    headers, the log line and metrics), then the fast lane, which answers the
+    `@hot` routes itself. Only what the fast lane passes on enters FastAPI's
+    own stack, with its error layer, telemetry hooks, body limit and router.
+    Placed as FastAPI middleware, those layers ran inside FastAPI's own, and
+    every request and every streamed event went through three more send
+    wrappers. They sit where Starlette expects outer layers: in
+    `build_middleware_stack`, which runs when the app starts.
     """
 
-    front: ASGIApp | None = None
+    front: Callable[[ASGIApp], ASGIApp] | None = None  # the gateway's layers, given the lane
+    hot_handlers: dict[type[Exception], Handler] | None = None
     fast_lane: FastLane | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.front is not None:
-            scope["app"] = self  # what `request.app` reads, as Starlette would set it
-            await self.front(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
-
-    async def behind_front(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """FastAPI itself: where the fast lane sends everything it does not answer."""
-        await super().__call__(scope, receive, send)
+    def build_middleware_stack(self) -> ASGIApp:
+        inner = super().build_middleware_stack()
+        if self.front is None or self.hot_handlers is None:
+            return inner
+        if self.user_middleware:
+            names = ", ".join(getattr(m.cls, "__name__", repr(m.cls)) for m in self.user_middleware)
+            raise RuntimeError(
+                f"Middleware added to the app ({names}) would not see the fast lane's routes: "
+                "add it to the gateway's layers in chat_api/app.py instead."
+            )
+        self.fast_lane = FastLane(inner, routes=hot_routes(self.routes), handlers=self.hot_handlers)
+        return self.front(self.fast_lane)
 
 
 def create_app(settings: Settings | None = None, *, own_process: bool = False) -> GatewayApp:
@@ -87,6 +101,8 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     collection of everything the host has loaded.
     """
     settings = settings or Settings()
+    for secret in (settings.openai_api_key, settings.master_key):
+        remember(secret.get_secret_value() if secret else None)  # scrubbed by value everywhere
     catalog = Catalog(settings)
 
     metrics = Metrics(settings.prometheus_multiproc_dir)
@@ -108,43 +124,51 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
         ),
         lifespan=lifespan,
         default_response_class=Response,
+        docs_url=None,  # served from the package below, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.guard = None
 
-    handlers = _add_error_handlers(app, metrics)
-    fast_lane = FastLane(
-        app.behind_front,
-        routes={
-            ("POST", "/v1/chat/completions"): openai_compat.chat_completions,
-            ("POST", "/chat"): simple.chat,
-            ("POST", "/chat/stream"): simple.chat_stream,
-        },
-        handlers=handlers,
-    )
-    app.fast_lane = fast_lane
-    gateway = GatewayMiddleware(
-        fast_lane,
-        max_body_bytes=settings.max_body_bytes,
-        body_timeout=settings.body_timeout,
-        observe=RequestObserver(metrics),
-    )
-    app.front = CrossOrigin(
-        gateway,
-        allow_origins=list(settings.cors_origins),
-        allow_credentials=False,  # keys travel in headers, never in cookies
-        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-        allow_headers=["*"],
-        expose_headers=["X-Request-ID", "Retry-After", "X-Upstream-Request-ID"],
-        max_age=600,
-    )
+    app.hot_handlers = _add_error_handlers(app, metrics)
+    observe = RequestObserver(metrics)
+
+    def front(fast_lane: ASGIApp) -> ASGIApp:
+        gateway = GatewayMiddleware(
+            fast_lane,
+            max_body_bytes=settings.max_body_bytes,
+            body_timeout=settings.body_timeout,
+            observe=observe,
+            trusted_proxies=parse_networks(settings.trusted_proxies),
+        )
+        return CrossOrigin(
+            gateway,
+            allow_origins=list(settings.allowed_origins),
+            allow_credentials=False,  # keys travel in headers, never in cookies
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=[
+                "X-Request-ID",
+                "Retry-After",
+                "X-Upstream-Request-ID",
+                *(
+                    f"x-ratelimit-{what}-{kind}"
+                    for what in ("limit", "remaining", "reset")
+                    for kind in ("requests", "tokens")
+                ),
+            ],
+            max_age=600,
+        )
+
+    app.front = front
     app.include_router(simple.router)
     app.include_router(openai_compat.router)
     app.include_router(responses_api.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
     _add_page(app)
     _document(app)
     return app
@@ -189,16 +213,33 @@ def _add_page(app: FastAPI) -> None:
             headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"},
         )
 
+    def docs_page(name: str) -> Response:
+        return FileResponse(
+            str(WEB_DIR / "docs" / name),
+            media_type="text/html",
+            headers={"Content-Security-Policy": DOCS_CSP, "Cache-Control": "no-cache"},
+        )
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> Response:
+        return docs_page("swagger.html")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> Response:
+        return docs_page("redoc.html")
+
     app.mount("/static", StaticFiles(directory=str(WEB_DIR)), name="static")
 
 
 def _error_response(request: Request, error: ChatAPIError) -> Response:
     openai_dialect = is_openai_dialect(request.url.path)
+    call = request.scope.get("state", {}).get("call")  # a call let through: its rate headers
+    headers = {**call.headers, **error.headers} if call is not None else error.headers
     return Response(
         error.body(openai_dialect),
         status_code=error.status_for(openai_dialect),
         media_type="application/json",
-        headers=error.headers,
+        headers=headers,
     )
 
 
@@ -221,7 +262,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> dict[type[Exception],
     async def on_chat_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ChatAPIError)
         if exc.status == 429 or isinstance(exc, ServiceUnavailable):
-            metrics.rejections.labels(exc.code or "unknown").inc()
+            metrics.rejections.labels(exc.reason or "unknown").inc()
         return _error_response(request, exc)
 
     async def on_validation(request: Request, exc: Exception) -> Response:

@@ -2,25 +2,33 @@
 
 Every failure looks the same (401), whether the key is missing, wrong,
 expired or revoked. An address that fails too often in a minute is told to
-wait (429) before its keys are even looked at.
+wait (429) for its next failures, while a valid key from that address is
+always let in: behind a proxy or a NAT, many people share one address, and
+one of them guessing must not lock out the others. The address is the real
+client's (`CHAT_API_TRUSTED_PROXIES` says whose `X-Forwarded-For` to believe).
+Client keys come from the process's `KeyCache`: no database query per
+request, and still every revocation refused from the next request on (see
+store/keycache.py).
 """
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 
 from fastapi import Request
-from sqlalchemy.exc import SQLAlchemyError
 
 from chat_api.calls import Caller
 from chat_api.config import Settings
-from chat_api.errors import RateLimited, ServiceUnavailable, Unauthorized
+from chat_api.errors import RateLimited, Unauthorized
 from chat_api.limits.counters import Counter
 from chat_api.store.database import utcnow
-from chat_api.store.keys import KeyStore, same_secret
+from chat_api.store.keycache import KeyCache
+from chat_api.store.keys import KEY_PREFIX, hash_key
 
 MASTER = Caller(key_id=None, name="master")
+MAX_BLOCKED = 10_000
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -32,9 +40,9 @@ def bearer_token(header: str | None) -> str | None:
 
 
 class Guard:
-    def __init__(self, settings: Settings, keys: KeyStore, counter: Counter) -> None:
+    def __init__(self, settings: Settings, keys: KeyCache, counter: Counter) -> None:
         assert settings.master_key is not None
-        self._master = settings.master_key.get_secret_value()
+        self._master = hash_key(settings.master_key.get_secret_value())
         self._keys = keys
         self._counter = counter
         self._per_minute = settings.auth_failures_per_minute
@@ -42,32 +50,34 @@ class Guard:
 
     async def authenticate(self, request: Request) -> Caller:
         address = request.client.host if request.client else "unknown"
-        blocked_until = self._blocked.get(address)
-        if blocked_until is not None:
-            if blocked_until > time.monotonic():
-                raise self._slow_down(blocked_until - time.monotonic())
-            del self._blocked[address]
         token = bearer_token(request.headers.get("authorization"))
         if token is not None:
-            if same_secret(token, self._master):
+            digest = hash_key(token)
+            if hmac.compare_digest(digest, self._master):
                 return MASTER
-            try:
-                record = await self._keys.find(token)
-            except (SQLAlchemyError, OSError):
-                # The key store is away: refuse like budgets do (503, try again), never a 500.
-                raise ServiceUnavailable(
-                    "Keys cannot be checked right now (the database is away). Try again shortly.",
-                    headers={"Retry-After": "5"},
-                ) from None
-            if record is not None and record.usable(utcnow()):
-                return record.caller()
+            if token.startswith(KEY_PREFIX):
+                # A database that is away or stalled is a 503 (try again), never a 500.
+                record = await self._keys.find(token, digest)
+                if record is not None and record.usable(utcnow()):
+                    return record.caller()
         await self._failed(address)
         raise Unauthorized()
 
     async def _failed(self, address: str) -> None:
+        """Count a failure; past the limit, the address waits (429) out the minute."""
+        now = time.monotonic()
+        blocked_until = self._blocked.get(address)
+        if blocked_until is not None:
+            if blocked_until > now:
+                raise self._slow_down(blocked_until - now)
+            del self._blocked[address]
         hit = await self._counter.hit(f"authfail:{address}", 1, self._per_minute)
         if not hit.allowed:
-            self._blocked[address] = time.monotonic() + hit.reset_in
+            if (
+                len(self._blocked) >= MAX_BLOCKED
+            ):  # many addresses: forget the ones whose wait is over
+                self._blocked = {a: t for a, t in self._blocked.items() if t > now}
+            self._blocked[address] = now + hit.reset_in
             raise self._slow_down(hit.reset_in)
 
     @staticmethod
@@ -76,5 +86,5 @@ class Guard:
             "Too many failed attempts with a wrong key from your address. "
             f"Try again in {math.ceil(seconds)} seconds.",
             retry_after=seconds,
-            code="too_many_failed_attempts",
+            reason="too_many_failed_attempts",
         )

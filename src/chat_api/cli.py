@@ -98,7 +98,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from chat_api.protocol import GuardedHttpToolsProtocol
+    from chat_api.protocol import SERVER_OPTIONS
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stopped)
@@ -120,8 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         "port": port,
         "log_config": None,
         "access_log": False,
-        "loop": "uvloop",
-        "http": GuardedHttpToolsProtocol,
+        **SERVER_OPTIONS,  # uvloop, the guarded protocol, X-Forwarded-For left to the gateway
         "backlog": args.backlog,
         "timeout_graceful_shutdown": int(settings.shutdown_grace),
     }

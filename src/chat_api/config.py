@@ -7,6 +7,7 @@ variable; `settings_error_line` builds that line from pydantic's error.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -69,6 +70,7 @@ def _is_http_url(value: str) -> bool:
 
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
+FieldRule = Literal["pass", "drop", "refuse"]
 
 
 def _split_commas(value: Any) -> Any:
@@ -123,12 +125,16 @@ class Settings(BaseSettings):
     # --- HTTP ---------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=5000, ge=0, le=65535)
-    cors_origins: CommaList = ("*",)
+    # None: `*` with keys on, no other site with keys off (see `allowed_origins`).
+    cors_origins: CommaList | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "plain"] = "plain"
 
     # --- input limits -------------------------------------------------------
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # 32 MiB: room for what OpenAI itself accepts in one request (images and PDFs
+    # sent inline as base64 data URLs). Bodies are read as they arrive and
+    # refused the moment they pass it, so a large limit costs nothing until used.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     body_timeout: float = Field(default=30.0, gt=0)
     max_messages: int = Field(default=500, ge=1)
     max_message_chars: int = Field(default=200_000, ge=1)
@@ -138,6 +144,9 @@ class Settings(BaseSettings):
     # --- keys, limits, storage -----------------------------------------------
     master_key: SecretStr | None = None
     database_url: str = "sqlite+aiosqlite:///./chat-api.db"
+    database_pool_size: int = Field(default=10, ge=1, le=10_000)
+    database_max_overflow: int = Field(default=20, ge=0, le=10_000)
+    database_timeout: float = Field(default=3.0, gt=0, le=600)
     redis_url: str | None = None
     redis_prefix: str = "chatapi:"
     replicas: int = Field(default=1, ge=1)
@@ -156,9 +165,35 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"),
     )
 
-    _split = field_validator("models", "embedding_models", "cors_origins", mode="before")(
-        _split_commas
-    )
+    # --- who is calling, and what they may ask (issue 16) ---------------------
+    # Proxies whose X-Forwarded-For is believed: addresses or networks (CIDR).
+    trusted_proxies: CommaList = ()
+    # Per request field: "pass" (the default), "drop" (removed before the call) or "refuse" (400).
+    field_policy: dict[str, FieldRule] = Field(default_factory=dict)
+
+    _split = field_validator(
+        "models", "embedding_models", "cors_origins", "trusted_proxies", mode="before"
+    )(_split_commas)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an address or a network like 10.0.0.0/8"
+                ) from None
+        return value
+
+    @field_validator("field_policy")
+    @classmethod
+    def _policy_spares_the_request(cls, value: dict[str, FieldRule]) -> dict[str, FieldRule]:
+        for name in ("model", "messages", "stream"):
+            if value.get(name, "pass") != "pass":
+                raise ValueError(f"the field '{name}' cannot be dropped or refused")
+        return value
 
     @field_validator("openai_api_key", "master_key", mode="before")
     @classmethod
@@ -219,6 +254,17 @@ class Settings(BaseSettings):
     @property
     def keys_enabled(self) -> bool:
         return self.master_key is not None
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        """Origins browsers may call from: as set, else any with keys on and none with keys off.
+
+        With keys off, a page on any website could otherwise spend the operator's key
+        through a gateway on the visitor's own machine.
+        """
+        if self.cors_origins is not None:
+            return self.cors_origins
+        return ("*",) if self.keys_enabled else ()
 
 
 _VARIABLE_FOR_FIELD = {

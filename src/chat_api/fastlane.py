@@ -1,24 +1,31 @@
-"""The fast lane: the chat routes, called without FastAPI's router.
+"""The fast lane: the hot routes, called without FastAPI's router.
 
 Every request through the gateway pays for routing before it pays for the
 answer. FastAPI finds a route by trying each one in turn, then builds and
-solves its dependencies, through three more middleware layers: about a
-quarter of the CPU a `/v1/chat/completions` call costs here. The chat
-routes take the same two arguments, the request and its caller, so this
-ASGI layer calls them directly: one dictionary lookup, the same
-`authenticate` dependency, the same endpoint function, the same exception
-handlers. Everything else (and every other method on these paths) goes on
-to FastAPI, which still documents these routes in the OpenAPI document.
+solves its dependencies, through three more middleware layers: about half
+the CPU a `/v1/chat/completions` call costs here. Routes marked `@hot` take
+the same two arguments, the request and its caller, so this ASGI layer
+calls them directly: one dictionary lookup, the same `authenticate`
+dependency, the same endpoint function, the same exception handlers.
+Everything else (and every other method on these paths) goes on to FastAPI,
+which still documents these routes in the OpenAPI document.
+
+It cannot diverge silently: the lane is built from FastAPI's own routes
+(`hot_routes`), and a hot route that has any other dependency (its own or
+its router's) stops startup, as does middleware added to the app, which the
+lane would skip (`GatewayApp.build_middleware_stack`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chat_api.calls import Caller
@@ -26,6 +33,45 @@ from chat_api.routes.deps import authenticate
 
 Endpoint = Callable[[Request, Caller | None], Awaitable[Response]]
 Handler = Callable[[Request, Exception], Awaitable[Response]]
+_HOT = "_chat_api_hot"
+
+
+def hot(endpoint: Endpoint) -> Endpoint:
+    """Mark a route's endpoint to be served by the fast lane."""
+    setattr(endpoint, _HOT, True)
+    return endpoint
+
+
+def _api_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Every API route as it is served, with its routers' dependencies merged in.
+
+    FastAPI 0.165 keeps an included router as one entry whose effective
+    routes it builds on demand (`effective_candidates`); walk into those.
+    """
+    for route in routes:
+        candidates = getattr(route, "effective_candidates", None)
+        if callable(candidates):
+            yield from _api_routes(candidates())
+        elif isinstance(route, APIRoute) or getattr(route, "dependant", None) is not None:
+            yield route
+
+
+def hot_routes(routes: Iterable[BaseRoute]) -> dict[tuple[str, str], Endpoint]:
+    """The routes marked `@hot`; a hot route with anything the lane would skip stops startup."""
+    found: dict[tuple[str, str], Endpoint] = {}
+    for route in _api_routes(routes):
+        if not getattr(route.endpoint, _HOT, False):
+            continue
+        extra = [d.call for d in route.dependant.dependencies if d.call is not authenticate]
+        if extra:
+            names = ", ".join(getattr(call, "__name__", repr(call)) for call in extra)
+            raise RuntimeError(
+                f"{route.path} is served by the fast lane, which would skip its dependencies "
+                f"({names}): make them part of authenticate, or do not mark the route @hot."
+            )
+        for method in route.methods or ():
+            found[(method, route.path)] = route.endpoint
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,11 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
 }
 
 
+# Checked where they are made (a client's request id carrying a secret is replaced):
+# left as they are, or 32-hex ids would be scrubbed as if they were Azure keys.
+_ID_FIELDS = frozenset({"request_id", "upstream_request_id", "key_id"})
+
+
 class RedactingFilter(logging.Filter):
     """Last line of defence: no key-like token leaves through a log record."""
 
@@ -33,6 +38,9 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
+        for name, value in list(record.__dict__.items()):
+            if name not in _STANDARD and name not in _ID_FIELDS and isinstance(value, str):
+                setattr(record, name, redact(value))  # fields passed as `extra` too
         return True
 
 
@@ -96,5 +104,5 @@ def configure(level: str, fmt: str) -> None:
         logger.handlers = [handler]
         logger.propagate = False
         logger.setLevel(level.upper())
-    for name in ("openai", "httpx2", "httpx", "httpcore"):
+    for name in ("openai", "httpx2", "httpx", "httpcore", "httpcore2"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,8 +1,9 @@
 """`chat-api keys|usage|db`: managing keys and reading usage from the command line.
 
 These talk to the database named by `CHAT_API_DATABASE_URL` directly, so they
-work whether or not the service is running; a running service sees a new
-or revoked key on its very next request.
+work whether or not the service is running. A revocation is announced
+through `CHAT_API_REDIS_URL` when it is set, and running replicas refuse the
+key from their very next request; without Redis they do within a second.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ def _run(settings: Settings, work: Callable[[AsyncEngine], Awaitable[int]]) -> i
     from chat_api.store.database import migrate, open_engine
 
     async def main() -> int:
-        engine = open_engine(settings.database_url)
+        engine = open_engine(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+        )
         try:
             await migrate(engine)
             return await work(engine)
@@ -161,10 +166,22 @@ def _keys_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from chat_api.errors import ChangeNotAnnounced
+    from chat_api.store.keycache import KeySetVersion
     from chat_api.store.keys import KeyStore
+    from chat_api.store.shared import open_redis
 
     async def work(engine: AsyncEngine) -> int:
-        record = await KeyStore(engine).revoke(args.id)
+        redis = open_redis(settings.redis_url) if settings.redis_url else None
+        version = KeySetVersion(redis, prefix=settings.redis_prefix)
+        try:
+            record = await KeyStore(engine, version=version).revoke(args.id)
+        except ChangeNotAnnounced as exc:
+            print(exc.message)
+            return 1
+        finally:
+            if redis is not None:
+                await redis.aclose()
         if record is None:
             print(f"There is no key with id {args.id}.")
             return 1

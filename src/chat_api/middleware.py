@@ -1,27 +1,39 @@
 """The gateway's one middleware, written as plain ASGI (no per-request task).
 
-For every HTTP request it: picks the request id (the client's `X-Request-ID`
-when it is sane, else a new one) and returns it; caps the body size (413),
-whether or not a Content-Length was sent, and gives up on a body that has
-not arrived within `body_timeout` seconds (408); adds security headers; when
-the answer is complete, hands the status and duration to `observe` (the
-metrics and the log line). In front of it, `CrossOrigin` answers CORS for
-requests from browsers.
+For every HTTP request it: finds the real client address (believing
+`X-Forwarded-For` only from `CHAT_API_TRUSTED_PROXIES`); picks the request id
+(the client's `X-Request-ID` when it is sane and carries no secret, else a
+new one) and returns it; caps the body size (413), whether or not a
+Content-Length was sent, and gives up on a body that has not arrived within
+`body_timeout` seconds (408); adds security headers, a Content-Security-Policy
+on every HTML answer and `openai-processing-ms` on every `/v1` answer; when the
+answer is complete, hands the status and duration to `observe` (the metrics
+and the log line). A request the server stops before its answer started (its
+shutdown grace ran out) gets a 503 that asks to send it again, not uvicorn's
+plain-text 500 and a traceback. In front of it, `CrossOrigin` answers CORS for
+requests from browsers and marks those from websites that may not call (403 here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chat_api.errors import PayloadTooLarge, RequestTimeout
-from chat_api.redact import redact
+from chat_api.errors import (
+    ChatAPIError,
+    Forbidden,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerStopping,
+)
+from chat_api.redact import contains_secret
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -34,6 +46,59 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 # must not hand it to a browser page, whose request does carry one.
 VARY_ORIGIN = (b"vary", b"Origin")
 SECURITY_HEADERS_AND_VARY = (*SECURITY_HEADERS, VARY_ORIGIN)
+# Every HTML answer gets this unless it brings its own: scripts, styles and
+# connections from this server only, no plugins, no framing.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+    "form-action 'self'"
+)
+_CSP_HEADER = (b"content-security-policy", PAGE_CSP.encode("latin-1"))
+
+# How CrossOrigin marks a request from a browser page, for the gateway layer.
+CROSS_ORIGIN = "chat_api.cross_origin"
+LISTED, SAME, REFUSED = "listed", "same", "refused"
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def parse_networks(entries: Sequence[str]) -> Networks:
+    """`CHAT_API_TRUSTED_PROXIES` as networks (a bare address is a network of one)."""
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    if text.startswith("["):  # [v6]:port
+        text = text[1 : text.find("]")] if "]" in text else text
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _trusted(address: str, trusted: Networks) -> bool:
+    parsed = _address(address)
+    return parsed is not None and any(parsed in network for network in trusted)
+
+
+def client_address(peer: str, forwarded: Sequence[bytes], trusted: Networks) -> str:
+    """Who is really calling: the peer, or (from a trusted proxy) the nearest untrusted hop.
+
+    Each proxy appends the address it saw to `X-Forwarded-For`, so the list is
+    read from the right, skipping trusted proxies: what a client writes on the
+    left itself is never reached while a trusted proxy stands after it.
+    """
+    if not trusted or not forwarded or not _trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in forwarded for hop in value.decode("latin-1").split(",")]
+    for hop in reversed(hops):
+        if hop and not _trusted(hop, trusted):
+            address = _address(hop)  # not an address ("unknown", junk): no one to name
+            return str(address) if address is not None else "unknown"
+    return peer
 
 
 class CrossOrigin(CORSMiddleware):
@@ -44,14 +109,61 @@ class CrossOrigin(CORSMiddleware):
     goes straight on, without CORS's header parsing and send wrapper; the
     gateway layer gives its answer the one header CORS would have added,
     `Vary: Origin`.
+
+    A request from a page of the gateway's own origin (the chat page: browsers
+    send `Origin` on its POSTs) goes straight on too. One from a website not in
+    `CHAT_API_CORS_ORIGINS` is refused before anything runs: a browser would
+    hide the answer from that page, but a simple POST (no preflight) would
+    still have been answered, and paid for.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        for name, _ in scope["headers"]:
+        origin = sec_fetch_site = host = None
+        for name, value in scope.get("headers", ()):  # lifespan has none
             if name == b"origin":
-                await super().__call__(scope, receive, send)
-                return
+                origin = value
+            elif name == b"sec-fetch-site":
+                sec_fetch_site = value
+            elif name == b"host":
+                host = value
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        preflight = scope["method"] == "OPTIONS" and any(
+            name == b"access-control-request-method" for name, _ in scope["headers"]
+        )
+        if preflight or self.is_allowed_origin(origin.decode("latin-1")):
+            scope[CROSS_ORIGIN] = LISTED
+            await super().__call__(scope, receive, send)
+            return
+        same = sec_fetch_site == b"same-origin" or _same_origin(origin, host)
+        scope[CROSS_ORIGIN] = SAME if same else REFUSED
         await self.app(scope, receive, send)
+
+
+def _same_origin(origin: bytes, host: bytes | None) -> bool:
+    """Whether `Origin` names the host the request was sent to (default ports left out)."""
+    if host is None:
+        return False
+    scheme, _, netloc = origin.lower().partition(b"://")
+    default = {b"http": b":80", b"https": b":443"}.get(scheme)
+    host = host.lower()
+    if default is not None:
+        netloc, host = netloc.removesuffix(default), host.removesuffix(default)
+    return bool(netloc) and netloc == host
+
+
+def cors_summary(origins: Sequence[str], keys_enabled: bool) -> str:
+    """The one line at startup that says which websites may call from a browser."""
+    if not origins:
+        return (
+            "CORS: only the gateway's own page may call it from a browser; "
+            "list other sites in CHAT_API_CORS_ORIGINS to allow them."
+        )
+    which = "any website" if "*" in origins else ", ".join(origins)
+    if keys_enabled:
+        return f"CORS: browsers may call from {which}; every call still needs a key."
+    return f"CORS: browsers may call from {which}, and keys are off: they spend your OpenAI key."
 
 
 def is_openai_dialect(path: str) -> bool:
@@ -61,14 +173,29 @@ def is_openai_dialect(path: str) -> bool:
 Observer = Callable[[Scope, int, float], None]
 
 
+def _refused_origin() -> Forbidden:
+    return Forbidden(
+        "This server does not take requests from other websites. The operator can allow "
+        "a site by adding its origin to CHAT_API_CORS_ORIGINS.",
+        code="cross_origin_not_allowed",
+    )
+
+
 class GatewayMiddleware:
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, body_timeout: float, observe: Observer
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        body_timeout: float,
+        observe: Observer,
+        trusted_proxies: Networks = (),
     ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout
         self.observe = observe
+        self.trusted = trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,33 +204,50 @@ class GatewayMiddleware:
 
         request_id = ""
         declared = -1
-        extra_headers = SECURITY_HEADERS_AND_VARY  # CrossOrigin adds Vary for browsers
+        forwarded: list[bytes] = []
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
-                # A key sent as a request id would end up in logs: refuse it.
-                if _SANE_ID.match(candidate) and redact(candidate) == candidate:
+                # A key sent as a request id would be logged, stored and sent upstream:
+                # such an id is replaced by a fresh one.
+                if _SANE_ID.match(candidate) and not contains_secret(candidate):
                     request_id = candidate
             elif name == b"content-length":
                 declared = int(value) if value.isdigit() else -1
-            elif name == b"origin":
-                extra_headers = SECURITY_HEADERS
+            elif name == b"x-forwarded-for":
+                forwarded.append(value)
+        if forwarded and self.trusted and scope.get("client"):
+            peer, port = scope["client"]
+            scope["client"] = (client_address(peer, forwarded, self.trusted), port)
         if not request_id:
             request_id = os.urandom(16).hex()  # as random as a uuid4, a third of the cost
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
+        cross_origin = scope.get(CROSS_ORIGIN)
+        # Starlette's CORS adds Vary itself to what it lets through.
+        extra_headers = SECURITY_HEADERS if cross_origin == LISTED else SECURITY_HEADERS_AND_VARY
         exchange = _Exchange(
             receive,
             send,
             [(b"x-request-id", request_id.encode("latin-1")), *extra_headers],
             max_body=self.max_body,
             body_timeout=self.body_timeout,
+            started=started if is_openai_dialect(scope["path"]) else None,
         )
         try:
-            if declared > self.max_body:
-                await _reject_too_large(scope, exchange.send, self.max_body)
+            if cross_origin == REFUSED:
+                await _reject(scope, exchange.send, _refused_origin())
+            elif declared > self.max_body:
+                await _reject(scope, exchange.send, PayloadTooLarge(self.max_body))
             else:
                 await self.app(scope, exchange.receive, exchange.send)
+        except asyncio.CancelledError:
+            # Disconnect watchers end their own requests (responses.py): this is
+            # the server stopping. Nothing sent yet: say so, and end as answered.
+            task = asyncio.current_task()
+            if exchange.started or task is None or task.uncancel() > 0:
+                raise
+            await _reject(scope, exchange.send, ServerStopping())
         finally:
             self.observe(scope, exchange.status, time.perf_counter() - started)
 
@@ -121,9 +265,11 @@ class _Exchange:
         "_max_body",
         "_receive",
         "_send",
+        "_started",
         "_timeout",
         "body_done",
         "received",
+        "started",
         "status",
     )
 
@@ -135,18 +281,28 @@ class _Exchange:
         *,
         max_body: int,
         body_timeout: float,
+        started: float | None,
     ) -> None:
         self._receive, self._send, self._headers = receive, send, headers
+        self._started = started  # set on /v1: the answer says how long it took, as OpenAI's do
         self._max_body, self._timeout = max_body, body_timeout
         self._deadline = asyncio.get_running_loop().time() + body_timeout
         self.status = 500  # until an answer starts
+        self.started = False
         self.received = 0
         self.body_done = False
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            message["headers"] = [*message.get("headers", ()), *self._headers]
+            self.started = True
+            headers = [*message.get("headers", ()), *self._headers]
+            if self._started is not None:
+                spent = round((time.perf_counter() - self._started) * 1000)
+                headers.append((b"openai-processing-ms", str(spent).encode()))
+            if _is_html_without_csp(headers):
+                headers.append(_CSP_HEADER)
+            message["headers"] = headers
         await self._send(message)
 
     async def receive(self) -> Message:
@@ -166,18 +322,33 @@ class _Exchange:
         return message
 
 
-async def _reject_too_large(scope: Scope, send: Send, limit: int) -> None:
-    error = PayloadTooLarge(limit)
-    body = error.body(is_openai_dialect(scope["path"]))
+def _is_html_without_csp(headers: list[tuple[bytes, bytes]]) -> bool:
+    html = False
+    for name, value in headers:
+        if name == b"content-security-policy":
+            return False
+        if name == b"content-type":
+            html = value.startswith(b"text/html")
+    return html
+
+
+async def _reject(scope: Scope, send: Send, error: ChatAPIError) -> None:
+    """Answer `error` and close the connection, in the request's dialect."""
+    openai_dialect = is_openai_dialect(scope["path"])
+    body = error.body(openai_dialect)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    headers += [
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()
+    ]
     await send(
         {
             "type": "http.response.start",
-            "status": error.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
+            "status": error.status_for(openai_dialect),
+            "headers": headers,
         }
     )
     await send({"type": "http.response.body", "body": body})

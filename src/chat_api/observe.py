@@ -36,6 +36,7 @@ class RequestObserver:
         fields: dict[str, object] = {
             "_ids_only": True,
             "request_id": scope.get("state", {}).get("request_id"),
+            "client": (scope.get("client") or ("?",))[0],  # behind trusted proxies: the real one
             "method": scope.get("method"),
             "route": route,
             "status": status,

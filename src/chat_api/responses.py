@@ -4,6 +4,10 @@
 cancels the producer so the upstream call is closed at once (Starlette's own
 streaming response leaves that to the next write). `until_disconnect` does the
 same for a non-streamed call still waiting on the upstream.
+
+Both cancel with the message `CLIENT_LEFT`, which is how the ledger tells a
+client leaving (`client_closed`) from the server stopping a call at the end
+of its shutdown grace (`server_stopped`): any other cancellation.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from chat_api.errors import CLIENT_LEFT
 from chat_api.sse import PING, SSE_HEADERS
 
 T = TypeVar("T")
@@ -84,7 +89,7 @@ class EventStreamResponse(Response):
                 pass
             client_gone = True
             if not finished:
-                writer.cancel()
+                writer.cancel(CLIENT_LEFT)
 
         keepalive = KeepAlive.of(loop)
         watcher = asyncio.ensure_future(watch())
@@ -99,17 +104,22 @@ class EventStreamResponse(Response):
             finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if client_gone and writer.uncancel() == 0:
+            if writer.uncancel() > 0:
+                raise  # cancelled twice over: not ours to finish
+            if client_gone:
                 return  # the client left: nobody to tell
             # The server is stopping and its grace period is over: end the
-            # stream with a clear last event rather than a cut connection.
+            # stream with a clear last event rather than a cut connection, and
+            # end the request as answered (no traceback for a planned stop).
             await _close(self.events)
-            if self.on_shutdown is not None and not client_gone:
-                with contextlib.suppress(Exception):
-                    await send(
-                        {"type": "http.response.body", "body": self.on_shutdown, "more_body": False}
-                    )
-            raise
+            with contextlib.suppress(Exception):
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": self.on_shutdown or b"",
+                        "more_body": False,
+                    }
+                )
         except (OSError, ClientDisconnect):
             return  # the connection broke while writing
         finally:
@@ -210,7 +220,7 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     async def watch() -> None:
         await _wait_for_disconnect(receive)
         if not finished:  # an answer that is already in is not thrown away
-            task.cancel()
+            task.cancel(CLIENT_LEFT)
 
     watcher = asyncio.ensure_future(watch())
     try:
@@ -218,7 +228,8 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
         finished = True
         return result
     except asyncio.CancelledError:
-        # Ours if the watcher cancelled and nobody else did (a server stopping, say).
+        # Ours if the watcher cancelled and nobody else did. Anyone else is the
+        # server stopping: the cancellation goes on to GatewayMiddleware's 503.
         if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
             raise ClientDisconnect() from None
         raise

@@ -31,11 +31,14 @@ from chat_api.limits.epoch import Epoch
 from chat_api.limits.in_flight import Holds, InFlight, MemoryInFlight, RedisInFlight
 from chat_api.limits.leases import RedisLeases
 from chat_api.metrics import Metrics
+from chat_api.middleware import cors_summary
 from chat_api.providers import build_provider
 from chat_api.store.database import migrate, open_engine
+from chat_api.store.keycache import KeyCache, KeySetVersion
 from chat_api.store.keys import KeyStore
 from chat_api.store.ledger import Ledger, row_of
 from chat_api.store.owners import OwnerStore
+from chat_api.store.shared import open_redis
 
 log = logging.getLogger("chat_api")
 
@@ -54,7 +57,11 @@ class Services:
 async def open_services(
     app: FastAPI, settings: Settings, catalog: Catalog, metrics: Metrics, stack: AsyncExitStack
 ) -> None:
-    database = open_engine(settings.database_url)
+    database = open_engine(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+    )
     stack.push_async_callback(database.dispose)
     if settings.migrate_on_start:
         await migrate(database)
@@ -62,6 +69,7 @@ async def open_services(
         database,
         flush_interval=settings.ledger_flush_interval,
         batch_size=settings.ledger_batch_size,
+        read_timeout=settings.database_timeout,
     )
     ledger.start()
     stack.push_async_callback(ledger.close)
@@ -72,7 +80,7 @@ async def open_services(
     in_flight: InFlight = MemoryInFlight()
     leases: RedisLeases | None = None
     if settings.redis_url:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        redis = open_redis(settings.redis_url)
         stack.push_async_callback(redis.aclose)
         prefix, replicas = settings.redis_prefix, settings.replicas
         holds = Holds(redis, seconds=settings.lease_seconds)
@@ -121,14 +129,17 @@ async def open_services(
     stack.push_async_callback(_let_streams_finish, engine)
     # Whole answers whose clients left are read to their end (and billed) first.
     stack.push_async_callback(engine.drain, settings.shutdown_grace)
-    keys = KeyStore(database)
+    version = KeySetVersion(redis, prefix=settings.redis_prefix)
+    keys = KeyStore(database, timeout=settings.database_timeout, version=version)
     app.state.engine = engine
     app.state.owners = OwnerStore(database)
     app.state.keys = keys
     app.state.ledger = ledger
     app.state.meter = meter
     app.state.services = Services(database, redis, provider is not None)
-    app.state.guard = Guard(settings, keys, counter) if settings.keys_enabled else None
+    app.state.guard = (
+        Guard(settings, KeyCache(keys, version), counter) if settings.keys_enabled else None
+    )
     if not settings.keys_enabled and settings.has_upstream_key and settings.host not in LOOPBACK:
         log.warning(
             "Anyone who can reach %s:%s can spend your OpenAI key: set CHAT_API_MASTER_KEY "
@@ -136,6 +147,7 @@ async def open_services(
             settings.host,
             settings.port,
         )
+    log.info(cors_summary(settings.allowed_origins, settings.keys_enabled))
     log.info(
         "started",
         extra={

@@ -1,4 +1,4 @@
-"""The gunicorn worker class: uvicorn with uvloop and the header deadline."""
+"""The gunicorn worker class: uvicorn with the options `chat-api serve` uses (`SERVER_OPTIONS`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 from uvicorn_worker import UvicornWorker
 
-from chat_api.protocol import GuardedHttpToolsProtocol
+from chat_api.protocol import SERVER_OPTIONS
 
 
 class Worker(UvicornWorker):  # type: ignore[misc]  # uvicorn-worker ships no type hints
-    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {"loop": "uvloop", "http": GuardedHttpToolsProtocol}
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = dict(SERVER_OPTIONS)

@@ -34,6 +34,15 @@ def test_smoke_bench_prints_the_table_and_writes_sane_json(tmp_path: Path) -> No
     expected = {"seq_v1", "seq_chat", "conc8_v1", "relay", "floor_conc8_v1"}
     assert expected <= set(results)
     assert any(name.startswith("streams_") for name in results)
+    chat_streams = {n for n in results if n.startswith("streams_")}
+    responses_streams = {n for n in results if n.startswith("responses_streams_")}
+    assert responses_streams == {f"responses_{n}" for n in chat_streams}  # side by side
+    for name in responses_streams:
+        gateway = results[name]["gateway"]
+        assert 0 < gateway["first_ms"]["p99"] <= gateway["latency_ms"]["p99"], gateway
+        assert gateway["rss_per_stream_kib"] is not None
+        measures = {row["measure"] for row in summary["rows"] if row["scenario"] == name}
+        assert {"first event p99 (ms)", "completed"} <= measures, measures
     assert any(name.startswith("open_") for name in results)
     for name, pair in results.items():
         for side in ("direct", "gateway"):

@@ -26,6 +26,7 @@ from dockerfile_parse import DockerfileParser
 
 from chat_api.cli import load_settings
 from chat_api.config import Settings, variable_name
+from chat_api.middleware import client_address, parse_networks
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -466,3 +467,25 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_proxies_in_front_are_trusted_and_nothing_else() -> None:
+    """The wrong-key throttle and the log line need each client's own address."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    trusted = compose["x-gateway-environment"]["CHAT_API_TRUSTED_PROXIES"]
+    proxy_address = compose["services"]["proxy"]["networks"]["default"]["ipv4_address"]
+    assert trusted == proxy_address
+    networks = parse_networks([trusted])
+    # nginx appends the peer it saw; what a client wrote on the left is never believed.
+    assert client_address(proxy_address, [b"6.6.6.6, 203.0.113.9"], networks) == "203.0.113.9"
+    assert client_address("172.30.77.11", [b"6.6.6.6"], networks) == "172.30.77.11"
+    directives = nginx_directives()
+    assert "X-Forwarded-For $proxy_add_x_forwarded_for" in directives["proxy_set_header"]
+    assert "Host $http_host" in directives["proxy_set_header"]  # with its port, as Origin has
+    configmap = yaml.safe_load((KUBE / "configmap.yaml").read_text())
+    assert parse_networks(configmap["data"]["CHAT_API_TRUSTED_PROXIES"].split(","))
+
+
+def test_nginx_takes_bodies_as_large_as_the_gateway_does() -> None:
+    (size,) = nginx_directives()["client_max_body_size"]
+    assert int(size.removesuffix("m")) * 1024 * 1024 > Settings().max_body_bytes

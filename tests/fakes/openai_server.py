@@ -57,6 +57,8 @@ class Plan:
     omit_done: bool = False
     raw_chunks: list[bytes] | None = None  # send these bytes as the body, as they are
     comments_forever: bool = False  # only ': keep-alive' lines, never data
+    # Sent as they are on a 200 answer, whole or streamed (bytes need not be latin-1).
+    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # None: the next model call takes this plan; else only a request to this endpoint.
     endpoint: str | None = None
     # The Responses API also reads these (chunks are its events):
@@ -139,6 +141,7 @@ class FakeOpenAI:
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    await self.responses.stop()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
@@ -240,7 +243,11 @@ class FakeOpenAI:
                 "usage": usage,
             }
             await _send_json(
-                send, 200, answer, {"x-request-id": "req_fake_upstream", **plan.headers}
+                send,
+                200,
+                answer,
+                {**_default_request_id(plan), **plan.headers},
+                plan.raw_headers,
             )
             return
         if await start_stream(plan, record, send, b"text/event-stream"):
@@ -324,13 +331,23 @@ class FakeOpenAI:
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
+def _default_request_id(plan: Plan) -> dict[str, str]:
+    if any(name.lower() == b"x-request-id" for name, _ in plan.raw_headers):
+        return {}
+    return {"x-request-id": "req_fake_upstream"}
+
+
 async def start_stream(plan: Plan, record: Received, send: Send, content_type: bytes) -> bool:
     """Start a 200 event stream; True when the plan's raw bytes or comments were the whole of it."""
     await send(
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(b"content-type", content_type), (b"x-request-id", b"req_fake_upstream")],
+            "headers": [
+                (b"content-type", content_type),
+                *((k.encode(), v.encode()) for k, v in _default_request_id(plan).items()),
+                *plan.raw_headers,
+            ],
         }
     )
     if plan.raw_chunks is not None:
@@ -360,10 +377,15 @@ def _error(message: str, status: int) -> dict[str, Any]:
 
 
 async def _send_json(
-    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    body: Any,
+    headers: dict[str, str] | None = None,
+    raw_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     raw = json.dumps(body).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    extra += raw_headers or []
     await send(
         {
             "type": "http.response.start",

@@ -147,6 +147,13 @@ class ResponsesAPI:
             ("GET", one + "/input_items", "responses.input_items", self.input_items),
         ]
 
+    async def stop(self) -> None:
+        """The server stops: end the background responses still running."""
+        tasks = [s.task for s in self.stored.values() if s.task is not None and not s.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def get(self, response_id: str) -> StoredResponse:
         stored = self.stored.get(response_id)
         if stored is None:
@@ -179,17 +186,35 @@ class ResponsesAPI:
             return list(self.fake.conversations.get(conv_id).items), conv_id
         return [], None
 
+    def resolve(self, item: dict[str, Any]) -> dict[str, Any]:
+        """An `item_reference` stands for a stored item: of any response or conversation."""
+        if item.get("type") != "item_reference":
+            return item
+        for stored in self.stored.values():
+            for known in [*stored.input_items, *stored.obj["output"]]:
+                if known.get("id") == item.get("id"):
+                    return known
+        for conversation in self.fake.conversations.stored.values():
+            for known in conversation.items:
+                if known.get("id") == item.get("id"):
+                    return known
+        raise Refusal(400, f"Item with id '{item.get('id')}' not found.", param="input")
+
     def model_body(self, body: dict[str, Any], context: list[dict[str, Any]]) -> dict[str, Any]:
         """The request as the model reads it, and as it is billed: context, then input.
 
-        Without context this is the body exactly as the client sent it, so a
-        gateway that counts the body it relays counts what is billed.
+        Without context or item references this is the body exactly as the client
+        sent it, so a gateway that counts the body it relays counts what is billed.
         """
-        if not context:
-            return body
         given = body.get("input")
         current = [given] if isinstance(given, str) else list(given or [])
-        return {**body, "input": [*context, *current]}
+        references = [
+            i for i in current if isinstance(i, dict) and i.get("type") == "item_reference"
+        ]
+        if not context and not references:
+            return body
+        read = [self.resolve(i) if isinstance(i, dict) else i for i in current]
+        return {**body, "input": [*context, *read]}
 
     async def create(self, call: Call) -> None:
         body = call.body
@@ -218,7 +243,7 @@ class ResponsesAPI:
                 param="store",
             )
         context, conversation = self.context_for(body)
-        items = normalize_input(body.get("input"))
+        items = [self.resolve(item) for item in normalize_input(body.get("input"))]
         check_tool_outputs(items, context)
         response_id = new_id("resp")
         obj = response_object(

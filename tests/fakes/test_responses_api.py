@@ -165,6 +165,28 @@ def test_previous_responses_are_read_and_billed_again(http: httpx.Client, fake: 
     assert missing.json()["error"]["param"] == "previous_response_id"
 
 
+def test_an_item_reference_reads_a_stored_item(http: httpx.Client, fake: FakeOpenAI) -> None:
+    first = http.post("/responses", json={"model": "gpt-4o", "input": "a secret"}).json()
+    (stored_item,) = http.get(f"/responses/{first['id']}/input_items").json()["data"]
+    answer_id = first["output"][0]["id"]
+    body = {
+        "model": "gpt-4o",
+        "input": [
+            {"type": "item_reference", "id": stored_item["id"]},
+            {"type": "item_reference", "id": answer_id},
+        ],
+    }
+    second = http.post("/responses", json=body).json()
+    (first_bill, second_bill) = fake.biller.bills
+    # The referenced items are read (and billed) as if they had been sent.
+    assert second_bill.prompt_tokens > first_bill.prompt_tokens + len(DEFAULT_TEXT)
+    listed = http.get(f"/responses/{second['id']}/input_items", params={"order": "asc"}).json()
+    assert [i["id"] for i in listed["data"]] == [stored_item["id"], answer_id]
+    missing = {"model": "gpt-4o", "input": [{"type": "item_reference", "id": "msg_nope"}]}
+    refused = http.post("/responses", json=missing)
+    assert refused.status_code == 400 and "msg_nope" in refused.json()["error"]["message"]
+
+
 def test_store_false_keeps_nothing_and_delete_forgets(http: httpx.Client) -> None:
     unstored = http.post("/responses", json={"model": "gpt-4o", "store": False}).json()
     assert http.get(f"/responses/{unstored['id']}").status_code == 404

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from sqlalchemy import event
 
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI
-from tests.keys.conftest import MASTER, auth, make_key
+from tests.keys.conftest import MASTER, RedisPlace, auth, avoid_minute_edge, make_key
 from tests.servers import ServerThread
 
 UNAUTHORIZED = "A valid API key is required. Send it as 'Authorization: Bearer <key>'."
@@ -87,21 +91,71 @@ def test_expired_and_revoked_keys_get_the_same_401(keyed: ServerThread) -> None:
     assert revoked.status_code == 401 and revoked.json()["error"] == UNAUTHORIZED
 
 
+def _chat(server: ServerThread, secret: str) -> int:
+    response = httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(secret))
+    return response.status_code
+
+
 def test_revocation_is_seen_by_another_replica_at_once(
+    postgres_url: str, shared_redis: RedisPlace, gateway_factory: GatewayFactory
+) -> None:
+    shared = {"redis_url": shared_redis.url, "redis_prefix": shared_redis.prefix}
+    one = gateway_factory(master_key=MASTER, database_url=postgres_url, **shared)
+    two = gateway_factory(master_key=MASTER, database_url=postgres_url, **shared)
+    secret, key_id = make_key(one.url)
+    assert [_chat(two, secret) for _ in range(3)] == [200] * 3  # cached on two by now
+    assert httpx.delete(one.url + f"/admin/keys/{key_id}", headers=auth(MASTER)).status_code == 200
+    assert _chat(two, secret) == 401
+
+
+def test_without_redis_another_process_refuses_a_revoked_key_within_a_second(
     postgres_url: str, gateway_factory: GatewayFactory
 ) -> None:
     one = gateway_factory(master_key=MASTER, database_url=postgres_url)
     two = gateway_factory(master_key=MASTER, database_url=postgres_url)
     secret, key_id = make_key(one.url)
-    assert (
-        httpx.post(two.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
-        == 200
-    )
+    assert _chat(one, secret) == 200 and _chat(two, secret) == 200
     assert httpx.delete(one.url + f"/admin/keys/{key_id}", headers=auth(MASTER)).status_code == 200
-    assert (
-        httpx.post(two.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
-        == 401
+    assert _chat(one, secret) == 401  # the process that revoked it: at once
+    refused_at = None
+    deadline = time.monotonic() + 5
+    while refused_at is None and time.monotonic() < deadline:
+        if _chat(two, secret) == 401:
+            refused_at = time.monotonic()
+        else:
+            time.sleep(0.05)
+    assert refused_at is not None  # within SHORT_TTL (1 s) of its last read, in fact
+
+
+def _key_queries(server: ServerThread) -> list[str]:
+    """Every query the server's database is sent for client keys, from now on."""
+    seen: list[str] = []
+    engine = server.server.config.app.state.services.database.sync_engine
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "client_keys" in statement:
+            seen.append(statement)
+
+    return seen
+
+
+def test_client_keys_are_checked_without_a_query_per_request(
+    gateway_factory: GatewayFactory, shared_redis: RedisPlace
+) -> None:
+    keyed = gateway_factory(
+        master_key=MASTER, redis_url=shared_redis.url, redis_prefix=shared_redis.prefix
     )
+    secret, _ = make_key(keyed.url)
+    queries = _key_queries(keyed)
+    statuses = [_chat(keyed, secret) for _ in range(30)]
+    assert statuses == [200] * 30
+    assert len(queries) == 1  # read once; Redis says when to read it again
+    unknown = ["cak_" + secrets.token_urlsafe(32) for _ in range(5)]
+    for token in unknown * 2:
+        assert _chat(keyed, token) == 401
+    # Unknown keys are never remembered: each attempt asks the database again.
+    assert len(queries) >= 10
 
 
 def test_a_key_limited_to_some_models(keyed: ServerThread, fake: FakeOpenAI) -> None:
@@ -170,17 +224,76 @@ def test_bad_key_specs_are_refused_plainly(
     assert says in response.json()["error"]
 
 
-def test_too_many_wrong_keys_from_one_address_are_slowed_down(
+def _guess(url: str, key: str, forwarded_for: str | None = None) -> httpx.Response:
+    headers = auth(key)
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    return httpx.post(url + "/chat", json={"message": "hi"}, headers=headers)
+
+
+def test_wrong_keys_are_slowed_down_but_a_valid_key_from_that_address_never_is(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory(master_key=MASTER, auth_failures_per_minute=5)
+    good, _ = make_key(server.url)
+    avoid_minute_edge()
+    statuses = [_guess(server.url, f"cak_bad{i}").status_code for i in range(8)]
+    assert statuses == [401] * 5 + [429] * 3
+    refused = _guess(server.url, "cak_bad-again")
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"].startswith("Too many failed attempts")
+    v1 = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+        headers=auth("cak_bad-v1"),
+    )
+    assert v1.status_code == 429
+    assert (v1.json()["error"]["type"], v1.json()["error"]["code"]) == (
+        "requests",
+        "rate_limit_exceeded",
+    )
+    # Behind a proxy or a NAT, everyone else at that address keeps working.
+    hits = fake.hits
+    assert _guess(server.url, good).status_code == 200
+    assert _guess(server.url, MASTER).status_code == 200
+    assert fake.hits == hits + 2
+
+
+def test_rotating_x_forwarded_for_from_an_untrusted_address_does_not_dodge_the_throttle(
     gateway_factory: GatewayFactory,
 ) -> None:
     server = gateway_factory(master_key=MASTER, auth_failures_per_minute=5)
+    avoid_minute_edge()
     statuses = [
-        httpx.post(
-            server.url + "/chat", json={"message": "hi"}, headers=auth(f"bad{i}")
-        ).status_code
+        _guess(server.url, f"cak_bad{i}", forwarded_for=f"198.51.100.{i}").status_code
         for i in range(8)
     ]
-    assert statuses[:5] == [401] * 5
-    assert statuses[5:] == [429] * 3
-    blocked = httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(MASTER))
-    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    assert statuses == [401] * 5 + [429] * 3
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_throttle(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "chat_api.access")
+    # 127.0.0.1 plays the proxy (nginx appends the address it saw to X-Forwarded-For).
+    server = gateway_factory(
+        master_key=MASTER, auth_failures_per_minute=5, trusted_proxies=("127.0.0.0/8",)
+    )
+    avoid_minute_edge()
+    guesser = [
+        _guess(server.url, f"cak_bad{i}", forwarded_for=f"10.9.9.{i}, 203.0.113.7").status_code
+        for i in range(7)
+    ]
+    # Whatever the guesser writes on the left, the proxy's entry names it.
+    assert guesser == [401] * 5 + [429] * 2
+    neighbour = _guess(server.url, "cak_typo", forwarded_for="203.0.113.8")
+    assert neighbour.status_code == 401  # another client behind the same proxy
+
+    def clients() -> set[str]:
+        return {getattr(r, "client", "") for r in caplog.records if r.name == "chat_api.access"}
+
+    deadline = time.monotonic() + 3  # a request's log line is written just after its answer
+    while not {"203.0.113.7", "203.0.113.8"} <= clients() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {"203.0.113.7", "203.0.113.8"} <= clients()
+    assert not clients() & {f"10.9.9.{i}" for i in range(7)}

@@ -43,7 +43,7 @@ def test_fifty_concurrent_calls_never_overspend(
         settings |= {"redis_url": place.url, "redis_prefix": place.prefix}
     server = gateway_factory(**settings)
     budget = Decimal("0.1")
-    secret, key_id = make_key(server.url, budget_usd=str(budget))
+    secret, key_id = make_key(server.url, budget_usd=str(budget), max_in_flight=50)
     fake.queue(*[Plan(delay_before_headers=0.3) for _ in range(50)])
     responses = _fire(server.url, secret, 50)
     ok = [r for r in responses if r.status_code == 200]
@@ -97,15 +97,20 @@ def test_a_spent_total_budget_says_waiting_will_not_help(
     gateway_factory: GatewayFactory, fake: FakeOpenAI
 ) -> None:
     server = gateway_factory(master_key=MASTER, prices=PRICES)
-    secret, _ = make_key(server.url, budget_usd="0.001", budget_period="total")
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    # The call's worst case ($0.049: its prompt's bound and 11 tokens) fits once, not twice.
+    secret, _ = make_key(server.url, budget_usd="0.06", budget_period="total")
+    body = {
+        "model": "gpt-4o-mini",
+        "max_tokens": 11,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     url = server.url + "/v1/chat/completions"
     assert httpx.post(url, json=body, headers=auth(secret)).status_code == 200
     refused = httpx.post(url, json=body, headers=auth(secret))
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "insufficient_quota"
-    assert "renew" not in error["message"] and "operator" in error["message"]
+    assert "renew" not in error["message"] and "left of its $0.06 budget" in error["message"]
     assert "retry-after" not in refused.headers
     assert refused.headers["x-should-retry"] == "false"  # the SDKs would retry in vain
     assert fake.hits == 1

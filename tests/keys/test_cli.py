@@ -14,12 +14,16 @@ import pytest
 from chat_api import cli
 from chat_api.manage import table
 from tests.conftest import GatewayFactory
-from tests.keys.conftest import MASTER, auth
+from tests.keys.conftest import MASTER, RedisPlace, auth
 
 
-def _cli(*args: str, database: str) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, database: str, redis: RedisPlace | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_API_", "OPENAI_"))}
     env["CHAT_API_DATABASE_URL"] = database
+    if redis is not None:
+        env |= {"CHAT_API_REDIS_URL": redis.url, "CHAT_API_REDIS_PREFIX": redis.prefix}
     return subprocess.run(
         [sys.executable, "-m", "chat_api", *args],
         env=env,
@@ -30,10 +34,15 @@ def _cli(*args: str, database: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_create_use_list_revoke_and_read_usage(
-    gateway_factory: GatewayFactory, tmp_path: Path
+    gateway_factory: GatewayFactory, tmp_path: Path, shared_redis: RedisPlace
 ) -> None:
     database = f"sqlite+aiosqlite:///{tmp_path}/gateway.db"
-    server = gateway_factory(master_key=MASTER, database_url=database)
+    server = gateway_factory(
+        master_key=MASTER,
+        database_url=database,
+        redis_url=shared_redis.url,
+        redis_prefix=shared_redis.prefix,
+    )
     created = _cli(
         "keys",
         "create",
@@ -69,9 +78,9 @@ def test_create_use_list_revoke_and_read_usage(
     assert usage.returncode == 0
     assert key_id in usage.stdout and "gpt-4o-mini" in usage.stdout
 
-    revoked = _cli("keys", "revoke", key_id, database=database)
+    revoked = _cli("keys", "revoke", key_id, database=database, redis=shared_redis)
     assert revoked.returncode == 0 and "Revoked" in revoked.stdout
-    assert (
+    assert (  # the service had the key cached: the revocation reached it through Redis
         httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
         == 401
     )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from decimal import Decimal
 
 import httpx
 
 from tests.conftest import GatewayFactory
-from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI, Plan
 from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, avoid_minute_edge, make_key
 
 
@@ -104,3 +105,56 @@ def test_redis_gone_falls_back_to_each_replicas_share_and_budgets_fail_closed(
     while _chat(server.url, budgeted).status_code != 200:
         assert time.monotonic() < deadline, "budgets did not recover within 5 s of Redis"
         time.sleep(0.2)
+
+
+RESET = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")  # OpenAI's "1s", "6m0s", "120ms"
+
+
+def test_every_answer_to_a_limited_key_carries_openais_rate_limit_headers(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory(master_key=MASTER)
+    secret, _ = make_key(server.url, rpm=6, tpm=10_000)
+    avoid_minute_edge()
+    v1 = server.url + "/v1/chat/completions"
+    messages = [{"role": "user", "content": "hi"}]
+    fake.queue(Plan(), Plan(), Plan(), Plan(status=500))
+    answers = [
+        httpx.post(v1, json={"messages": messages}, headers=auth(secret)),
+        httpx.post(v1, json={"messages": messages, "stream": True}, headers=auth(secret)),
+        _chat(server.url, secret),
+        httpx.post(v1, json={"messages": messages}, headers=auth(secret)),  # upstream 500
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 200, 502]
+    answers += [_chat(server.url, secret) for _ in range(3)]  # the 7th is refused
+    assert answers[-1].status_code == 429
+    assert answers[-1].json()["error"].startswith("This key is limited to 6 requests")
+    for response in answers:
+        # A refusal by the request limit is decided before tokens are counted.
+        kinds = ("requests",) if response.status_code == 429 else ("requests", "tokens")
+        for kind in kinds:
+            assert response.headers[f"x-ratelimit-limit-{kind}"]
+            assert int(response.headers[f"x-ratelimit-remaining-{kind}"]) >= 0
+            assert RESET.match(response.headers[f"x-ratelimit-reset-{kind}"]), response.headers
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "6"
+    assert answers[0].headers["x-ratelimit-remaining-requests"] == "5"
+    assert answers[0].headers["x-ratelimit-limit-tokens"] == "10000"
+    assert answers[-1].headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_a_token_limit_refusal_is_type_tokens(gateway_factory: GatewayFactory) -> None:
+    server = gateway_factory(master_key=MASTER)
+    secret, _ = make_key(server.url, tpm=50)
+    avoid_minute_edge()
+    for _ in range(5):
+        response = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40},
+            headers=auth(secret),
+        )
+        if response.status_code != 200:
+            break
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("tokens", "rate_limit_exceeded")
+    assert RESET.match(response.headers["x-ratelimit-reset-tokens"])

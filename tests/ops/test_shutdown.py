@@ -17,6 +17,7 @@ from gunicorn.util import import_app
 
 from chat_api.app import create_app
 from chat_api.config import Settings
+from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.ops.conftest import GatewayProcess, Spawn
 from tests.servers import ServerThread
@@ -101,8 +102,50 @@ def test_streams_past_the_grace_end_with_a_clear_error(
     error = last["error"] if isinstance(last["error"], str) else last["error"]["message"]
     assert "restarting" in error
     assert fake.last().closed_early.wait(5)  # the upstream call was closed, not left running
+    assert _rows(tmp_path) == [(path, "server_stopped")]
+    assert "Traceback" not in gateway.logs()
+
+
+def _ask(gateway: GatewayProcess, path: str, out: dict[str, httpx.Response]) -> None:
+    body: dict[str, object] = {"message": "hi"}
+    if path.startswith("/v1"):
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+    out[path] = httpx.post(gateway.url + path, json=body, timeout=30)
+
+
+def test_whole_answers_past_the_grace_get_a_503_and_the_ledger_says_the_server_stopped(
+    spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+) -> None:
+    gateway = spawn(_env(fake, upstream_url, tmp_path, grace=1))
+    fake.queue(Plan(delay_before_headers=30), Plan(delay_before_headers=30))
+    answers: dict[str, httpx.Response] = {}
+    askers = [
+        threading.Thread(target=_ask, args=(gateway, path, answers))
+        for path in ("/chat", "/v1/chat/completions")
+    ]
+    for asker in askers:
+        asker.start()
+    deadline = time.monotonic() + 5
+    while fake.hits < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.hits == 2
+    gateway.signal(signal.SIGTERM)
+    assert gateway.wait(20) == 0
+    for asker in askers:
+        asker.join(5)
+
+    simple, v1 = answers["/chat"], answers["/v1/chat/completions"]
+    for answer in (simple, v1):
+        assert answer.status_code == 503
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["retry-after"] == "1"
+    assert "restarting" in simple.json()["error"]
+    assert v1.json()["error"]["code"] == "server_stopping"
+    assert "restarting" in v1.json()["error"]["message"]
+    logs = gateway.logs()
+    assert "Traceback" not in logs and "Exception in ASGI application" not in logs
     rows = _rows(tmp_path)
-    assert len(rows) == 1 and rows[0][0] == path
+    assert sorted(rows) == [("/chat", "server_stopped"), ("/v1/chat/completions", "server_stopped")]
 
 
 def test_a_served_app_quiets_the_garbage_collector_and_gives_it_back(
@@ -140,6 +183,28 @@ def test_gunicorn_workers_load_the_app_that_quiets_the_collector(
         assert gc.get_threshold() == (50_000, 20, 10)
 
 
+def test_a_whole_answer_the_server_stopped_is_billed_at_its_prompt_estimate(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake.queue(Plan(delay_before_headers=30))
+    server = gateway_factory()  # in a thread, with a grace of 1 s
+    answers: dict[str, httpx.Response] = {}
+    asker = threading.Thread(target=lambda: answers.update(
+        chat=httpx.post(server.url + "/chat", json={"message": "hi"}, timeout=30)
+    ))  # fmt: skip
+    asker.start()
+    deadline = time.monotonic() + 5
+    while fake.hits < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.stop()
+    asker.join(5)
+    assert answers["chat"].status_code == 503
+    with sqlite3.connect(tmp_path / "gateway.db") as db:
+        row = db.execute("SELECT outcome, prompt_tokens, estimated FROM usage").fetchone()
+    assert row[0] == "server_stopped"
+    assert row[1] > 0 and row[2] == 1  # the upstream bills the prompt it read: err our way
+
+
 def test_a_second_ctrl_c_stops_at_once_and_quietly(spawn: Spawn, tmp_path: Path) -> None:
     gateway = spawn(
         {
@@ -165,4 +230,4 @@ def test_a_second_ctrl_c_stops_at_once_and_quietly(spawn: Spawn, tmp_path: Path)
     assert "second Ctrl-C" in logs
     last = json.loads(reader.events[-1])
     assert "restarting" in last["error"]  # the client was told, not cut off
-    assert _rows(tmp_path) == [("/chat/stream", "client_closed")]  # and the call was recorded
+    assert _rows(tmp_path) == [("/chat/stream", "server_stopped")]  # and the call was recorded

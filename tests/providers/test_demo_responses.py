@@ -12,6 +12,7 @@ import json
 import math
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -22,12 +23,10 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.conversations import Conversation, ConversationItemList
 from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
 from pydantic import TypeAdapter
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
 
-from chat_api.errors import BadRequest, ChatAPIError, NotFound
+from chat_api.app import create_app
+from chat_api.config import Settings
+from chat_api.errors import BadRequest, NotFound
 from chat_api.providers.demo_responses import DemoResponses, demo_embeddings
 from tests.servers import ServerThread
 
@@ -248,37 +247,16 @@ def test_embeddings_are_deterministic_unit_vectors() -> None:
             demo_embeddings(bad)
 
 
-# --- over real HTTP, to real clients ---------------------------------------------------
-
-
-def demo_app(demo: DemoResponses) -> Starlette:
-    """What the gateway's /v1 routes will do with the demo, in a few lines."""
-
-    async def create(request: Request) -> Any:
-        body = await request.json()
-        try:
-            run = demo.start(body)
-        except ChatAPIError as error:
-            message = {"message": error.message, "type": error.type, "code": error.code}
-            return JSONResponse({"error": message}, status_code=error.status)
-        if body.get("stream"):
-            return StreamingResponse(run.events(), media_type="text/event-stream")
-        return JSONResponse(run.whole())
-
-    async def embeddings(request: Request) -> Any:
-        return JSONResponse(demo_embeddings(await request.json()))
-
-    return Starlette(
-        routes=[
-            Route("/v1/responses", create, methods=["POST"]),
-            Route("/v1/embeddings", embeddings, methods=["POST"]),
-        ]
-    )
+# --- through the gateway in demo mode, to real clients -------------------------------
 
 
 @pytest.fixture
-def demo_url() -> Iterator[str]:
-    with ServerThread(demo_app(DemoResponses(delay=0))) as server:
+def demo_url(tmp_path: Path) -> Iterator[str]:
+    """The gateway as `make demo` starts it: demo mode, no key."""
+    settings = Settings(
+        demo=True, demo_delay=0, database_url=f"sqlite+aiosqlite:///{tmp_path}/demo.db"
+    )
+    with ServerThread(create_app(settings)) as server:
         yield server.url + "/v1"
 
 
@@ -290,6 +268,11 @@ def test_openai_python_streams_from_the_demo(demo_url: str) -> None:
         assert "".join(deltas) == final.output_text and "Hello demo" in final.output_text
         vectors = client.embeddings.create(model="text-embedding-3-small", input="x")
         assert len(vectors.data[0].embedding) == 1536
+        kept = client.responses.retrieve(final.id)
+        assert kept.output_text == final.output_text
+        conversation = client.conversations.create()
+        client.responses.create(model="gpt-4o-mini", input="hi", conversation=conversation.id)
+        assert len(client.conversations.items.list(conversation.id).data) == 2
 
 
 def test_an_agents_sdk_user_gets_a_tool_loop_offline(demo_url: str) -> None:

@@ -204,7 +204,13 @@ def test_models_list_and_retrieve(gateway_factory: GatewayFactory) -> None:
     server = gateway_factory(models=("gpt-4o", "o1-mini", "gpt-4o-mini"))
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as sdk:
         listed = sdk.models.list()
-        assert [m.id for m in listed.data] == ["gpt-4o", "o1-mini", "gpt-4o-mini"]
+        assert [m.id for m in listed.data] == [
+            "gpt-4o",
+            "o1-mini",
+            "gpt-4o-mini",
+            "text-embedding-3-small",  # the embedding models follow the chat models
+            "text-embedding-3-large",
+        ]
         assert {m.object for m in listed.data} == {"model"}
         one = sdk.models.retrieve("o1-mini")
         assert one.id == "o1-mini" and one.object == "model"
@@ -301,3 +307,49 @@ def test_sdk_sees_a_bad_request_error(sdk: openai.OpenAI, fake: FakeOpenAI) -> N
         )
     assert forbidden.value.param == "base_url"
     assert fake.hits == 0
+
+
+def test_fields_that_change_who_pays_pass_through_by_default(
+    gateway: ServerThread, fake: FakeOpenAI
+) -> None:
+    fields = {
+        "store": True,
+        "metadata": {"team": "a"},
+        "user": "u-1",
+        "service_tier": "priority",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+    }
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0) as client:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], **fields
+        )
+    sent = fake.last().body
+    assert {name: sent[name] for name in fields} == fields
+
+
+def test_the_operator_can_drop_or_refuse_each_field(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory(field_policy={"store": "drop", "service_tier": "refuse"})
+    messages = [{"role": "user", "content": "hi"}]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, store=True, metadata={"a": "b"}
+        )
+        assert "store" not in fake.last().body
+        assert fake.last().body["metadata"] == {"a": "b"}  # not named: passed on
+        hits = fake.hits
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=messages,
+                    service_tier="flex",
+                    stream=stream,  # type: ignore[call-overload]
+                )
+            error = refused.value.body
+            assert isinstance(error, dict)
+            assert (error["code"], error["param"]) == ("unsupported_parameter", "service_tier")
+            assert "'service_tier'" in error["message"]
+        assert fake.hits == hits

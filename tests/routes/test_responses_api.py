@@ -71,6 +71,9 @@ def test_another_keys_response_and_conversation_do_not_exist_for_it(
     for attempt in attempts:
         with pytest.raises(openai.NotFoundError):
             attempt()
+    stolen = [{"type": "item_reference", "id": response.output[0].id}]
+    with pytest.raises(openai.BadRequestError):  # an item id is a way in too
+        mallory.responses.create(model=MODEL, input=stolen)  # type: ignore[arg-type]
     resume = httpx.get(
         keyed.url + f"/v1/responses/{response.id}",
         params={"stream": "true", "starting_after": "0"},

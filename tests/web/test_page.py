@@ -1,6 +1,6 @@
 """The chat page at `GET /`, driven in headless Chromium against a live gateway and the fake OpenAI.
 
-One browser serves the whole module; each test gets a fresh browser context
+One browser serves the whole session; each test gets a fresh browser context
 (so its own empty localStorage) and its own gateway.
 """
 
@@ -8,92 +8,18 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI, Plan
+from tests.web.chat_page import Browser, last_answer, message_box, reload, send, wait_answer_done
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 MASTER_KEY = "page-test-master-key-0123456789"
 WORDS = " ".join(f"word{i}" for i in range(40))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        yield chromium
-        chromium.close()
-
-
-class Browser:
-    """Opens pages in fresh contexts and fails the test on any script error in them."""
-
-    def __init__(self, browser: Any) -> None:
-        self.browser = browser
-        self.contexts: list[Any] = []
-        self.errors: list[str] = []
-
-    def open(self, url: str, *, width: int = 1280, height: int = 800) -> Any:
-        context = self.browser.new_context(viewport={"width": width, "height": height})
-        context.set_default_timeout(10_000)
-        self.contexts.append(context)
-        page = context.new_page()
-        page.on("pageerror", lambda error: self.errors.append(str(error)))
-        page.on("console", self._on_console)
-        page.goto(url)
-        # The model list has arrived: the page is ready to chat.
-        page.wait_for_selector("#model:not([disabled])")
-        return page
-
-    def _on_console(self, message: Any) -> None:
-        if message.type == "error" and "Content Security Policy" in message.text:
-            self.errors.append(message.text)
-
-    def close(self) -> None:
-        for context in self.contexts:
-            context.close()
-
-
-@pytest.fixture
-def pages(browser: Any, gateway_factory: GatewayFactory) -> Iterator[Browser]:
-    # Depends on gateway_factory so that pages close before their gateways stop.
-    opened = Browser(browser)
-    yield opened
-    opened.close()
-    assert opened.errors == [], "the page raised script errors or broke its CSP"
-
-
-def message_box(page: Any) -> Any:
-    return page.get_by_role("textbox", name="Message", exact=True)
-
-
-def send(page: Any, text: str) -> None:
-    message_box(page).fill(text)
-    message_box(page).press("Enter")
-
-
-def last_answer(page: Any) -> Any:
-    return page.locator(".message.assistant").last
-
-
-def wait_answer_done(page: Any) -> Any:
-    answer = last_answer(page)
-    answer.locator(".meta").wait_for()
-    return answer
 
 
 def test_answer_appears_in_visible_steps(
@@ -103,6 +29,7 @@ def test_answer_appears_in_visible_steps(
     fake.queue(Plan(text=text, chunk_interval=0.15))
     page = pages.open(gateway_factory().url)
     assert page.locator("#demo-banner").is_hidden()
+    assert page.get_by_role("button", name="Access key").is_hidden()  # this server uses no keys
 
     box = message_box(page)
     box.fill("line one")
@@ -159,6 +86,9 @@ def test_stop_ends_the_stream_and_the_upstream_call(
     time.sleep(0.5)
     assert content.inner_text() == partial, "text kept arriving after Stop"
     assert page.get_by_role("button", name="Send").is_visible()
+    # The server never counted this answer: the page says what it used, as an estimate.
+    used = last_answer(page).locator(".meta .usage").inner_text()
+    assert re.search(r"about \d+ tokens \(\d+ in, \d+ out, estimated\)", used), used
 
 
 def test_model_system_prompt_and_history_reach_the_upstream(
@@ -206,8 +136,7 @@ def test_reload_keeps_conversations_and_the_sidebar_manages_them(
     rename.fill("Renamed chat")
     rename.press("Enter")
 
-    page.reload()
-    page.wait_for_selector("#model:not([disabled])")
+    reload(page)
     titles = page.locator(".open-conversation").all_inner_texts()
     assert titles == ["Renamed chat", "Remember the first chat"]
     assert page.get_by_role("heading", level=1).inner_text() == "Renamed chat"
@@ -222,8 +151,7 @@ def test_reload_keeps_conversations_and_the_sidebar_manages_them(
     page.locator(".conversation", has_text="Renamed chat").hover()  # shows its buttons
     page.get_by_role("button", name="Delete “Renamed chat”").click()
     page.get_by_role("dialog").get_by_role("button", name="Delete").click()
-    page.reload()
-    page.wait_for_selector("#model:not([disabled])")
+    reload(page)
     assert page.locator(".open-conversation").all_inner_texts() == ["Remember the first chat"]
 
 
@@ -263,48 +191,6 @@ def test_model_output_cannot_run_script(
     assert answer.get_by_role("button", name="Copy python").is_visible()
 
 
-def test_key_prompt_on_401_then_success(
-    pages: Browser, gateway_factory: GatewayFactory, fake: FakeOpenAI
-) -> None:
-    page = pages.open(gateway_factory(master_key=MASTER_KEY).url)
-    auth_headers: list[str | None] = []
-    page.on(
-        "request",
-        lambda request: (
-            auth_headers.append(request.headers.get("authorization"))
-            if request.url.endswith("/chat/stream")
-            else None
-        ),
-    )
-    send(page, "Hello behind a key")
-
-    dialog = page.get_by_role("dialog", name="Access key")
-    dialog.wait_for()
-    assert "asks for an access key" in dialog.inner_text()
-    assert "A valid API key is required" in last_answer(page).locator(".notice").inner_text()
-    assert fake.hits == 0
-
-    dialog.get_by_label("Access key").fill("not-the-right-key-at-all")
-    dialog.get_by_role("button", name="Save and send").click()
-    page.get_by_text("That key was not accepted").wait_for()
-    assert fake.hits == 0
-
-    dialog.get_by_label("Access key").fill(MASTER_KEY)
-    dialog.get_by_role("button", name="Save and send").click()
-    answer = wait_answer_done(page)
-    assert dialog.is_hidden()
-    assert "Hello from the fake upstream" in answer.inner_text()
-    assert page.locator(".message.user").count() == 1  # the retry replaced the failed turn
-    assert fake.hits == 1
-    assert auth_headers == [None, "Bearer not-the-right-key-at-all", f"Bearer {MASTER_KEY}"]
-
-    page.reload()
-    page.wait_for_selector("#model:not([disabled])")
-    send(page, "Still there?")
-    page.locator(".message.assistant").nth(1).locator(".meta").wait_for()
-    assert fake.hits == 2, "the saved key was not used after a reload"
-
-
 def test_upstream_errors_keep_the_partial_answer(
     pages: Browser, gateway_factory: GatewayFactory, fake: FakeOpenAI
 ) -> None:
@@ -323,13 +209,6 @@ def test_upstream_errors_keep_the_partial_answer(
     last_answer(page).get_by_text("try again in 7 seconds").wait_for()
     assert page.get_by_role("button", name="Try again").is_disabled()
     assert page.locator(".message.user").count() == 1
-
-
-def test_demo_banner(pages: Browser, gateway_factory: GatewayFactory) -> None:
-    page = pages.open(gateway_factory(demo=True, openai_api_key=None, demo_delay=0.001).url)
-    assert "Demo mode" in page.locator("#demo-banner").inner_text()
-    send(page, "Hello demo")
-    assert "demo model" in wait_answer_done(page).inner_text()
 
 
 def test_phone_width_has_no_horizontal_scroll(
@@ -375,3 +254,16 @@ def test_page_is_served_with_its_assets(gateway_factory: GatewayFactory) -> None
             script = http.get(f"/static/{module}")
             assert script.status_code == 200
             assert "javascript" in script.headers["content-type"]
+
+
+def test_page_config_tells_the_page_about_keys_and_demo(gateway_factory: GatewayFactory) -> None:
+    """`GET /page/config`: open, tiny, no secret, and not part of the documented API."""
+    plain = gateway_factory()
+    keyed = gateway_factory(master_key=MASTER_KEY, demo=True, openai_api_key=None)
+    with httpx.Client(timeout=10) as http:
+        assert http.get(plain.url + "/page/config").json() == {"keys": False, "demo": False}
+        answer = http.get(keyed.url + "/page/config")
+        assert answer.status_code == 200
+        assert answer.json() == {"keys": True, "demo": True}
+        assert MASTER_KEY not in answer.text
+        assert "/page/config" not in http.get(plain.url + "/openapi.json").json()["paths"]

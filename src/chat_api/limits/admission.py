@@ -206,6 +206,7 @@ class KeyMeter:
                         f"This key is limited to {caller.tpm} tokens a minute. "
                         f"Try again in {math.ceil(hit.reset_in)} seconds.",
                         retry_after=hit.reset_in,
+                        kind="tokens",
                         headers=headers,
                     )
                 token_window = hit.window
@@ -272,20 +273,27 @@ class KeyMeter:
         )
 
 
+def _amount(budget: Decimal) -> str:
+    """A budget as its owner wrote it: $5, $0.06."""
+    return f"${budget.normalize():f}"
+
+
 def _refusal(
     caller: Caller, prepared: Prepared, left: int, worst: int, renews: bool, reset_in: float
 ) -> str:
     """Why a call does not fit the budget, and what would."""
+    assert caller.budget_usd is not None
+    budget = caller.budget_usd
     when = f" It renews in {_duration(reset_in)}." if renews else ""
     if left <= 0:
         return (
-            f"This key has nothing left of its ${caller.budget_usd} budget (calls still in "
+            f"This key has nothing left of its {_amount(budget)} budget (calls still in "
             f"progress give back what they do not use when they finish).{when}"
         )
     model = prepared.model
     head = (
         f"This call could cost up to {dollars(worst)}, but this key has only {dollars(left)} "
-        f"left of its ${caller.budget_usd} budget."
+        f"left of its {_amount(budget)} budget."
     )
     prompt_cost = to_micro(model.cost(prepared.prompt_bound, 0))
     per_token = model.cost(0, 1) * MICRO
@@ -303,11 +311,26 @@ def _new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
+def reset_duration(seconds: float) -> str:
+    """A wait as OpenAI writes it in `x-ratelimit-reset-*`: "120ms", "8.64s", "6m0s", "1h2m3s"."""
+    milliseconds = max(0, round(seconds * 1000))
+    if milliseconds < 1000:
+        return f"{milliseconds}ms"
+    hours, rest = divmod(milliseconds / 1000, 3600)
+    minutes, rest = divmod(rest, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
+
+
 def _rate_headers(kind: str, limit: int, used: int, reset_in: float) -> dict[str, str]:
     return {
         f"x-ratelimit-limit-{kind}": str(limit),
         f"x-ratelimit-remaining-{kind}": str(max(0, limit - used)),
-        f"x-ratelimit-reset-{kind}": f"{math.ceil(reset_in)}s",
+        f"x-ratelimit-reset-{kind}": reset_duration(reset_in),
     }
 
 

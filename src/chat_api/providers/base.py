@@ -9,11 +9,13 @@ it receives without rebuilding it.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from chat_api.errors import UpstreamError
+from chat_api.redact import contains_secret
 from chat_api.sse import EventReader
 
 
@@ -100,12 +102,39 @@ def header_seconds(value: str | None) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
+def retry_after_for_client(headers: Mapping[str, str]) -> float | None:
+    """The wait the upstream asked for, to pass on: its `Retry-After`, else `retry-after-ms`.
+
+    Never an invented one: without either, the client is told no time.
+    """
+    seconds = header_seconds(headers.get("retry-after"))
+    if seconds is None:
+        milliseconds = header_seconds(headers.get("retry-after-ms"))
+        seconds = None if milliseconds is None else milliseconds / 1000
+    return seconds
+
+
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]{1,200}")
+
+
+def upstream_request_id(value: str | None) -> str | None:
+    """The upstream's `x-request-id`, if it is safe to relay, log and store; else None.
+
+    It goes back to the client as a header, which must be latin-1 (anything else
+    was a 500 after a billed call), and into the ledger: printable ASCII only,
+    and never a secret the upstream echoed.
+    """
+    if value is None or not _PRINTABLE_ASCII.fullmatch(value) or contains_secret(value):
+        return None
+    return value
+
+
 class ReadingStream:
     """What both upstream clients' streams share: the request id and the event reader."""
 
-    def __init__(self, upstream_request_id: str | None, deadline: float) -> None:
+    def __init__(self, request_id: str | None, deadline: float) -> None:
         self._reader = EventReader(deadline)
-        self.upstream_request_id = upstream_request_id
+        self.upstream_request_id = upstream_request_id(request_id)
 
     @property
     def saw_done(self) -> bool:

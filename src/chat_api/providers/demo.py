@@ -9,58 +9,20 @@ limits, budgets, the ledger, the page — works exactly as with a real model.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 
 from chat_api.config import Settings
 from chat_api.errors import NotFound
 from chat_api.providers.base import Completion
+from chat_api.providers.demo_responses import DemoResponses, demo_embeddings
+from chat_api.providers.demo_text import demo_answer, words_of
+from chat_api.sse import SSEParser
 from chat_api.tokens import estimate_prompt_tokens
-
-_OPENERS = (
-    "Hello! I am the demo model of chat-api.",
-    "Hi there, this is chat-api's built-in demo model.",
-    "Thanks for trying chat-api. You are talking to its demo model.",
-)
-
-_BODY = (
-    "I answer on this machine without calling OpenAI, so no key is needed and nothing is spent. "
-    "You wrote: “{question}”. "
-    "To talk to a real model, set **OPENAI_API_KEY_CYB_SEC** and start the service "
-    "without `CHAT_API_DEMO`. Here is a small code block, to show formatting:\n\n"
-    '```python\nprint("hello from chat-api")\n```\n'
-)
-
-
-def demo_answer(messages: list[Any]) -> str:
-    """The demo's answer to a conversation: fixed text around the last user message."""
-    question = ""
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            question = content if isinstance(content, str) else "(a message with parts)"
-            break
-    question = " ".join(question.split())
-    if len(question) > 200:
-        question = question[:200] + "…"
-    seed = hashlib.sha256(question.encode()).digest()[0]
-    return f"{_OPENERS[seed % len(_OPENERS)]} {_BODY.format(question=question)}"
-
-
-def _words(text: str) -> list[str]:
-    """Split keeping the spaces, so joining the pieces gives the text back."""
-    pieces: list[str] = []
-    start = 0
-    for index, char in enumerate(text):
-        if char == " " and index > start:
-            pieces.append(text[start:index])
-            start = index
-    pieces.append(text[start:])
-    return [piece for piece in pieces if piece]
 
 
 class DemoProvider:
@@ -70,9 +32,10 @@ class DemoProvider:
 
     def __init__(self, settings: Settings) -> None:
         self._delay = settings.demo_delay
+        self._responses = DemoResponses(settings.demo_delay)
 
     def _plan(self, body: dict[str, Any]) -> tuple[list[str], str, int]:
-        words = _words(demo_answer(body.get("messages", [])))
+        words = words_of(demo_answer(body.get("messages", [])))
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         finish = "stop"
         if isinstance(limit, int) and 0 < limit < len(words):
@@ -80,6 +43,16 @@ class DemoProvider:
         return words, finish, estimate_prompt_tokens(body.get("messages", []))
 
     async def complete(self, path: str, body: dict[str, Any], request_id: str) -> Completion:
+        if path == "/embeddings":
+            data: dict[str, Any] = demo_embeddings(body)
+            return Completion(orjson.dumps(data), data, f"demo-{request_id}")
+        if path == "/responses":
+            run = self._responses.start(body)
+            await asyncio.sleep(self._delay)
+            data = run.whole()
+            return Completion(orjson.dumps(data), data, f"demo-{request_id}")
+        if path != "/chat/completions":
+            raise NotFound(f"The demo model does not offer {path}.")
         words, finish, prompt_tokens = self._plan(body)
         await asyncio.sleep(self._delay)
         n = int(body.get("n") or 1)
@@ -102,17 +75,59 @@ class DemoProvider:
         }
         return Completion(orjson.dumps(data), data, f"demo-{request_id}")
 
-    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _DemoStream:
+    async def open_stream(
+        self, path: str, body: dict[str, Any], request_id: str
+    ) -> _DemoStream | _DemoEvents:
+        if path == "/responses":
+            return _DemoEvents(self._responses.start(body).events(), f"demo-{request_id}")
         words, finish, prompt_tokens = self._plan(body)
         return _DemoStream(body, request_id, words, finish, prompt_tokens, self._delay)
 
     async def forward(
         self, method: str, path: str, body: dict[str, Any] | None, request_id: str
     ) -> Completion:
-        raise NotFound(f"The demo model keeps nothing at {path.partition('?')[0]}.")
+        """Stored responses and conversations, kept in memory by `DemoResponses`."""
+        where, _, query_text = path.partition("?")
+        query = dict(parse_qsl(query_text))
+        parts = where.strip("/").split("/")
+        store = self._responses
+        given = body or {}
+        data: Any
+        match method, parts:
+            case "GET", ["responses", response_id]:
+                data = store.retrieve(response_id)
+            case "DELETE", ["responses", response_id]:
+                data = store.delete(response_id)
+            case "POST", ["responses", response_id, "cancel"]:
+                data = store.cancel(response_id)
+            case "GET", ["responses", response_id, "input_items"]:
+                data = store.input_items(response_id, query)
+            case "POST", ["responses", "input_tokens"]:
+                data = store.input_tokens(given)
+            case "POST", ["conversations"]:
+                data = store.create_conversation(given)
+            case "GET", ["conversations", conversation_id]:
+                data = store.conversation(conversation_id)
+            case "POST", ["conversations", conversation_id]:
+                data = store.update_conversation(conversation_id, given)
+            case "DELETE", ["conversations", conversation_id]:
+                data = store.delete_conversation(conversation_id)
+            case "GET", ["conversations", conversation_id, "items"]:
+                data = store.conversation_items(conversation_id, query)
+            case "POST", ["conversations", conversation_id, "items"]:
+                data = store.add_conversation_items(conversation_id, given)
+            case "GET", ["conversations", conversation_id, "items", item_id]:
+                data = store.conversation_item(conversation_id, item_id)
+            case "DELETE", ["conversations", conversation_id, "items", item_id]:
+                data = store.delete_conversation_item(conversation_id, item_id)
+            case "GET", ["models", model]:
+                data = {"id": model, "object": "model", "created": 0, "owned_by": "demo"}
+            case _:
+                raise NotFound(f"The demo model keeps nothing at {where}.")
+        return Completion(orjson.dumps(data), data, f"demo-{request_id}")
 
-    async def open_replay(self, path: str, request_id: str) -> _DemoStream:
-        raise NotFound(f"The demo model keeps nothing at {path.partition('?')[0]}.")
+    async def open_replay(self, path: str, request_id: str) -> _DemoEvents:
+        raise NotFound("The demo model does not replay responses; retrieve them whole.")
 
     async def aclose(self) -> None:
         return None
@@ -172,3 +187,23 @@ class _DemoStream:
 
     async def aclose(self) -> None:
         self._closed = True
+
+
+class _DemoEvents:
+    """A demo response's framed events, read back as the payloads an upstream stream yields."""
+
+    def __init__(self, frames: AsyncIterator[bytes], upstream_request_id: str) -> None:
+        self._frames = frames
+        self._parser = SSEParser()
+        self.upstream_request_id: str | None = upstream_request_id
+        self.saw_done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for framed in self._frames:
+            for payload in self._parser.feed(framed):
+                yield payload
+
+    async def aclose(self) -> None:
+        close = getattr(self._frames, "aclose", None)
+        if close is not None:
+            await close()

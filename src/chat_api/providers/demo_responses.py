@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 
 from chat_api.errors import BadRequest, NotFound
-from chat_api.providers.demo import _words, demo_answer
+from chat_api.providers.demo_text import demo_answer, words_of
 from chat_api.tokens import estimate_text_tokens
 
 CAPACITY = 1_000  # responses (and conversations) kept in memory
@@ -182,7 +182,7 @@ def demo_plan(body: Mapping[str, Any], history: list[Item], items: list[Item]) -
         output = last.get("output")
         shown = output if isinstance(output, str) else orjson.dumps(output).decode()
         text = f"The tool {call.get('name', 'you ran')} answered: {shown}"
-        words = _words(text)
+        words = words_of(text)
     else:
         users = [
             i for i in seen if i.get("type", "message") == "message" and i.get("role") == "user"
@@ -197,7 +197,7 @@ def demo_plan(body: Mapping[str, Any], history: list[Item], items: list[Item]) -
                 "call_id": new_id("call")[:29],
             }
             return Answer(calls=[call])
-        words = _words(demo_answer([{"role": "user", "content": question}]))
+        words = words_of(demo_answer([{"role": "user", "content": question}]))
     limit = body.get("max_output_tokens")
     if isinstance(limit, int) and 0 < limit < len(words):
         return Answer(words=words[:limit], incomplete=True)

@@ -8,14 +8,16 @@ gateway. aiohttp's C-accelerated client does the same call in about
 `POST /chat/completions`, directly, and keeps the SDK's behaviour: bearer
 auth, retries with exponential backoff and jitter (honouring Retry-After
 up to two minutes) on connection errors, 408/409/429 and 5xx, only before
-any byte was read; a short connect timeout and a read timeout of
-`CHAT_API_UPSTREAM_TIMEOUT`. `CHAT_API_UPSTREAM_CLIENT=sdk` switches back
-to the official `AsyncOpenAI` client (`providers/openai.py`).
+any byte was read, except a 429 that says the account is out of credit; a
+short connect timeout and a read timeout of `CHAT_API_UPSTREAM_TIMEOUT`.
+`CHAT_API_UPSTREAM_CLIENT=sdk` switches back to the official `AsyncOpenAI`
+client (`providers/openai.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -27,12 +29,27 @@ from yarl import URL
 
 from chat_api import __version__
 from chat_api.config import Settings
-from chat_api.errors import UpstreamError, UpstreamTimeout, from_status, from_upstream
-from chat_api.providers.base import Completion, ReadingStream, header_seconds, read_capped
+from chat_api.errors import (
+    UpstreamError,
+    UpstreamTimeout,
+    final,
+    from_status,
+    from_upstream,
+    is_out_of_quota,
+)
+from chat_api.providers.base import (
+    Completion,
+    ReadingStream,
+    header_seconds,
+    read_capped,
+    retry_after_for_client,
+    upstream_request_id,
+)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
 MAX_ERROR_BYTES = 64 * 1024
+LARGE_BODY_BYTES = 1024 * 1024  # aiohttp's own threshold for "too large to write at once"
 RETRY_STATUSES = frozenset({408, 409, 429})
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
@@ -114,7 +131,7 @@ class FastOpenAIProvider:
             raise UpstreamError("OpenAI sent an answer that is not valid JSON.") from None
         if not isinstance(data, dict):
             raise UpstreamError("OpenAI sent an answer that is not a JSON object.")
-        return Completion(raw, data, response.headers.get("x-request-id"))
+        return Completion(raw, data, upstream_request_id(response.headers.get("x-request-id")))
 
     async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _FastStream:
         response = await self._post(path, body, request_id)
@@ -143,19 +160,19 @@ class FastOpenAIProvider:
                 response = await session.request(
                     method,
                     url,
-                    data=payload,
+                    data=None if payload is None else _body(payload),
                     headers=headers,
                     proxy=self._proxy,
                     proxy_auth=self._proxy_auth,
                 )
             except TimeoutError:
                 if last:
-                    raise UpstreamTimeout() from None
+                    raise final(UpstreamTimeout(), retried=attempt > 0) from None
                 await asyncio.sleep(_backoff(attempt, None))
                 continue
             except CONNECTION_ERRORS as exc:
                 if last:
-                    raise from_upstream(exc) from None
+                    raise from_upstream(exc, retried=attempt > 0) from None
                 await asyncio.sleep(_backoff(attempt, None))
                 continue
             if response.status == 200:
@@ -169,13 +186,16 @@ class FastOpenAIProvider:
             finally:
                 response.release()
             wait = _retry_after(response.headers)
-            retry_after = header_seconds(response.headers.get("retry-after"))
+            error = _json_or_none(detail)
             retryable = response.status in RETRY_STATUSES or response.status >= 500
+            if response.status == 429 and is_out_of_quota(error):
+                retryable = False  # no credit left: waiting changes nothing
             too_long = wait is not None and wait > MAX_RETRY_AFTER
             if retryable and not last and not too_long:
                 await asyncio.sleep(_backoff(attempt, wait))
                 continue
-            raise from_status(response.status, _json_or_none(detail), retry_after)
+            told = retry_after_for_client(response.headers)
+            raise from_status(response.status, error, told, retried=attempt > 0)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def aclose(self) -> None:
@@ -204,6 +224,15 @@ class _FastStream(ReadingStream):
             self._response.release()  # finished cleanly: the connection can be reused
         else:
             self._response.close()  # cut short: close the socket so the upstream stops
+
+
+def _body(payload: bytes) -> bytes | io.BytesIO:
+    """What aiohttp sends: large bodies (images inline) as a stream it writes in pieces.
+
+    aiohttp warns that one large bytes write might block the event loop; a
+    fresh stream per attempt, since a retry reads it again.
+    """
+    return payload if len(payload) <= LARGE_BODY_BYTES else io.BytesIO(payload)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

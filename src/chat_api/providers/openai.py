@@ -4,6 +4,9 @@ One `AsyncOpenAI` client is shared by every request. We ask it for the raw
 HTTP response (`cast_to=httpx2.Response`) so answers are relayed as the bytes
 OpenAI sent, with no model objects built per chunk; the SDK still does what
 it is good at: auth, retries with backoff before any byte is read, timeouts.
+Two things it is told: a 429 that says the account is out of credit is not
+retried (`_no_retry_without_credit`), and after its retries the client is
+told not to retry again (`final`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,21 @@ from chat_api.errors import (
     ChatAPIError,
     UpstreamError,
     UpstreamTimeout,
+    final,
     from_status,
     from_upstream,
+    is_out_of_quota,
 )
-from chat_api.providers.base import Completion, ReadingStream, header_seconds, read_capped
+from chat_api.providers.base import (
+    Completion,
+    ReadingStream,
+    read_capped,
+    retry_after_for_client,
+    upstream_request_id,
+)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an answer
+MAX_ERROR_BYTES = 64 * 1024
 
 
 class OpenAIProvider:
@@ -49,7 +61,11 @@ class OpenAIProvider:
             base_url=settings.openai_base_url,
             max_retries=settings.upstream_retries,
             timeout=timeout,
-            http_client=openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits),
+            http_client=openai.DefaultAsyncHttpxClient(
+                timeout=timeout,
+                limits=limits,
+                event_hooks={"response": [_no_retry_without_credit]},
+            ),
         )
         self._deadline = settings.stream_deadline
 
@@ -71,7 +87,7 @@ class OpenAIProvider:
             raise UpstreamError("OpenAI sent an answer that is not valid JSON.") from None
         if not isinstance(data, dict):
             raise UpstreamError("OpenAI sent an answer that is not a JSON object.")
-        return Completion(raw, data, response.headers.get("x-request-id"))
+        return Completion(raw, data, upstream_request_id(response.headers.get("x-request-id")))
 
     async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _OpenAIStream:
         response = await self._post(path, body, request_id, stream=True)
@@ -138,14 +154,45 @@ class _OpenAIStream(ReadingStream):
         await self._response.aclose()
 
 
+async def _no_retry_without_credit(response: httpx2.Response) -> None:
+    """Mark a 429 "insufficient_quota" as final before the SDK decides to retry it.
+
+    The SDK retries every 429; one that says the operator's account has no
+    credit left only repeats itself (the SDK then gave up after 44 s). The SDK
+    reads an error body anyway; this reads it a moment earlier.
+    """
+    if response.status_code != 429:
+        return
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_ERROR_BYTES:
+        return
+    await response.aread()
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return
+    if is_out_of_quota(body):
+        response.headers.update(ChatAPIError.DO_NOT_RETRY)
+
+
+def _retried(request: httpx2.Request | None) -> bool:
+    """Whether the SDK's last attempt was a retry (it numbers them in a header)."""
+    count = request.headers.get("x-stainless-retry-count", "0") if request is not None else "0"
+    return count.isdigit() and int(count) > 0
+
+
 def _from_sdk(exc: BaseException) -> ChatAPIError:
     """The SDK's exceptions (and its HTTP client's) in our tree."""
-    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
-        return UpstreamTimeout()
     if isinstance(exc, openai.APIStatusError):
         return from_status(
-            exc.status_code, exc.body, header_seconds(exc.response.headers.get("retry-after"))
+            exc.status_code,
+            exc.body,
+            retry_after_for_client(exc.response.headers),
+            retried=_retried(exc.response.request),
         )
+    request = exc.request if isinstance(exc, openai.APIConnectionError) else None
+    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        return final(UpstreamTimeout(), retried=_retried(request))
     if isinstance(exc, openai.APIConnectionError):
-        return UpstreamError(CONNECT_FAILED)
+        return final(UpstreamError(CONNECT_FAILED), retried=_retried(request))
     return from_upstream(exc)

@@ -107,7 +107,7 @@ async def all_usage(
     """Usage of every key (or one, with `key_id`), by key, model and day."""
     _require_master(request, caller)
     ledger: Ledger = request.app.state.ledger
-    await ledger.flush()
+    await ledger.catch_up()
     body: dict[str, Any] = await ledger.summary(
         key_id=key_id,
         all_keys=key_id is None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import orjson
@@ -22,15 +23,30 @@ def request_id_of(request: Request) -> str:
     return request_id
 
 
+MAX_JSON_DEPTH = 254  # what orjson can write back out: the upstream call serializes the body
+
+
 async def read_json(request: Request) -> Any:
-    """The parsed body; a clear 400 when it is empty or not JSON."""
+    """The parsed body; a clear 400 when it is empty, not JSON, or nested too deeply."""
     raw = await request.body()
     if not raw.strip():
-        raise BadRequest("The request body is empty; send a JSON object.")
+        raise BadRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        return orjson.loads(raw)
+        data = orjson.loads(raw)  # refuses 1,024 levels and more itself
     except orjson.JSONDecodeError:
-        raise BadRequest("The request body is not valid JSON.") from None
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    # Only a body with that many brackets can be that deep: counting them is nearly free,
+    # writing the body out (which fails past 254 levels) is done only then.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        try:
+            orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            raise BadRequest(
+                f"The request body is nested too deeply: at most {MAX_JSON_DEPTH} levels "
+                "of arrays and objects are accepted.",
+                code="invalid_json",
+            ) from None
+    return data
 
 
 async def authenticate(request: Request) -> Caller | None:
@@ -49,7 +65,24 @@ def context(request: Request, endpoint: str, caller: Caller | None) -> CallConte
     return ctx
 
 
-SHUTDOWN_MESSAGE = "The server is restarting and had to stop this answer. Please send it again."
-
-
 CallerDep = Annotated[Caller | None, Depends(authenticate)]
+
+
+def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:
+    """`CHAT_API_FIELD_POLICY`: drop the fields the operator drops, refuse those it refuses.
+
+    For fields that change who pays or what OpenAI keeps (`store`, `metadata`,
+    `user`, `service_tier`, `prompt_cache_key`, `safety_identifier`, ...):
+    passed through unless the operator says otherwise.
+    """
+    for name, rule in policy.items():
+        if name not in body:
+            continue
+        if rule == "refuse":
+            raise BadRequest(
+                f"This server does not accept the field '{name}'. Send the request without it.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        if rule == "drop":
+            del body[name]

@@ -15,12 +15,20 @@ from starlette.responses import Response
 
 from chat_api.calls import Caller, Chunk
 from chat_api.catalog import Catalog
-from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServiceUnavailable
+from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServerStopping
+from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import (
+    CallerDep,
+    apply_field_policy,
+    context,
+    engine_of,
+    read_json,
+)
 from chat_api.sse import DONE, frame
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
+_ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=True))  # a stream's last event
 
 _ERROR_SCHEMA = {
     "type": "object",
@@ -38,12 +46,14 @@ _ERROR_SCHEMA = {
     },
     "required": ["error"],
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
+V1_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
     for status, text in {
         400: "The request is malformed.",
+        403: "This key may not use that model, OpenAI refused it for this project, "
+        "or the request came from a website that may not call this server.",
         401: "A client key is required and was missing or wrong.",
-        404: "The model is not available here (`model_not_found`).",
+        404: "The model, or the stored object, is not available here.",
         413: "The body is larger than the limit.",
         429: "A rate limit or budget is used up; see Retry-After.",
         502: "OpenAI rejected the server's key, failed, or broke the connection.",
@@ -133,7 +143,7 @@ def _visible(catalog: Catalog, caller: Caller | None) -> list[str]:
     return [name for name in names if name in caller.models]
 
 
-@router.get("/models", responses=_ERRORS)
+@router.get("/models", responses=V1_ERRORS)
 async def list_models(request: Request, caller: CallerDep) -> Response:
     """The models this key may use (chat and embedding), as OpenAI's `GET /v1/models` lists them."""
     catalog = engine_of(request).catalog
@@ -143,7 +153,7 @@ async def list_models(request: Request, caller: CallerDep) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.get("/models/{model}", responses=_ERRORS)
+@router.get("/models/{model}", responses=V1_ERRORS)
 async def retrieve_model(model: str, request: Request, caller: CallerDep) -> Response:
     """One model, as OpenAI's `GET /v1/models/{model}` returns it, with its real `created`."""
     engine = engine_of(request)
@@ -165,7 +175,8 @@ async def retrieve_model(model: str, request: Request, caller: CallerDep) -> Res
     return JSONResponse(_model_object(model, created or 0))
 
 
-@router.post("/chat/completions", responses=_ERRORS, openapi_extra=_COMPLETION_BODY)
+@router.post("/chat/completions", responses=V1_ERRORS, openapi_extra=_COMPLETION_BODY)
+@hot
 async def chat_completions(request: Request, caller: CallerDep) -> Response:
     """OpenAI's chat completions: same request, same response, same stream.
 
@@ -175,7 +186,8 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
     engine = engine_of(request)
     body = await read_json(request)
     if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.")
+        raise BadRequest("The request body must be a JSON object.", code="invalid_type")
+    apply_field_policy(body, request.app.state.settings.field_policy)
     prepared = engine.chat.prepare(body, caller)
     ctx = context(request, "/v1/chat/completions", caller)
     if prepared.stream:
@@ -185,7 +197,7 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
             owner=chunks,
             keepalive=request.app.state.settings.keepalive_interval,
             headers=ctx.headers,
-            on_shutdown=frame(ServiceUnavailable(SHUTDOWN_MESSAGE).body(openai_dialect=True)),
+            on_shutdown=_ON_SHUTDOWN,
         )
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     headers = dict(ctx.headers)

@@ -21,14 +21,29 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chat_api.calls import Caller, Chunk
-from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServiceUnavailable
+from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
+from chat_api.fastlane import hot
 from chat_api.providers.base import Provider, UpstreamStream
 from chat_api.responses import EventStreamResponse, until_disconnect
-from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import (
+    CallerDep,
+    apply_field_policy,
+    context,
+    engine_of,
+    read_json,
+)
+from chat_api.routes.openai_compat import V1_ERRORS
 from chat_api.sse import frame
 from chat_api.store.owners import Kind, OwnerStore
 
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], responses=V1_ERRORS)
+# The bodies follow OpenAI's API reference and are relayed as they are.
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
 
 
 def _owners(request: Request) -> OwnerStore:
@@ -68,6 +83,18 @@ def _conversation_id(body: dict[str, Any]) -> str | None:
 
 
 async def _check_references(request: Request, caller: Caller | None, body: dict[str, Any]) -> None:
+    """Stored objects a request would read: each must be the caller's own."""
+    given = body.get("input")
+    if caller is not None and caller.key_id is not None and isinstance(given, list):
+        for item in given:
+            if isinstance(item, dict) and item.get("type") == "item_reference":
+                # An item id can point into any key's stored responses: the gateway does
+                # not track items one by one, so a client key sends the item itself.
+                raise BadRequest(
+                    "An 'item_reference' cannot be used with a client key: send the item itself.",
+                    param="input",
+                    code="invalid_value",
+                )
     previous = body.get("previous_response_id")
     if isinstance(previous, str):
         await _check_owner(request, caller, previous, "response")
@@ -96,11 +123,13 @@ def _json(raw: bytes, headers: dict[str, str] | None = None) -> Response:
     return Response(raw, media_type="application/json", headers=headers)
 
 
-@router.post("/responses")
+@router.post("/responses", openapi_extra=_BODY)
+@hot
 async def create_response(request: Request, caller: CallerDep) -> Response:
     """OpenAI's `POST /v1/responses`: whole, streamed (every event as sent) or in the background."""
     engine = engine_of(request)
     body = await _json_body(request)
+    apply_field_policy(body, request.app.state.settings.field_policy)
     prepared = engine.responses.prepare(body, caller)
     await _check_references(request, caller, body)
     ctx = context(request, "/v1/responses", caller)
@@ -113,7 +142,7 @@ async def create_response(request: Request, caller: CallerDep) -> Response:
             owner=events,
             keepalive=request.app.state.settings.keepalive_interval,
             headers=ctx.headers,
-            on_shutdown=_error_event(ServiceUnavailable(SHUTDOWN_MESSAGE)),
+            on_shutdown=_error_event(ServerStopping()),
         )
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     if keeps and isinstance(completion.data.get("id"), str):
@@ -121,7 +150,7 @@ async def create_response(request: Request, caller: CallerDep) -> Response:
     return _json(completion.raw, _upstream_id(ctx.headers, completion.upstream_request_id))
 
 
-@router.post("/responses/compact")
+@router.post("/responses/compact", openapi_extra=_BODY)
 async def compact_response(request: Request, caller: CallerDep) -> Response:
     """OpenAI's `POST /v1/responses/compact`, metered like a response."""
     engine = engine_of(request)
@@ -133,7 +162,7 @@ async def compact_response(request: Request, caller: CallerDep) -> Response:
     return _json(completion.raw, _upstream_id(ctx.headers, completion.upstream_request_id))
 
 
-@router.post("/responses/input_tokens")
+@router.post("/responses/input_tokens", openapi_extra=_BODY)
 async def count_input_tokens(request: Request, caller: CallerDep) -> Response:
     """OpenAI's `POST /v1/responses/input_tokens`: counting costs nothing, so it is not metered."""
     engine = engine_of(request)
@@ -199,7 +228,7 @@ async def list_input_items(response_id: str, request: Request, caller: CallerDep
 # --- conversations -----------------------------------------------------------------------
 
 
-@router.post("/conversations")
+@router.post("/conversations", openapi_extra=_BODY)
 async def create_conversation(request: Request, caller: CallerDep) -> Response:
     """Create a conversation; it belongs to the key that created it."""
     body = await _json_body(request)
@@ -230,7 +259,7 @@ async def retrieve_conversation(
     return await _conversation_call(request, caller, conversation_id, "GET")
 
 
-@router.post("/conversations/{conversation_id}")
+@router.post("/conversations/{conversation_id}", openapi_extra=_BODY)
 async def update_conversation(
     conversation_id: str, request: Request, caller: CallerDep
 ) -> Response:
@@ -254,7 +283,7 @@ async def list_conversation_items(
     return await _conversation_call(request, caller, conversation_id, "GET", "/items")
 
 
-@router.post("/conversations/{conversation_id}/items")
+@router.post("/conversations/{conversation_id}/items", openapi_extra=_BODY)
 async def create_conversation_items(
     conversation_id: str, request: Request, caller: CallerDep
 ) -> Response:
@@ -281,7 +310,7 @@ async def delete_conversation_item(
 # --- embeddings ----------------------------------------------------------------------------
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", openapi_extra=_BODY)
 async def create_embeddings(request: Request, caller: CallerDep) -> Response:
     """OpenAI's `POST /v1/embeddings`, metered at its input."""
     engine = engine_of(request)

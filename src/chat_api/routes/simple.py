@@ -15,9 +15,10 @@ from starlette.responses import Response
 
 from chat_api import __version__
 from chat_api.calls import Chunk
-from chat_api.errors import ChatAPIError
+from chat_api.errors import ChatAPIError, ServerStopping
+from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import SHUTDOWN_MESSAGE, CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import CallerDep, context, engine_of, read_json
 from chat_api.routes.schemas import (
     ChatRequest,
     ChatResponse,
@@ -32,12 +33,15 @@ from chat_api.tokens import tokens_for_chars
 router = APIRouter(tags=["simple API"])
 
 SERVICE_NAME = "OpenAI Chat API"
+_ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=False))  # a stream's last event
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": SimpleError, "description": text}
     for status, text in {
         400: "Malformed JSON, a missing or blank message, a wrong type, or a model not allowed.",
         401: "A client key is required and was missing or wrong.",
+        403: "The key may not use this model, OpenAI refuses it for the server's account, "
+        "or the request came from a website that may not call this server.",
         413: "The body is larger than the limit.",
         429: "A rate limit or budget is used up; see Retry-After.",
         502: "OpenAI rejected the server's key, failed, or broke the connection.",
@@ -134,6 +138,7 @@ def _openai_body(chat: ChatRequest, *, stream: bool) -> dict[str, Any]:
     responses=_ERRORS,
     openapi_extra=_CHAT_BODY,
 )
+@hot
 async def chat(request: Request, caller: CallerDep) -> Response:
     """Send one message (with optional history) and get the whole answer."""
     engine = engine_of(request)
@@ -170,6 +175,7 @@ async def chat(request: Request, caller: CallerDep) -> Response:
     },
     openapi_extra=_CHAT_BODY,
 )
+@hot
 async def chat_stream(request: Request, caller: CallerDep) -> Response:
     """Send one message and read the answer piece by piece as server-sent events.
 
@@ -187,7 +193,7 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
         owner=chunks,
         keepalive=request.app.state.settings.keepalive_interval,
         headers=ctx.headers,
-        on_shutdown=frame(orjson.dumps({"error": SHUTDOWN_MESSAGE})),
+        on_shutdown=_ON_SHUTDOWN,
     )
 
 

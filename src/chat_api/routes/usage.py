@@ -49,7 +49,7 @@ async def my_usage(
 ) -> Response:
     """Totals, by model and by day, for the calling key, with its budget and limits."""
     ledger: Ledger = request.app.state.ledger
-    await ledger.flush()
+    await ledger.catch_up()
     key_id = caller.key_id if caller else None
     body: dict[str, Any] = await ledger.summary(
         key_id=key_id, since=parse_day(since, "since"), until=parse_day(until, "until")

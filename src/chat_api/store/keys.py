@@ -2,8 +2,10 @@
 
 A key looks like `cak_` + 43 URL-safe characters (256 bits). Its SHA-256 is
 stored; the first 12 characters are kept to let people tell keys apart.
-Keys are looked up on every request, so a revocation is seen by the very
-next request on every replica.
+Requests find keys through `KeyCache` (store/keycache.py), which reads
+them from here once and learns of every change through `KeySetVersion`: a
+revocation is seen by the very next request on every replica. Every method
+gives up after `timeout` seconds with a 503 (None: no limit, for the CLI).
 """
 
 from __future__ import annotations
@@ -11,19 +13,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.expression import Executable
 
 from chat_api.calls import Caller
-from chat_api.store.database import as_utc, utcnow
+from chat_api.errors import ChangeNotAnnounced
+from chat_api.store.database import answering, as_utc, utcnow
 from chat_api.store.schema import client_keys
+
+if TYPE_CHECKING:
+    from chat_api.store.keycache import KeySetVersion
 
 KEY_PREFIX = "cak_"
 Period = Literal["daily", "monthly", "total"]
@@ -35,11 +44,6 @@ def new_secret() -> str:
 
 def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def same_secret(given: str, expected: str) -> bool:
-    """Constant-time comparison of two secrets of any length."""
-    return hmac.compare_digest(hash_key(given), hash_key(expected))
 
 
 class KeySpec(BaseModel):
@@ -168,11 +172,22 @@ class KeyRecord:
 
 
 class KeyStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        timeout: float | None = None,
+        version: KeySetVersion | None = None,
+    ) -> None:
         self._engine = engine
+        self._timeout = timeout
+        self._version = version
 
     async def create(self, spec: KeySpec) -> tuple[KeyRecord, str]:
-        """A new key; the secret is returned here and never again."""
+        """A new key; the secret is returned here and never again.
+
+        Nothing to announce: caches hold only keys that existed when read.
+        """
         secret = new_secret()
         now = utcnow()
         expires = spec.expires_at
@@ -194,8 +209,7 @@ class KeyStore:
             "revoked_at": None,
             "created_at": now,
         }
-        async with self._engine.begin() as connection:
-            await connection.execute(client_keys.insert().values(**values))
+        await self._write(client_keys.insert().values(**values), "Keys cannot be created")
         record = await self.get(str(values["id"]))
         assert record is not None
         return record, secret
@@ -205,43 +219,53 @@ class KeyStore:
         if not secret.startswith(KEY_PREFIX):
             return None
         digest = hash_key(secret)
-        async with self._engine.connect() as connection:
-            row = (
-                (
-                    await connection.execute(
-                        select(client_keys).where(client_keys.c.key_hash == digest)
-                    )
-                )
-                .mappings()
-                .first()
-            )
-        if row is None or not hmac.compare_digest(row["key_hash"], digest):
+        query = select(client_keys).where(client_keys.c.key_hash == digest)
+        rows = await self._read(query, "Keys cannot be checked")
+        if not rows or not hmac.compare_digest(rows[0]["key_hash"], digest):
             return None
-        return KeyRecord.from_row(row)
+        return KeyRecord.from_row(rows[0])
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        async with self._engine.connect() as connection:
-            row = (
-                (await connection.execute(select(client_keys).where(client_keys.c.id == key_id)))
-                .mappings()
-                .first()
-            )
-        return KeyRecord.from_row(row) if row else None
+        rows = await self._read(
+            select(client_keys).where(client_keys.c.id == key_id), "Keys cannot be read"
+        )
+        return KeyRecord.from_row(rows[0]) if rows else None
 
     async def all(self) -> list[KeyRecord]:
-        async with self._engine.connect() as connection:
-            rows = (
-                (await connection.execute(select(client_keys).order_by(client_keys.c.created_at)))
-                .mappings()
-                .all()
-            )
-        return [KeyRecord.from_row(row) for row in rows]
+        query = select(client_keys).order_by(client_keys.c.created_at)
+        return [KeyRecord.from_row(row) for row in await self._read(query, "Keys cannot be read")]
 
     async def revoke(self, key_id: str) -> KeyRecord | None:
-        async with self._engine.begin() as connection:
-            await connection.execute(
-                update(client_keys)
-                .where(client_keys.c.id == key_id, client_keys.c.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-            )
-        return await self.get(key_id)
+        """Revoke a key and tell every process (again, if it was revoked already).
+
+        Raises `ChangeNotAnnounced` when the revocation is committed but Redis
+        could not carry the news: other replicas then refuse the key within
+        a minute instead of at once, and revoking again tells them.
+        """
+        await self._write(
+            update(client_keys)
+            .where(client_keys.c.id == key_id, client_keys.c.revoked_at.is_(None))
+            .values(revoked_at=utcnow()),
+            "Keys cannot be changed",
+        )
+        record = await self.get(key_id)
+        if record is not None and self._version is not None:
+            try:
+                await self._version.changed()
+            except (RedisError, OSError):
+                raise ChangeNotAnnounced(record.id) from None
+        return record
+
+    async def _read(self, query: Executable, failure: str) -> Sequence[RowMapping]:
+        async def run() -> Sequence[RowMapping]:
+            async with self._engine.connect() as connection:
+                return (await connection.execute(query)).mappings().all()
+
+        return await answering(self._timeout, failure, run())
+
+    async def _write(self, statement: Executable, failure: str) -> None:
+        async def run() -> None:
+            async with self._engine.begin() as connection:
+                await connection.execute(statement)
+
+        await answering(self._timeout, failure, run())

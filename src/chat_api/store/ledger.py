@@ -3,6 +3,7 @@
 Rows are queued in memory by `add` (no I/O on the response path) and written
 in batches by a background task. A failed write keeps its rows and tries
 again; `close` writes whatever is left, so a normal stop loses nothing.
+Reads give up after `read_timeout` seconds with a 503 (none for the CLI).
 Writes are idempotent by `call_id` (a row already there is left as it is),
 so a replica recovering a dead replica's call (`limits/leases.py`) and the
 call's own row can never both land; `on_written` is told which calls'
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from chat_api.calls import CallResult
+from chat_api.store.database import answering
 from chat_api.store.schema import usage
 
 log = logging.getLogger("chat_api.ledger")
@@ -89,8 +91,16 @@ async def insert_once(connection: AsyncConnection, rows: list[dict[str, Any]]) -
 
 
 class Ledger:
-    def __init__(self, engine: AsyncEngine, *, flush_interval: float, batch_size: int) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        flush_interval: float,
+        batch_size: int,
+        read_timeout: float | None = None,
+    ) -> None:
         self._engine = engine
+        self._read_timeout = read_timeout
         self._interval = flush_interval
         self._batch = batch_size
         self._pending: list[dict[str, Any]] = []
@@ -98,6 +108,7 @@ class Ledger:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._writing: set[asyncio.Future[None]] = set()
+        self._reading: dict[tuple[str, datetime | None], asyncio.Future[Decimal]] = {}
         self.written = 0
         self.dropped = 0
         self.on_written: Callable[[list[str]], None] = lambda call_ids: None
@@ -147,6 +158,10 @@ class Ledger:
             self._writing.add(write)
             write.add_done_callback(self._writing.discard)
             await asyncio.shield(write)
+
+    async def catch_up(self) -> None:
+        """Write the queued rows before a read a client waits for, within the read timeout."""
+        await answering(self._read_timeout, "Usage cannot be read", self.flush())
 
     async def _write_batch(self) -> None:
         async with self._lock:
@@ -213,37 +228,46 @@ class Ledger:
             func.coalesce(func.sum(usage.c.cost_usd), 0).label("cost_usd"),
         )
         day = func.date(usage.c.at).label("day")
-        async with self._engine.connect() as connection:
-            totals = (await connection.execute(select(*measures).where(*conditions))).mappings()
-            total_row = _numbers(totals.one())
-            by_model = await connection.execute(
-                select(usage.c.model, *measures).where(*conditions).group_by(usage.c.model)
-            )
-            by_day = await connection.execute(
-                select(day, *measures).where(*conditions).group_by(day).order_by(day)
-            )
-            result: dict[str, Any] = {
-                "totals": total_row,
-                "by_model": [_numbers(row) for row in by_model.mappings()],
-                "by_day": [_numbers(row) for row in by_day.mappings()],
-            }
-            if all_keys:
-                by_key = await connection.execute(
-                    select(usage.c.key_id, *measures).where(*conditions).group_by(usage.c.key_id)
+
+        async def run() -> dict[str, Any]:
+            async with self._engine.connect() as connection:
+                totals = (await connection.execute(select(*measures).where(*conditions))).mappings()
+                total_row = _numbers(totals.one())
+                by_model = await connection.execute(
+                    select(usage.c.model, *measures).where(*conditions).group_by(usage.c.model)
                 )
-                result["by_key"] = [_numbers(row) for row in by_key.mappings()]
-        return result
+                by_day = await connection.execute(
+                    select(day, *measures).where(*conditions).group_by(day).order_by(day)
+                )
+                result: dict[str, Any] = {
+                    "totals": total_row,
+                    "by_model": [_numbers(row) for row in by_model.mappings()],
+                    "by_day": [_numbers(row) for row in by_day.mappings()],
+                }
+                if all_keys:
+                    by_key = await connection.execute(
+                        select(usage.c.key_id, *measures)
+                        .where(*conditions)
+                        .group_by(usage.c.key_id)
+                    )
+                    result["by_key"] = [_numbers(row) for row in by_key.mappings()]
+                return result
+
+        return await answering(self._read_timeout, "Usage cannot be read", run())
 
     async def spent(self, key_id: str, since: datetime | None, *, queued: bool = True) -> Decimal:
         """What a key spent since `since` (ever, when None), by the rows written so far.
 
         `queued`: with the rows this process still holds (else committed rows only).
+        Callers asking the same at the same moment (a burst's first calls, all
+        seeding one budget) share one query, so a burst cannot drain the pool.
         """
-        query = select(func.coalesce(func.sum(usage.c.cost_usd), 0)).where(usage.c.key_id == key_id)
-        if since is not None:
-            query = query.where(usage.c.at >= since)
-        async with self._engine.connect() as connection:
-            value = (await connection.execute(query)).scalar_one()
+        asked = (key_id, since)
+        reading = self._reading.get(asked)
+        if reading is None:
+            reading = self._reading[asked] = asyncio.ensure_future(self._written(key_id, since))
+            reading.add_done_callback(lambda done: self._reading.pop(asked, None))
+        value = await asyncio.shield(reading)
         held = sum(
             (
                 row["cost_usd"]
@@ -252,7 +276,18 @@ class Ledger:
             ),
             Decimal(0),
         )
-        return Decimal(str(value)) + held
+        return value + held
+
+    async def _written(self, key_id: str, since: datetime | None) -> Decimal:
+        query = select(func.coalesce(func.sum(usage.c.cost_usd), 0)).where(usage.c.key_id == key_id)
+        if since is not None:
+            query = query.where(usage.c.at >= since)
+
+        async def run() -> Decimal:
+            async with self._engine.connect() as connection:
+                return Decimal(str((await connection.execute(query)).scalar_one()))
+
+        return await answering(self._read_timeout, "Budgets cannot be checked", run())
 
 
 def _numbers(row: Any) -> dict[str, Any]:

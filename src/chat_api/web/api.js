@@ -1,4 +1,4 @@
-// Talking to chat-api: /health, /models, /usage and the /chat/stream event stream.
+// The API client: /page/config, /health, /models, /usage and the /chat/stream event stream.
 
 /** A failed answer, with what the page needs to say about it in plain words. */
 export class ChatError extends Error {
@@ -22,13 +22,21 @@ function authHeaders(key) {
 }
 
 async function getJSON(path, key) {
-  const response = await fetch(path, { headers: { Accept: "application/json", ...authHeaders(key) } });
-  if (!response.ok) throw new ChatError("server", `${path} answered ${response.status}`, { status: response.status });
+  let response;
+  try {
+    response = await fetch(path, { headers: { Accept: "application/json", ...authHeaders(key) } });
+  } catch {
+    throw new ChatError("network", "Could not reach the server. Check your connection and try again.");
+  }
+  if (!response.ok) throw await errorFrom(response, key);
   return response.json();
 }
 
+/** `{keys, demo}`: whether this server asks for access keys, and whether it runs the demo model. */
+export const pageConfig = () => getJSON("/page/config");
 export const health = () => getJSON("/health");
 export const models = () => getJSON("/models");
+/** What `key` spent and has left; rejects with kind "auth" when the server does not accept the key. */
 export const usage = (key) => getJSON("/usage", key);
 
 /** Seconds to wait from a Retry-After header: a number of seconds or an HTTP date. */
@@ -40,9 +48,13 @@ export function parseRetryAfter(value) {
   return Number.isNaN(when) ? null : Math.max(0, Math.ceil((when - Date.now()) / 1000));
 }
 
+// The server's 401 speaks to developers ("Send it as 'Authorization: Bearer <key>'"); people get these.
+export const KEY_NEEDED = "This server needs an access key before it answers. Paste the key you were given.";
+export const KEY_REJECTED =
+  "That key was not accepted. Check that you pasted all of it, or ask whoever runs this server for a new one.";
+
 const FALLBACK = {
   400: "The server could not accept this message.",
-  401: "This server needs an access key.",
   413: "This conversation is too long for the server. Start a new chat.",
   429: "Too many requests right now.",
   502: "The model's service had a problem. Try again in a moment.",
@@ -50,7 +62,8 @@ const FALLBACK = {
   504: "The model took too long to answer. Try again.",
 };
 
-async function errorFrom(response) {
+async function errorFrom(response, key) {
+  if (response.status === 401) return new ChatError("auth", key ? KEY_REJECTED : KEY_NEEDED, { status: 401 });
   let message = "";
   try {
     const body = await response.json();
@@ -61,7 +74,7 @@ async function errorFrom(response) {
   }
   const status = response.status;
   message = message || FALLBACK[status] || `The server answered with an error (${status}).`;
-  const kind = status === 401 ? "auth" : status === 429 ? "rate" : "server";
+  const kind = status === 429 ? "rate" : "server";
   return new ChatError(kind, message, { status, retryAfter: parseRetryAfter(response.headers.get("Retry-After")) });
 }
 
@@ -83,7 +96,7 @@ export async function streamChat(body, { key, signal, onContent }) {
     if (signal.aborted) throw new Stopped();
     throw new ChatError("network", "Could not reach the server. Check your connection and try again.");
   }
-  if (!response.ok) throw await errorFrom(response);
+  if (!response.ok) throw await errorFrom(response, key);
 
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";

@@ -65,9 +65,36 @@ const PURIFY = {
   RETURN_DOM_FRAGMENT: true,
 };
 
-/** Sanitized, highlighted DOM for `text`, ready to put in the page. */
-export function render(text) {
-  const fragment = DOMPurify.sanitize(marked.parse(text), PURIFY);
+/** `text` as marked's top-level block tokens (each with its `raw` source text). */
+export function lex(text) {
+  return marked.lexer(text);
+}
+
+/** Sanitized, highlighted DOM for some of the tokens `lex` returned, ready to put in the page. */
+export function renderTokens(tokens) {
+  return safeFragment(marked.parser(tokens));
+}
+
+const SAMPLE = "# A\n\nSome **bold**, *italic*, `code` and a [link](https://example.com).\n\n- one\n- two\n\n" +
+  "1. one\n\n> quote\n\n| a | b |\n| - | - |\n| 1 | 2 |\n\n---\n";
+
+/**
+ * Prepare the renderer while the page is idle: the first use of marked, DOMPurify and
+ * each highlighting grammar costs tens of milliseconds (compiling), which the first
+ * answer would otherwise pay in the middle of its stream. One piece per idle moment.
+ */
+export function warmUp() {
+  const idle = window.requestIdleCallback || ((work) => setTimeout(work, 50));
+  const steps = [() => renderTokens(lex(SAMPLE)), ...Object.keys(LANGUAGES).map((language) => () => hljs.highlight("x", { language }))];
+  const next = () => {
+    steps.shift()?.();
+    if (steps.length) idle(next);
+  };
+  idle(next);
+}
+
+function safeFragment(html) {
+  const fragment = DOMPurify.sanitize(html, PURIFY);
   for (const code of fragment.querySelectorAll("pre > code")) decorate(code);
   for (const table of fragment.querySelectorAll("table")) {
     const wrap = document.createElement("div");
@@ -104,30 +131,4 @@ function decorate(code) {
   head.append(name, copy);
   pre.replaceWith(block);
   block.append(head, pre);
-}
-
-/** Put `text` on the clipboard; works on plain http too, where the Clipboard API is missing. */
-export async function copyText(text) {
-  if (navigator.clipboard && window.isSecureContext) {
-    try {
-      await navigator.clipboard.writeText(text);
-      return true;
-    } catch {
-      // fall through to the old way
-    }
-  }
-  const area = document.createElement("textarea");
-  area.value = text;
-  area.setAttribute("readonly", "");
-  area.className = "offscreen";
-  document.body.append(area);
-  area.select();
-  let ok = false;
-  try {
-    ok = document.execCommand("copy");
-  } catch {
-    ok = false;
-  }
-  area.remove();
-  return ok;
 }

@@ -1,0 +1,28 @@
+"""The Redis client every replica shares limits, budgets and the key-set version through.
+
+Short timeouts, because every request waits on Redis: a Redis that does not
+answer within half a second counts as away (rate limits fall back to this
+replica's share, budgets answer 503). A command that fails because its
+pooled connection went stale (Redis restarted, a proxy closed an idle
+connection) is tried once more on a fresh connection before anyone is
+refused. Only connection errors are retried: after a timeout the command
+may have run, and counting a request twice is worse than refusing it.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+SOCKET_TIMEOUT = 0.5
+
+
+def open_redis(url: str) -> Redis:
+    return Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )

@@ -1,0 +1,146 @@
+"""Storage a test may break: a PostgreSQL server of its own, and a TCP proxy that can hang.
+
+`ThrowawayPostgres` runs `initdb` and `pg_ctl` into a temporary folder on a
+free port, with the settings the test asks for (`max_connections=60`), and
+removes it all afterwards; the machine's shared server is never touched.
+As root the server runs as the `postgres` user (PostgreSQL refuses root).
+
+`TcpProxy` forwards 127.0.0.1:<port> to a target; `hang()` stops passing
+bytes either way (connections stay open, as with a stalled server or a
+network that drops everything), `resume()` passes them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def postgres_binaries() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+class ThrowawayPostgres:
+    def __init__(self, **settings: str) -> None:
+        binaries = postgres_binaries()
+        if binaries is None:
+            raise RuntimeError("no PostgreSQL server binaries in /usr/lib/postgresql/*/bin")
+        self._bin = binaries
+        self.port = _free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix="chat-api-pg-"))
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self._dir, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        options = {
+            "listen_addresses": "127.0.0.1",
+            "fsync": "off",
+            "unix_socket_directories": str(self._dir),
+            **settings,
+        }
+        self._options = " ".join(f"-c {name}={value}" for name, value in options.items())
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self._dir / "log"), "-w", "-t", "30",
+                  "-o", f"-p {self.port} {self._options}", "start")  # fmt: skip
+
+    @property
+    def data(self) -> Path:
+        return self._dir / "data"
+
+    def url(self, port: int | None = None) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{port or self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self._as, str(self._bin / tool), *args], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class TcpProxy:
+    """A loopback TCP forwarder on its own event loop thread; see the module docstring."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = _free_port()
+        self.loop = asyncio.new_event_loop()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the proxy did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(
+            asyncio.start_server(self._client, "127.0.0.1", self.port)
+        )
+        self._ready.set()
+        self.loop.run_forever()
+        server.close()
+        self.loop.run_until_complete(server.wait_closed())
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def hang(self) -> None:
+        self.loop.call_soon_threadsafe(self._flowing.clear)
+
+    def resume(self) -> None:
+        self.loop.call_soon_threadsafe(self._flowing.set)
+
+    def stop(self) -> None:
+        self.resume()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+def wait_for_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on port {port}")
