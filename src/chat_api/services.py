@@ -132,7 +132,9 @@ async def open_services(
     version = KeySetVersion(redis, prefix=settings.redis_prefix)
     keys = KeyStore(database, timeout=settings.database_timeout, version=version)
     app.state.engine = engine
-    app.state.owners = OwnerStore(database)
+    owners = OwnerStore(database)
+    stack.push_async_callback(owners.drain)  # before the database closes
+    app.state.owners = owners
     app.state.keys = keys
     app.state.ledger = ledger
     app.state.meter = meter

@@ -331,11 +331,11 @@ class _Recorder:
         self.key_id = key_id
         self.done = False
 
-    async def see(self, data: dict[str, Any]) -> None:
+    def see(self, data: dict[str, Any]) -> None:
         response = data.get("response")
         if isinstance(response, dict) and isinstance(response.get("id"), str):
             self.done = True
-            await self.owners.record(response["id"], "response", self.key_id)
+            self.owners.record_soon(response["id"], "response", self.key_id)
 
 
 class _Replay:
@@ -365,7 +365,7 @@ async def _response_events(
         async for chunk in events:
             kind = chunk.data.get("type")
             if recorder is not None and not recorder.done:
-                await recorder.see(chunk.data)
+                recorder.see(chunk.data)
             head = b"event: " + kind.encode() + b"\n" if isinstance(kind, str) else b""
             yield head + frame(chunk.raw)
             del chunk

@@ -15,6 +15,8 @@ too, so its owner gets OpenAI's 404 and everyone else the gateway's.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +32,7 @@ from chat_api.store.schema import owners
 
 Kind = Literal["response", "conversation"]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
+log = logging.getLogger("chat_api.owners")
 CACHE_SIZE = 10_000  # ~2 MB of recent owners
 
 
@@ -54,6 +57,7 @@ class OwnerStore:
         self._engine = engine
         self._cache: OrderedDict[str, Owner] = OrderedDict()
         self._cache_size = cache_size
+        self._writing: set[asyncio.Task[None]] = set()
 
     async def record(self, object_id: str, kind: Kind, key_id: str | None) -> Owner:
         """Note that `key_id` created `object_id`; the first record of an id stands.
@@ -80,6 +84,28 @@ class OwnerStore:
         owner = Owner(object_id, kind, key_id, now)
         self._remember(owner)
         return owner
+
+    def record_soon(self, object_id: str, kind: Kind, key_id: str | None) -> None:
+        """Known to this process at once; written to the database in the background.
+
+        For a stream: awaiting the write before relaying the first text cost
+        its p99 seconds with hundreds of streams opening at once (bench/).
+        """
+        self._remember(Owner(object_id, kind, key_id, utcnow()))
+        task = asyncio.get_running_loop().create_task(self._record_quietly(object_id, kind, key_id))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _record_quietly(self, object_id: str, kind: Kind, key_id: str | None) -> None:
+        try:
+            await self.record(object_id, kind, key_id)
+        except Exception as exc:  # the cache still knows; other replicas will not
+            log.warning("could not record an owner", extra={"error": type(exc).__name__})
+
+    async def drain(self) -> None:
+        """Wait for owners still being written (at shutdown)."""
+        while self._writing:
+            await asyncio.gather(*list(self._writing), return_exceptions=True)
 
     async def owner_of(self, object_id: str) -> Owner | None:
         """Who created `object_id`, or None when the gateway never handed it out."""
