@@ -307,10 +307,33 @@ async def delete_conversation_item(
     return await _conversation_call(request, caller, conversation_id, "DELETE", f"/items/{item_id}")
 
 
+_EMBEDDINGS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "input"],
+                    "properties": {
+                        "model": {"type": "string", "minLength": 1},
+                        "input": {
+                            "anyOf": [
+                                {"type": "string", "minLength": 1},
+                                {"type": "array", "minItems": 1},
+                            ]
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
 # --- embeddings ----------------------------------------------------------------------------
 
 
-@router.post("/embeddings", openapi_extra=_BODY)
+@router.post("/embeddings", openapi_extra=_EMBEDDINGS_BODY)
 async def create_embeddings(request: Request, caller: CallerDep) -> Response:
     """OpenAI's `POST /v1/embeddings`, metered at its input."""
     engine = engine_of(request)
