@@ -19,7 +19,7 @@ from chat_api.errors import BadRequest, UpstreamError
 from chat_api.redact import redact
 
 if TYPE_CHECKING:
-    from chat_api.catalog import Catalog
+    from chat_api.catalog import Catalog, ModelInfo
     from chat_api.config import Settings
 
 # Request fields that would change where or as whom we call upstream.
@@ -74,6 +74,17 @@ class Operation:
                 param="service_tier",
                 code="invalid_value",
             )
+
+    def checked_chat_model(self, body: dict[str, Any], caller: Caller | None) -> ModelInfo:
+        """The common checks, then the chat model asked for, if this caller may use it."""
+        self.check_common(body, caller)
+        model_name = body.get("model")
+        if model_name is not None and not isinstance(model_name, str):
+            raise BadRequest("'model' must be a string.", param="model", code="invalid_type")
+        info = self.catalog.resolve(model_name)
+        if caller is not None:
+            caller.check_model(info.name)
+        return info
 
     def stream_flag(self, body: dict[str, Any]) -> bool:
         stream = body.get("stream")

@@ -32,13 +32,7 @@ class ChatCompletion(Operation):
         anything is sent upstream.
         """
         s = self.settings
-        self.check_common(body, caller)
-        model_name = body.get("model")
-        if model_name is not None and not isinstance(model_name, str):
-            raise BadRequest("'model' must be a string.", param="model", code="invalid_type")
-        info = self.catalog.resolve(model_name)
-        if caller is not None:
-            caller.check_model(info.name)
+        info = self.checked_chat_model(body, caller)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest(

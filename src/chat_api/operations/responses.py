@@ -34,13 +34,7 @@ class Response(Operation):
 
     def prepare(self, body: dict[str, Any], caller: Caller | None) -> Prepared:
         s = self.settings
-        self.check_common(body, caller)
-        model_name = body.get("model")
-        if model_name is not None and not isinstance(model_name, str):
-            raise BadRequest("'model' must be a string.", param="model", code="invalid_type")
-        info = self.catalog.resolve(model_name)
-        if caller is not None:
-            caller.check_model(info.name)
+        info = self.checked_chat_model(body, caller)
         given = body.get("input")
         if given is not None and not isinstance(given, str | list):
             raise BadRequest(
