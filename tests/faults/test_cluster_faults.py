@@ -128,11 +128,14 @@ def test_three_replicas_through_a_burst_a_redis_restart_and_a_hung_database(
     # rate-limited request on each replica is served (one retry on a fresh connection).
     budgeted, _ = make_key(one.url, rpm=1000, budget_usd="50", budget_period="monthly")
     assert [chat(url, budgeted).status_code for url in urls] == [200] * 3
+    # Only what the replicas log from the restart on: a loaded machine may time a Redis
+    # call out during the burst above (falling back, still no 503), which is not this case.
+    seen = [len(replica.logs()) for replica in replicas]
     private_redis.stop()
     private_redis.start()
     assert [chat(url, budgeted).status_code for url in urls] == [200] * 3
-    for replica in replicas:
-        assert "Redis unreachable" not in replica.logs()
+    for replica, before in zip(replicas, seen, strict=True):
+        assert "Redis unreachable" not in replica.logs()[before:]
 
     # The database hangs: key checks that need it, usage and admin reads and /ready give up
     # after CHAT_API_DATABASE_TIMEOUT with 503 and Retry-After; cached keys keep working.
