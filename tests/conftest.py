@@ -15,6 +15,8 @@ from chat_api.config import Settings
 from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread
 
+pytest_plugins = ["tests.clock"]  # the `moved_clock` fixture
+
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -9,11 +9,11 @@ admitted → `CallResult` (the ledger row, filled in as the call goes).
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from chat_api import clock
 from chat_api.catalog import ModelInfo
 from chat_api.errors import Forbidden, outcome_of
 
@@ -129,7 +129,7 @@ class CallResult:
     @classmethod
     def start(cls, ctx: CallContext, prepared: Prepared) -> CallResult:
         return cls(
-            at=time.time(),
+            at=clock.now(),
             request_id=ctx.request_id,
             key_id=ctx.caller.key_id if ctx.caller else None,
             endpoint=ctx.endpoint,

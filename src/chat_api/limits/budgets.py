@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import calendar
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from chat_api.clock import utcnow as utcnow
 from chat_api.errors import ServiceUnavailable
 from chat_api.limits.leases import WRITE_LEASE
 
@@ -48,10 +49,6 @@ def period_bounds(period: str | None, now: datetime) -> tuple[str, datetime | No
         end = start + timedelta(days=days)
         return f"m{start:%Y%m}", start, (end - now).total_seconds()
     return "t", None, 86_400.0
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Budgets(Protocol):

@@ -22,6 +22,8 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from chat_api import clock
+
 log = logging.getLogger("chat_api.limits")
 
 WINDOW = 60
@@ -64,7 +66,7 @@ class MemoryCounter:
         return self.hit_now(name, amount, limit, whole=whole)
 
     def hit_now(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
-        window, reset = _window(time.time())
+        window, reset = _window(clock.now())
         if window != self._last_window:
             self._counts = {k: v for k, v in self._counts.items() if k[1] >= window - 1}
             self._last_window = window
@@ -117,7 +119,7 @@ class RedisCounter:
         self._down_until = time.monotonic() + 1.0
 
     async def hit(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
-        window, reset = _window(time.time())
+        window, reset = _window(clock.now())
         slot = (name, window)
         if not self.degraded:
             key = f"{self._prefix}{name}:{window}"

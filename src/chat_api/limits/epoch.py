@@ -12,9 +12,10 @@ rebuilt from the ledger wait until every replica had time to notice
 from __future__ import annotations
 
 import asyncio
-import time
 
 from redis.asyncio import Redis
+
+from chat_api import clock
 
 
 class Epoch:
@@ -27,13 +28,13 @@ class Epoch:
         """The epoch, written now if Redis has none (it lost its data, or is new)."""
         value = await self._redis.get(self.key)
         if value is None:
-            await self._redis.set(self.key, repr(time.time()), nx=True)
+            await self._redis.set(self.key, repr(clock.now()), nx=True)
             value = await self._redis.get(self.key)
         return value.decode() if isinstance(value, bytes) else str(value)
 
     async def settle_in(self, value: str) -> None:
         """Wait until replicas had time to notice an epoch this young."""
-        wait = float(value) + self.grace - time.time()
+        wait = float(value) + self.grace - clock.now()
         if wait > 0:
             await asyncio.sleep(wait)
 

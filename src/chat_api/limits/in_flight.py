@@ -23,6 +23,8 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from chat_api import clock
+
 log = logging.getLogger("chat_api.limits")
 
 HOLD_SECONDS = 30.0
@@ -55,7 +57,7 @@ class Holds:
         return min(1.0, self.renew_every)
 
     def until(self) -> float:
-        return time.time() + self.seconds
+        return clock.now() + self.seconds
 
     def keep(self, zset: str, member: str) -> None:
         self._held[(zset, member)] = None
@@ -156,7 +158,7 @@ class RedisInFlight:
         return f"{self._prefix}inflight:{key_id}"
 
     async def take(self, key_id: str, call_id: str, cap: int) -> bool:
-        now = time.time()
+        now = clock.now()
         seconds = self._holds.seconds
         try:
             taken = await self._take(
@@ -185,6 +187,6 @@ class RedisInFlight:
 
     async def count(self, key_id: str) -> int:
         try:
-            return int(await self._redis.zcount(self._key(key_id), time.time(), "+inf"))
+            return int(await self._redis.zcount(self._key(key_id), clock.now(), "+inf"))
         except (RedisError, OSError):
             return await self._local.count(key_id)

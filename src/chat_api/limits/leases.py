@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from chat_api import clock
 from chat_api.calls import CallContext, Prepared
 from chat_api.limits.epoch import Epoch, Seen
 from chat_api.limits.in_flight import Holds
@@ -135,7 +135,7 @@ class Lease:
     def of(cls, call_id: str, key_id: str, ctx: CallContext, prepared: Prepared) -> Lease:
         fields = {
             "key_id": key_id,
-            "at": repr(time.time()),
+            "at": repr(clock.now()),
             "request_id": ctx.request_id,
             "endpoint": ctx.endpoint,
             "model": prepared.model.name,
@@ -148,7 +148,7 @@ class Lease:
 
     def args(self, seconds: float) -> list[str | float | int]:
         """ARGV for `WRITE_LEASE`: until, ttl, call id, then the fields."""
-        flat: list[str | float | int] = [time.time() + seconds, LEASE_TTL, self.call_id]
+        flat: list[str | float | int] = [clock.now() + seconds, LEASE_TTL, self.call_id]
         for name, value in self.fields.items():
             flat += [name, value]
         return flat
@@ -338,7 +338,7 @@ class RedisLeases:
 
     async def reap(self) -> int:
         """Turn every lease that ran out into its ledger row; how many were."""
-        now = time.time()
+        now = clock.now()
         expired = await self._redis.zrangebyscore(self.index, "-inf", now, start=0, num=200)
         count = 0
         for raw_id in expired:
@@ -347,7 +347,7 @@ class RedisLeases:
                 continue  # our own, renewed late (a stalled loop): not dead
             flat = await self._claim(
                 keys=[self.index, self.key(call_id)],
-                args=[now, time.time() + self.seconds, call_id],
+                args=[now, clock.now() + self.seconds, call_id],
             )
             if not flat:
                 continue

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from chat_api.clock import utcnow as utcnow
 from chat_api.errors import ServiceUnavailable
 
 SQLITE_BUSY_MS = 30_000
@@ -123,10 +124,6 @@ async def migrate(engine: AsyncEngine) -> None:
             if attempt == 2:
                 raise
             await asyncio.sleep(0.2 * (attempt + 1))  # another worker was migrating
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def as_utc(value: datetime | None) -> datetime | None:

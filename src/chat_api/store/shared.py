@@ -1,7 +1,7 @@
 """The Redis client every replica shares limits, budgets and the key-set version through.
 
 Short timeouts, because every request waits on Redis: a Redis that does not
-answer within half a second counts as away (rate limits fall back to this
+answer within `SOCKET_TIMEOUT` (2 s) counts as away (rate limits fall back to this
 replica's share, budgets answer 503). A command that fails because its
 pooled connection went stale (Redis restarted, a proxy closed an idle
 connection) is tried once more on a fresh connection before anyone is
