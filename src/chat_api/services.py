@@ -30,6 +30,7 @@ from chat_api.limits.counters import Counter, MemoryCounter, RedisCounter
 from chat_api.limits.epoch import Epoch
 from chat_api.limits.in_flight import Holds, InFlight, MemoryInFlight, RedisInFlight
 from chat_api.limits.leases import RedisLeases
+from chat_api.limits.shared_admission import SharedAdmission
 from chat_api.metrics import Metrics
 from chat_api.middleware import cors_summary
 from chat_api.providers import build_provider
@@ -79,6 +80,8 @@ async def open_services(
     budgets: Budgets = MemoryBudgets()
     in_flight: InFlight = MemoryInFlight()
     leases: RedisLeases | None = None
+    shared: SharedAdmission | None = None
+    version = KeySetVersion(None, prefix=settings.redis_prefix)
     if settings.redis_url:
         redis = open_redis(settings.redis_url)
         stack.push_async_callback(redis.aclose)
@@ -99,6 +102,15 @@ async def open_services(
         counter = RedisCounter(redis, prefix=prefix, replicas=replicas)
         budgets = RedisBudgets(redis, prefix=prefix, leases=leases, replicas=replicas)
         in_flight = RedisInFlight(redis, prefix=prefix, replicas=replicas, holds=holds)
+        version = KeySetVersion(redis, prefix=prefix)
+        shared = SharedAdmission(
+            redis,
+            version_key=version.key,
+            counter=counter,
+            in_flight=in_flight,
+            budgets=budgets,
+            leases=leases,
+        )
 
     def record(result: CallResult) -> None:
         ledger.add(result)
@@ -113,6 +125,7 @@ async def open_services(
         default_max_in_flight=settings.max_in_flight,
         leases=leases,
         row_of=row_of,
+        shared=shared,
     )
     ledger.on_written = meter.rows_written
     stack.push_async_callback(meter.drain)  # runs before the ledger closes
@@ -129,7 +142,6 @@ async def open_services(
     stack.push_async_callback(_let_streams_finish, engine)
     # Whole answers whose clients left are read to their end (and billed) first.
     stack.push_async_callback(engine.drain, settings.shutdown_grace)
-    version = KeySetVersion(redis, prefix=settings.redis_prefix)
     keys = KeyStore(database, timeout=settings.database_timeout, version=version)
     app.state.engine = engine
     owners = OwnerStore(database)
@@ -139,9 +151,10 @@ async def open_services(
     app.state.ledger = ledger
     app.state.meter = meter
     app.state.services = Services(database, redis, provider is not None)
-    app.state.guard = (
-        Guard(settings, KeyCache(keys, version), counter) if settings.keys_enabled else None
-    )
+    guard = Guard(settings, KeyCache(keys, version), counter) if settings.keys_enabled else None
+    if guard is not None:
+        meter.recheck = guard.recheck
+    app.state.guard = guard
     if not settings.keys_enabled and settings.has_upstream_key and settings.host not in LOOPBACK:
         log.warning(
             "Anyone who can reach %s:%s can spend your OpenAI key: set CHAT_API_MASTER_KEY "

@@ -58,6 +58,20 @@ async def authenticate(request: Request) -> Caller | None:
     return caller
 
 
+async def authenticate_call(request: Request) -> Caller | None:
+    """As `authenticate`, for routes whose every upstream call goes through admission.
+
+    The key may come from the cache unchecked against the key set's
+    version: admission checks it in the same Redis round trip as the
+    limits, and reads the key again when it changed (auth.Guard.recheck).
+    """
+    guard = request.app.state.guard
+    if guard is None:
+        return None
+    caller: Caller = await guard.authenticate(request, call=True)
+    return caller
+
+
 def context(request: Request, endpoint: str, caller: Caller | None) -> CallContext:
     """The call's context, also left in the request's state for the log line."""
     ctx = CallContext(request_id=request_id_of(request), endpoint=endpoint, caller=caller)
@@ -66,6 +80,8 @@ def context(request: Request, endpoint: str, caller: Caller | None) -> CallConte
 
 
 CallerDep = Annotated[Caller | None, Depends(authenticate)]
+# For routes that start a call: every path to the upstream goes through `Engine` admission.
+CallingCallerDep = Annotated[Caller | None, Depends(authenticate_call)]
 
 
 def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:

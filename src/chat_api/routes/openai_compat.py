@@ -20,6 +20,7 @@ from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
 from chat_api.routes.deps import (
     CallerDep,
+    CallingCallerDep,
     apply_field_policy,
     context,
     engine_of,
@@ -177,7 +178,7 @@ async def retrieve_model(model: str, request: Request, caller: CallerDep) -> Res
 
 @router.post("/chat/completions", responses=V1_ERRORS, openapi_extra=_COMPLETION_BODY)
 @hot
-async def chat_completions(request: Request, caller: CallerDep) -> Response:
+async def chat_completions(request: Request, caller: CallingCallerDep) -> Response:
     """OpenAI's chat completions: same request, same response, same stream.
 
     With `"stream": true` the answer is server-sent `chat.completion.chunk`

@@ -27,6 +27,7 @@ from chat_api.providers.base import Provider, UpstreamStream
 from chat_api.responses import EventStreamResponse, until_disconnect
 from chat_api.routes.deps import (
     CallerDep,
+    CallingCallerDep,
     apply_field_policy,
     context,
     engine_of,
@@ -125,7 +126,7 @@ def _json(raw: bytes, headers: dict[str, str] | None = None) -> Response:
 
 @router.post("/responses", openapi_extra=_BODY)
 @hot
-async def create_response(request: Request, caller: CallerDep) -> Response:
+async def create_response(request: Request, caller: CallingCallerDep) -> Response:
     """OpenAI's `POST /v1/responses`: whole, streamed (every event as sent) or in the background."""
     engine = engine_of(request)
     body = await _json_body(request)
@@ -151,7 +152,7 @@ async def create_response(request: Request, caller: CallerDep) -> Response:
 
 
 @router.post("/responses/compact", openapi_extra=_BODY)
-async def compact_response(request: Request, caller: CallerDep) -> Response:
+async def compact_response(request: Request, caller: CallingCallerDep) -> Response:
     """OpenAI's `POST /v1/responses/compact`, metered like a response."""
     engine = engine_of(request)
     body = await _json_body(request)
@@ -334,7 +335,7 @@ _EMBEDDINGS_BODY = {
 
 
 @router.post("/embeddings", openapi_extra=_EMBEDDINGS_BODY)
-async def create_embeddings(request: Request, caller: CallerDep) -> Response:
+async def create_embeddings(request: Request, caller: CallingCallerDep) -> Response:
     """OpenAI's `POST /v1/embeddings`, metered at its input."""
     engine = engine_of(request)
     prepared = engine.embeddings.prepare(await _json_body(request), caller)

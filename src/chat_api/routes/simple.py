@@ -18,7 +18,7 @@ from chat_api.calls import Chunk
 from chat_api.errors import ChatAPIError, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import CallingCallerDep, context, engine_of, read_json
 from chat_api.routes.schemas import (
     ChatRequest,
     ChatResponse,
@@ -139,7 +139,7 @@ def _openai_body(chat: ChatRequest, *, stream: bool) -> dict[str, Any]:
     openapi_extra=_CHAT_BODY,
 )
 @hot
-async def chat(request: Request, caller: CallerDep) -> Response:
+async def chat(request: Request, caller: CallingCallerDep) -> Response:
     """Send one message (with optional history) and get the whole answer."""
     engine = engine_of(request)
     chat_request = parse_chat_request(await read_json(request))
@@ -176,7 +176,7 @@ async def chat(request: Request, caller: CallerDep) -> Response:
     openapi_extra=_CHAT_BODY,
 )
 @hot
-async def chat_stream(request: Request, caller: CallerDep) -> Response:
+async def chat_stream(request: Request, caller: CallingCallerDep) -> Response:
     """Send one message and read the answer piece by piece as server-sent events.
 
     Each event is `data: {"content": "..."}`; the last is
