@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from chat_api import __version__
+from chat_api.access_log import RequestObserver
 from chat_api.catalog import Catalog
 from chat_api.config import Settings
 from chat_api.errors import (
@@ -42,11 +43,10 @@ from chat_api.middleware import (
     is_openai_dialect,
     parse_networks,
 )
-from chat_api.observe import RequestObserver
 from chat_api.redact import remember
 from chat_api.routes import admin, openai_compat, ops, page, responses_api, simple, usage
 from chat_api.routes.schemas import ChatRequest
-from chat_api.services import open_services
+from chat_api.runtime import open_services
 
 log = logging.getLogger("chat_api")
 

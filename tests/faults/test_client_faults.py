@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from chat_api import protocol
-from chat_api.protocol import GuardedHttpToolsProtocol
+from chat_api.serving import GuardedHttpToolsProtocol
 from tests.fakes.openai_server import FakeOpenAI, Plan
 from tests.faults.conftest import (
     FULL,

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from chat_api.calls import Caller
 from chat_api.errors import BadRequest, Forbidden, NotFound
-from chat_api.responses import JSONResponse
+from chat_api.http_responses import JSONResponse
 from chat_api.routes.deps import CallerDep, engine_of, read_json
 from chat_api.routes.schemas import describe, simple_errors
 from chat_api.routes.usage import parse_day

@@ -17,7 +17,7 @@ from chat_api.calls import Caller, Chunk
 from chat_api.catalog import Catalog
 from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServerStopping
 from chat_api.fastlane import hot
-from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
+from chat_api.http_responses import JSONResponse, until_disconnect
 from chat_api.routes.deps import (
     CallerDep,
     apply_field_policy,
@@ -25,7 +25,7 @@ from chat_api.routes.deps import (
     engine_of,
     read_json,
 )
-from chat_api.sse import DONE, frame
+from chat_api.sse import DONE, EventStreamResponse, frame
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
 _ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=True))  # a stream's last event

@@ -20,8 +20,8 @@ from starlette.responses import Response
 from yarl import URL
 
 from chat_api.config import OPENAI_V1, Settings
-from chat_api.responses import JSONResponse
-from chat_api.services import Services
+from chat_api.http_responses import JSONResponse
+from chat_api.runtime import Services
 
 router = APIRouter(tags=["operations"])
 

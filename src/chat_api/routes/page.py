@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chat_api.config import Settings
-from chat_api.responses import JSONResponse
+from chat_api.http_responses import JSONResponse
 
 router = APIRouter(include_in_schema=False)
 

@@ -23,8 +23,8 @@ from starlette.responses import Response
 from chat_api.calls import Caller, Chunk
 from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
 from chat_api.fastlane import hot
+from chat_api.http_responses import until_disconnect
 from chat_api.providers.base import Provider, UpstreamStream
-from chat_api.responses import EventStreamResponse, until_disconnect
 from chat_api.routes.deps import (
     CallerDep,
     apply_field_policy,
@@ -33,7 +33,7 @@ from chat_api.routes.deps import (
     read_json,
 )
 from chat_api.routes.openai_compat import V1_ERRORS
-from chat_api.sse import frame
+from chat_api.sse import EventStreamResponse, frame
 from chat_api.store.owners import Kind, OwnerStore
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], responses=V1_ERRORS)

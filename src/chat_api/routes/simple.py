@@ -17,7 +17,7 @@ from chat_api import __version__
 from chat_api.calls import Chunk
 from chat_api.errors import ChatAPIError, ServerStopping
 from chat_api.fastlane import hot
-from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
+from chat_api.http_responses import JSONResponse, until_disconnect
 from chat_api.routes.deps import CallerDep, context, engine_of, read_json
 from chat_api.routes.schemas import (
     ChatRequest,
@@ -27,7 +27,7 @@ from chat_api.routes.schemas import (
     SimpleError,
     parse_chat_request,
 )
-from chat_api.sse import frame
+from chat_api.sse import EventStreamResponse, frame
 from chat_api.tokens import tokens_for_chars
 
 router = APIRouter(tags=["simple API"])

@@ -11,8 +11,8 @@ from starlette.responses import Response
 
 from chat_api.calls import Caller
 from chat_api.errors import BadRequest
+from chat_api.http_responses import JSONResponse
 from chat_api.limits.budgets import period_bounds, utcnow
-from chat_api.responses import JSONResponse
 from chat_api.routes.deps import CallerDep
 from chat_api.routes.schemas import simple_errors
 from chat_api.store.ledger import Ledger, dollars
