@@ -1,4 +1,4 @@
-"""What every route shares: the engine, the request id, the body, the caller."""
+"""What every route shares: the runtime (and its engine), the request id, the body, the caller."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ from fastapi import Depends, Request
 from chat_api.calls import CallContext, Caller
 from chat_api.engine import Engine
 from chat_api.errors import BadRequest
+from chat_api.runtime import Runtime
+
+
+def runtime_of(request: Request) -> Runtime:
+    """What the running app holds (`runtime.Runtime`): the one thing routes read from the app."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
 
 
 def engine_of(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
+    return runtime_of(request).engine
 
 
 def request_id_of(request: Request) -> str:
@@ -51,7 +57,7 @@ async def read_json(request: Request) -> Any:
 
 async def authenticate(request: Request) -> Caller | None:
     """The caller behind the request's key; None when keys are off."""
-    guard = request.app.state.guard
+    guard = runtime_of(request).guard
     if guard is None:
         return None
     caller: Caller = await guard.authenticate(request)

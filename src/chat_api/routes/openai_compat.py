@@ -24,6 +24,7 @@ from chat_api.routes.deps import (
     context,
     engine_of,
     read_json,
+    runtime_of,
 )
 from chat_api.sse import DONE, EventStreamResponse, frame
 
@@ -183,11 +184,12 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
     With `"stream": true` the answer is server-sent `chat.completion.chunk`
     events ending in `data: [DONE]`.
     """
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    engine = runtime.engine
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_type")
-    apply_field_policy(body, request.app.state.settings.field_policy)
+    apply_field_policy(body, runtime.settings.field_policy)
     prepared = engine.chat.prepare(body, caller)
     ctx = context(request, "/v1/chat/completions", caller)
     if prepared.stream:
@@ -195,7 +197,7 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
         return EventStreamResponse(
             _openai_events(chunks),
             owner=chunks,
-            keepalive=request.app.state.settings.keepalive_interval,
+            keepalive=runtime.settings.keepalive_interval,
             headers=ctx.headers,
             on_shutdown=_ON_SHUTDOWN,
         )

@@ -31,6 +31,7 @@ from chat_api.routes.deps import (
     context,
     engine_of,
     read_json,
+    runtime_of,
 )
 from chat_api.routes.openai_compat import V1_ERRORS
 from chat_api.sse import EventStreamResponse, frame
@@ -47,8 +48,7 @@ _BODY = {
 
 
 def _owners(request: Request) -> OwnerStore:
-    owners: OwnerStore = request.app.state.owners
-    return owners
+    return runtime_of(request).owners
 
 
 def _key_of(caller: Caller | None) -> str | None:
@@ -127,9 +127,10 @@ def _json(raw: bytes, headers: dict[str, str] | None = None) -> Response:
 @hot
 async def create_response(request: Request, caller: CallerDep) -> Response:
     """OpenAI's `POST /v1/responses`: whole, streamed (every event as sent) or in the background."""
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    engine = runtime.engine
     body = await _json_body(request)
-    apply_field_policy(body, request.app.state.settings.field_policy)
+    apply_field_policy(body, runtime.settings.field_policy)
     prepared = engine.responses.prepare(body, caller)
     await _check_references(request, caller, body)
     ctx = context(request, "/v1/responses", caller)
@@ -140,7 +141,7 @@ async def create_response(request: Request, caller: CallerDep) -> Response:
         return EventStreamResponse(
             _response_events(events, recorder),
             owner=events,
-            keepalive=request.app.state.settings.keepalive_interval,
+            keepalive=runtime.settings.keepalive_interval,
             headers=ctx.headers,
             on_shutdown=_error_event(ServerStopping()),
         )
@@ -191,7 +192,7 @@ async def retrieve_response(response_id: str, request: Request, caller: CallerDe
         return EventStreamResponse(
             _response_events(replay, None),
             owner=replay,
-            keepalive=request.app.state.settings.keepalive_interval,
+            keepalive=runtime_of(request).settings.keepalive_interval,
         )
     return _json((await provider.forward("GET", path, None, _request_id(request))).raw)
 

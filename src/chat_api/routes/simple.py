@@ -18,7 +18,7 @@ from chat_api.calls import Chunk
 from chat_api.errors import ChatAPIError, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import JSONResponse, until_disconnect
-from chat_api.routes.deps import CallerDep, context, engine_of, read_json
+from chat_api.routes.deps import CallerDep, context, engine_of, read_json, runtime_of
 from chat_api.routes.schemas import (
     ChatRequest,
     ChatResponse,
@@ -78,7 +78,7 @@ ENDPOINTS = {
 @router.get("/health", response_model=HealthResponse)
 async def health(request: Request) -> Response:
     """Liveness: 200 while the process runs; `degraded` when no OpenAI key is set."""
-    settings = request.app.state.settings
+    settings = runtime_of(request).settings
     demo = settings.demo
     return JSONResponse(
         {
@@ -183,7 +183,8 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
     `data: {"done": true, "model": ..., "usage": {...}}`, or
     `data: {"error": "..."}` if the answer failed after it started.
     """
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    engine = runtime.engine
     chat_request = parse_chat_request(await read_json(request))
     prepared = engine.chat.prepare(_openai_body(chat_request, stream=True), caller)
     ctx = context(request, "/chat/stream", caller)
@@ -191,7 +192,7 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
     return EventStreamResponse(
         _simple_events(chunks, prepared.model.name, prepared.prompt_bound),
         owner=chunks,
-        keepalive=request.app.state.settings.keepalive_interval,
+        keepalive=runtime.settings.keepalive_interval,
         headers=ctx.headers,
         on_shutdown=_ON_SHUTDOWN,
     )
