@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Annotated, Any
 
 import orjson
@@ -72,23 +71,3 @@ def context(request: Request, endpoint: str, caller: Caller | None) -> CallConte
 
 
 CallerDep = Annotated[Caller | None, Depends(authenticate)]
-
-
-def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:
-    """`CHAT_API_FIELD_POLICY`: drop the fields the operator drops, refuse those it refuses.
-
-    For fields that change who pays or what OpenAI keeps (`store`, `metadata`,
-    `user`, `service_tier`, `prompt_cache_key`, `safety_identifier`, ...):
-    passed through unless the operator says otherwise.
-    """
-    for name, rule in policy.items():
-        if name not in body:
-            continue
-        if rule == "refuse":
-            raise BadRequest(
-                f"This server does not accept the field '{name}'. Send the request without it.",
-                param=name,
-                code="unsupported_parameter",
-            )
-        if rule == "drop":
-            del body[name]

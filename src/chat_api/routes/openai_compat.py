@@ -20,7 +20,6 @@ from chat_api.fastlane import hot
 from chat_api.http_responses import JSONResponse, until_disconnect
 from chat_api.routes.deps import (
     CallerDep,
-    apply_field_policy,
     context,
     engine_of,
     read_json,
@@ -189,7 +188,6 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_type")
-    apply_field_policy(body, runtime.settings.field_policy)
     prepared = engine.chat.prepare(body, caller)
     ctx = context(request, "/v1/chat/completions", caller)
     if prepared.stream:

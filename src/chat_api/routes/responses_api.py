@@ -27,7 +27,6 @@ from chat_api.http_responses import until_disconnect
 from chat_api.providers.base import Provider, UpstreamStream
 from chat_api.routes.deps import (
     CallerDep,
-    apply_field_policy,
     context,
     engine_of,
     read_json,
@@ -130,7 +129,6 @@ async def create_response(request: Request, caller: CallerDep) -> Response:
     runtime = runtime_of(request)
     engine = runtime.engine
     body = await _json_body(request)
-    apply_field_policy(body, runtime.settings.field_policy)
     prepared = engine.responses.prepare(body, caller)
     await _check_references(request, caller, body)
     ctx = context(request, "/v1/responses", caller)

@@ -143,7 +143,7 @@ async def chat(request: Request, caller: CallerDep) -> Response:
     """Send one message (with optional history) and get the whole answer."""
     engine = engine_of(request)
     chat_request = parse_chat_request(await read_json(request))
-    prepared = engine.chat.prepare(_openai_body(chat_request, stream=False), caller)
+    prepared = engine.simple_chat.prepare(_openai_body(chat_request, stream=False), caller)
     ctx = context(request, "/chat", caller)
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     choices = completion.data.get("choices") or [{}]
@@ -186,7 +186,7 @@ async def chat_stream(request: Request, caller: CallerDep) -> Response:
     runtime = runtime_of(request)
     engine = runtime.engine
     chat_request = parse_chat_request(await read_json(request))
-    prepared = engine.chat.prepare(_openai_body(chat_request, stream=True), caller)
+    prepared = engine.simple_chat.prepare(_openai_body(chat_request, stream=True), caller)
     ctx = context(request, "/chat/stream", caller)
     chunks = await until_disconnect(request.receive, engine.stream(prepared, ctx))
     return EventStreamResponse(
