@@ -123,7 +123,7 @@ class Gateway:
 
     @property
     def state(self) -> Any:
-        return self.app.state
+        return self.app.state.runtime
 
     def stop(self) -> None:
         self.server.stop()

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chat_api import protocol
-from chat_api.protocol import GuardedHttpToolsProtocol
+from chat_api import serving
+from chat_api.serving import GuardedHttpToolsProtocol
 from tests.fakes.openai_server import FakeOpenAI, Plan
 from tests.faults.conftest import (
     FULL,
@@ -118,8 +118,8 @@ def _served_quickly(url: str) -> float:
 def test_slow_headers_are_cut_at_the_header_deadline_and_others_are_served(
     gw: GatewayMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    deadline = protocol.HEADER_TIMEOUT if FULL else 1.0
-    monkeypatch.setattr(protocol, "HEADER_TIMEOUT", deadline)
+    deadline = serving.HEADER_TIMEOUT if FULL else 1.0
+    monkeypatch.setattr(serving, "HEADER_TIMEOUT", deadline)
     server = gw(server_config={"http": GuardedHttpToolsProtocol})
     crawlers = [socket.create_connection(("127.0.0.1", server.server.port)) for _ in range(50)]
     for sock in crawlers:

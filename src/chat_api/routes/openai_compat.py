@@ -17,16 +17,16 @@ from chat_api.calls import Caller, Chunk
 from chat_api.catalog import Catalog
 from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServerStopping
 from chat_api.fastlane import hot
-from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
+from chat_api.http_responses import JSONResponse, until_disconnect
 from chat_api.routes.deps import (
     CallerDep,
     CallingCallerDep,
-    apply_field_policy,
     context,
     engine_of,
     read_json,
+    runtime_of,
 )
-from chat_api.sse import DONE, frame
+from chat_api.sse import DONE, EventStreamResponse, frame
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
 _ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=True))  # a stream's last event
@@ -184,11 +184,11 @@ async def chat_completions(request: Request, caller: CallingCallerDep) -> Respon
     With `"stream": true` the answer is server-sent `chat.completion.chunk`
     events ending in `data: [DONE]`.
     """
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    engine = runtime.engine
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_type")
-    apply_field_policy(body, request.app.state.settings.field_policy)
     prepared = engine.chat.prepare(body, caller)
     ctx = context(request, "/v1/chat/completions", caller)
     if prepared.stream:
@@ -196,7 +196,7 @@ async def chat_completions(request: Request, caller: CallingCallerDep) -> Respon
         return EventStreamResponse(
             _openai_events(chunks),
             owner=chunks,
-            keepalive=request.app.state.settings.keepalive_interval,
+            keepalive=runtime.settings.keepalive_interval,
             headers=ctx.headers,
             on_shutdown=_ON_SHUTDOWN,
         )
