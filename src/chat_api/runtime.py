@@ -138,7 +138,11 @@ async def open_runtime(
         shared=shared,
     )
     ledger.on_written = meter.rows_written
-    stack.push_async_callback(meter.drain)  # runs before the ledger closes
+    # At the end, in this order: the corrections of finished calls, the last rows (while
+    # Redis is still open: committed rows free their calls' leases there), those frees.
+    stack.push_async_callback(meter.drain)
+    stack.push_async_callback(ledger.close)  # also registered above, for a failed start
+    stack.push_async_callback(meter.drain)
 
     provider = build_provider(settings)
     if provider is not None:
