@@ -62,6 +62,11 @@ def busy_processes(limit: float = 20.0) -> list[str]:
     return busy
 
 
+def _loadavg(values: tuple[float, float, float]) -> str:
+    """The 1-, 5- and 15-minute load averages: above the core count, figures are disturbed."""
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     size = parser.add_mutually_exclusive_group()
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: warning: other busy processes: {', '.join(busy)}", flush=True)
     print(
         f"bench: profile {profile_name}; gateway on cpu {gateway_cpus or 'any'}, "
-        f"upstream and load generator on cpu {other_cpus or 'any'}",
+        f"upstream and load generator on cpu {other_cpus or 'any'}; "
+        f"load average {_loadavg(load_before)}",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="chat-api-bench-") as tmp:
@@ -132,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.stop()
             upstream.stop()
     rows = report.summarize(bench.results)
+    load_after = os.getloadavg()
     print()
     print(report.table(rows))
+    print(f"\nload average: {_loadavg(load_before)} before, {_loadavg(load_after)} after")
     info = machine()
     summary = {
         "profile": profile_name,
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "pinning": {"gateway": gateway_cpus or None, "upstream_and_load": other_cpus or None},
         "seconds": round(time.monotonic() - started, 1),
         "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
+        "loadavg_after": load_after,
         "busy_before": busy,
         "rows": rows,
         "results": report.compact(bench.results),

@@ -117,53 +117,7 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
         )
         rows += _latency_rows("conc8_v1", r, None)
     rows += _keys_rows(results)
-    for name, r in results.items():
-        if not name.startswith(("streams_", "responses_streams_")):
-            continue
-        count = r["direct"]["requested"]
-        interval = name.rsplit("_", 1)[1]
-        all_done = r["gateway"]["completed"] == count
-        must_complete = count <= 500 or interval == "500ms"
-        rows.append(
-            _row(
-                name,
-                "completed",
-                _completed(r, "direct"),
-                _completed(r, "gateway"),
-                "",
-                "all" if must_complete else "",
-                all_done if must_complete else None,
-            )
-        )
-        d, g = r["direct"]["first_ms"], r["gateway"]["first_ms"]
-        first = "first event" if name.startswith("responses_") else "first chunk"
-        rows.append(
-            _row(
-                name,
-                f"{first} p50 (ms)",
-                _f(pct(d, 50)),
-                _f(pct(g, 50)),
-                _signed(pct(g, 50) - pct(d, 50)),
-                "",
-                None,
-            )
-        )
-        rows.append(_first_chunk_p99(name, r, with_target=count <= 500))
-        gw = r["gateway"]
-        per_stream = gw.get("rss_per_stream_kib", math.nan)
-        rss_target = count >= 5000 and interval == "500ms"
-        rows.append(
-            _row(
-                name,
-                "gateway RSS peak (MiB) / per open stream (KiB)",
-                "",
-                f"{gw['rss_peak_kib'] / 1024:.0f}",
-                f"{per_stream:.1f} KiB/stream",
-                "≤ 30 KB/stream" if rss_target else "",
-                (per_stream * 1.024 <= 30) if rss_target else None,
-                per_stream,
-            )
-        )
+    rows += _stream_rows(results)
     if "relay" in results:
         r = results["relay"]
         d, g = r["direct"]["events_per_s"] or math.nan, r["gateway"]["events_per_s"] or math.nan
@@ -228,6 +182,73 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
                 two / one,
             )
         )
+    return rows
+
+
+# The routes streams are measured on, in the order their rows are printed side by side.
+STREAM_ROUTES = {
+    "streams_": "/v1/chat/completions",
+    "chat_streams_": "/chat/stream",
+    "responses_streams_": "/v1/responses",
+}
+
+
+def _stream_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
+    """Per size (`500_50ms`, ...), each measure for every route measured, one under another."""
+    sizes: dict[str, dict[str, dict[str, Any]]] = {}
+    for prefix in STREAM_ROUTES:
+        for name, r in results.items():
+            if name.startswith(prefix):
+                sizes.setdefault(name.removeprefix(prefix), {})[name] = r
+    rows: list[Row] = []
+    for size, routes in sizes.items():
+        count_text, interval = size.split("_")
+        count = int(count_text)
+        must_complete = count <= 500 or interval == "500ms"
+        rss_target = count >= 5000 and interval == "500ms"
+        for name, r in routes.items():
+            all_done = r["gateway"]["completed"] == count
+            rows.append(
+                _row(
+                    name,
+                    "completed",
+                    _completed(r, "direct"),
+                    _completed(r, "gateway"),
+                    "",
+                    "all" if must_complete else "",
+                    all_done if must_complete else None,
+                )
+            )
+        for name, r in routes.items():
+            d, g = r["direct"]["first_ms"], r["gateway"]["first_ms"]
+            first = "first event" if name.startswith("responses_") else "first chunk"
+            rows.append(
+                _row(
+                    name,
+                    f"{first} p50 (ms)",
+                    _f(pct(d, 50)),
+                    _f(pct(g, 50)),
+                    _signed(pct(g, 50) - pct(d, 50)),
+                    "",
+                    None,
+                )
+            )
+        rows += [_first_chunk_p99(name, r, with_target=count <= 500) for name, r in routes.items()]
+        for name, r in routes.items():
+            gw = r["gateway"]
+            per_stream = gw.get("rss_per_stream_kib", math.nan)
+            rows.append(
+                _row(
+                    name,
+                    "gateway RSS peak (MiB) / per open stream (KiB)",
+                    "",
+                    f"{gw['rss_peak_kib'] / 1024:.0f}",
+                    f"{per_stream:.1f} KiB/stream",
+                    "≤ 30 KB/stream" if rss_target else "",
+                    (per_stream * 1.024 <= 30) if rss_target else None,
+                    per_stream,
+                )
+            )
     return rows
 
 
@@ -332,12 +353,17 @@ def chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, key, label, scale) in zip(axes.flat, panels, strict=False):
-        for side, colour in (("direct", "#888888"), ("gateway", "#1f6feb")):
-            values = sorted(results[name][side][key])
+        lines = [("direct", name, "direct", "#888888"), ("gateway", name, "gateway", "#1f6feb")]
+        if name.startswith("streams_") and f"chat_{name}" in results:  # both routes, one panel
+            lines[1] = ("gateway", name, f"gateway {STREAM_ROUTES['streams_']}", "#1f6feb")
+            chat = STREAM_ROUTES["chat_streams_"]
+            lines.append(("gateway", f"chat_{name}", f"gateway {chat}", "#d4722b"))
+        for side, source, legend, colour in lines:
+            values = sorted(results[source][side][key])
             if not values:
                 continue
             ys = [(i + 1) / len(values) for i in range(len(values))]
-            ax.plot(values, ys, color=colour, label=side, linewidth=1.6)
+            ax.plot(values, ys, color=colour, label=legend, linewidth=1.6)
         ax.set_xscale(scale)
         if scale == "log":
             ax.xaxis.set_minor_formatter(NullFormatter())

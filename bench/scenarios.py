@@ -30,7 +30,11 @@ V1 = "/v1/chat/completions"
 V1_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
 STREAM_BODY = {**V1_BODY, "stream": True, "stream_options": {"include_usage": True}}
 CHAT_BODY = {"message": "Say hello."}
+CHAT_STREAM = "/chat/stream"
 EVENTS_AFTER_CHUNKS = 3  # the finish chunk, the usage chunk, [DONE]
+# /chat/stream relays each text chunk as `data: {"content": ...}` and ends with one done event;
+# its first event is the first text, as the first chunk of /v1 (and direct) is.
+CHAT_EVENTS_AFTER_CHUNKS = 1
 RESPONSES = "/v1/responses"
 RESPONSES_BODY = {"model": MODEL, "input": "Say hello.", "stream": True}
 # response.created, .in_progress, .output_item.added, .content_part.added before the text;
@@ -59,7 +63,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seq_warmup": 200,
         "conc": 5000,
         "conc_duration": 5.0,
-        "streams": [(500, 0.05), (1000, 0.5)],
+        "streams": [(500, 0.05), (500, 0.5), (1000, 0.5)],
         "chunks": 20,
         "relay_chunks": 20_000,
         "open": (500, 5.0, 1.5),
@@ -147,12 +151,18 @@ class Bench:
         spec: dict[str, Any],
         gateway_spec: dict[str, Any] | None = None,
         server: Server | None = None,
+        direct: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The same load against the upstream, then through the gateway (or `server`)."""
+        """The same load against the upstream, then through the gateway (or `server`).
+
+        `direct`: the upstream's figures already measured for this load, to compare
+        two routes with the same baseline.
+        """
         server = server or self.gateway
         assert server is not None
         started = time.monotonic()
-        direct = self._load(self.upstream.port, spec)
+        if direct is None:
+            direct = self._load(self.upstream.port, spec)
         baseline = rss_kib(server.pid)
         with RSSSampler(server.pid) as rss:
             through = self._load(server.port, {**spec, **(gateway_spec or {})})
@@ -196,9 +206,19 @@ class Bench:
         spec["expect_events"] = self.profile["chunks"] + RESPONSES_EVENTS_AROUND_DELTAS
         return f"responses_{name}", spec
 
-    def _warm_streams(self, port: int) -> None:
+    def _chat_streams(self, count: int, interval: float) -> tuple[str, dict[str, Any]]:
+        """As `_streams`, on `POST /chat/stream` (the gateway side only: direct is the same)."""
+        name, _ = self._streams(count, interval)
+        spec = {"path": CHAT_STREAM, "body": CHAT_BODY}
+        spec["expect_events"] = self.profile["chunks"] + CHAT_EVENTS_AFTER_CHUNKS
+        return f"chat_{name}", spec
+
+    def _warm_streams(self, port: int, *, chat: bool = True) -> None:
         self.upstream.configure(chunks=5, interval=0.0)
         self._load(port, {"mode": "streams", "streams": 20, "body": STREAM_BODY})
+        if chat:
+            warm = {"mode": "streams", "streams": 20, "path": CHAT_STREAM, "body": CHAT_BODY}
+            self._load(port, warm)
 
     def concurrent(self) -> None:
         self._pair("conc8_v1", self._conc8())
@@ -234,10 +254,19 @@ class Bench:
         self.fresh_gateway()  # keys off again for the scenarios after this one
 
     def streams(self) -> None:
+        """Each size on `/v1/chat/completions`, then on `/chat/stream`, against one direct run.
+
+        Each route gets a fresh gateway (in the full and quick profiles), so neither
+        inherits the other's upstream connections or memory.
+        """
         for count, interval in self.profile["streams"]:
             self.fresh_gateway(optional=True)
             name, spec = self._streams(count, interval)
-            self._per_stream(self._pair(name, spec))
+            v1 = self._pair(name, spec)
+            self._per_stream(v1)
+            self.fresh_gateway(optional=True)
+            chat_name, chat_spec = self._chat_streams(count, interval)
+            self._per_stream(self._pair(chat_name, spec, chat_spec, direct=v1["direct"]))
 
     def responses_streams(self) -> None:
         """The `streams` sizes again on `POST /v1/responses`, for a side-by-side comparison."""
@@ -280,7 +309,7 @@ class Bench:
         self.stop()  # core 0 is the relay's alone
         relay = BareRelay(self.gateway_cpus, self.workdir, self.upstream.port)
         try:
-            self._warm_streams(relay.port)
+            self._warm_streams(relay.port, chat=False)
             self._pair("floor_conc8_v1", self._conc8(), server=relay)
             name, spec = self._streams(*self.profile["streams"][0])
             self._pair(f"floor_{name}", spec, server=relay)

@@ -37,6 +37,11 @@ def test_smoke_bench_prints_the_table_and_writes_sane_json(tmp_path: Path) -> No
     chat_streams = {n for n in results if n.startswith("streams_")}
     responses_streams = {n for n in results if n.startswith("responses_streams_")}
     assert responses_streams == {f"responses_{n}" for n in chat_streams}  # side by side
+    simple_streams = {n for n in results if n.startswith("chat_streams_")}
+    assert simple_streams == {f"chat_{n}" for n in chat_streams}  # /chat/stream beside /v1
+    for name in chat_streams | simple_streams:
+        measures = {row["measure"] for row in summary["rows"] if row["scenario"] == name}
+        assert "first chunk p99 (ms)" in measures, (name, measures)
     for name in responses_streams:
         gateway = results[name]["gateway"]
         assert 0 < gateway["first_ms"]["p99"] <= gateway["latency_ms"]["p99"], gateway
