@@ -167,6 +167,23 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
             _row(name, "completed", _completed(r, "direct"), _completed(r, "gateway"), "", "", None)
         )
         rows.append(_first_chunk_p99(name, r, with_target=False))
+        rows.append(_cpu_row(name, r, "bare relay"))
+        floor_p99 = pct(r["gateway"]["first_ms"], 99)
+        for route in (prefix + name.removeprefix("floor_streams_") for prefix in STREAM_ROUTES):
+            if route in results:
+                p99 = pct(results[route]["gateway"]["first_ms"], 99)
+                rows.append(
+                    _row(
+                        route,
+                        "first chunk p99 (ms): bare relay → gateway",
+                        _f(floor_p99),
+                        _f(p99),
+                        f"{p99 / floor_p99:.2f}×",
+                        "",
+                        None,
+                        p99 / floor_p99,
+                    )
+                )
     if "workers2_conc8_v1" in results and "conc8_v1" in results:
         one = results["conc8_v1"]["gateway"]["rps"]
         two = results["workers2_conc8_v1"]["gateway"]["rps"]
@@ -183,6 +200,17 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[Row]:
             )
         )
     return rows
+
+
+def _cpu_row(name: str, result: dict[str, Any], server: str = "gateway") -> Row:
+    """The server's CPU time per stream: steadier than any latency on a shared machine.
+
+    It is also what the first chunk waits for: with every stream opening at
+    once, the last one waits for nearly all of it to be spent.
+    """
+    side = result["gateway"]
+    cpu = float(side.get("cpu_s", math.nan)) * 1000 / max(1, side["requested"])
+    return _row(name, f"{server} CPU per stream (ms)", "", _f(cpu, 3), "", "", None, cpu)
 
 
 # The routes streams are measured on, in the order their rows are printed side by side.
@@ -234,6 +262,7 @@ def _stream_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
                 )
             )
         rows += [_first_chunk_p99(name, r, with_target=count <= 500) for name, r in routes.items()]
+        rows += [_cpu_row(name, r) for name, r in routes.items()]
         for name, r in routes.items():
             gw = r["gateway"]
             per_stream = gw.get("rss_per_stream_kib", math.nan)

@@ -20,6 +20,7 @@ from bench.procs import (
     RSSSampler,
     Server,
     Upstream,
+    cpu_seconds,
     load,
     request,
     rss_kib,
@@ -164,8 +165,11 @@ class Bench:
         if direct is None:
             direct = self._load(self.upstream.port, spec)
         baseline = rss_kib(server.pid)
+        cpu_before = cpu_seconds(server.pid)
         with RSSSampler(server.pid) as rss:
             through = self._load(server.port, {**spec, **(gateway_spec or {})})
+        # One process's CPU: with several workers, the master's only (a figure that means little).
+        through["cpu_s"] = cpu_seconds(server.pid) - cpu_before
         through["rss_baseline_kib"] = baseline
         through["rss_peak_kib"] = max(rss.peak, baseline)
         result = {"direct": direct, "gateway": through}
