@@ -258,19 +258,19 @@ class Bench:
         self.fresh_gateway()  # keys off again for the scenarios after this one
 
     def streams(self) -> None:
-        """Each size on `/v1/chat/completions`, then on `/chat/stream`, against one direct run.
+        """Each size on `/v1/chat/completions` and on `/chat/stream`, against one direct run.
 
-        Each route gets a fresh gateway (in the full and quick profiles), so neither
-        inherits the other's upstream connections or memory.
+        The direct run comes first; then each route gets a fresh gateway (in the full
+        and quick profiles), so both start alike: neither inherits the other's upstream
+        connections or memory.
         """
         for count, interval in self.profile["streams"]:
-            self.fresh_gateway(optional=True)
             name, spec = self._streams(count, interval)
-            v1 = self._pair(name, spec)
-            self._per_stream(v1)
-            self.fresh_gateway(optional=True)
-            chat_name, chat_spec = self._chat_streams(count, interval)
-            self._per_stream(self._pair(chat_name, spec, chat_spec, direct=v1["direct"]))
+            direct = self._load(self.upstream.port, spec)
+            for route, route_spec in ((name, {}), self._chat_streams(count, interval)):
+                self.fresh_gateway(optional=True)
+                self._streams(count, interval)  # the warm-up changed the upstream's answers
+                self._per_stream(self._pair(route, spec, route_spec, direct=direct))
 
     def responses_streams(self) -> None:
         """The `streams` sizes again on `POST /v1/responses`, for a side-by-side comparison."""
