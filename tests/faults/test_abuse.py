@@ -9,9 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.clock import Clock
 from tests.fakes.openai_server import FakeOpenAI
 from tests.faults.conftest import GatewayMaker, size
-from tests.keys.conftest import MASTER, auth, avoid_minute_edge, make_key
+from tests.keys.conftest import MASTER, auth, make_key
 
 pytestmark = pytest.mark.faults
 
@@ -163,15 +164,15 @@ def test_a_40mb_body_without_content_length_is_cut_off_at_the_limit(
 
 
 def test_1000_bad_keys_a_minute_from_one_address_are_throttled(
-    gw: GatewayMaker, fake: FakeOpenAI
+    gw: GatewayMaker, fake: FakeOpenAI, moved_clock: Clock
 ) -> None:
     server = gw(master_key=MASTER, auth_failures_per_minute=30)
     good, _ = make_key(server.url)
-    avoid_minute_edge(margin=15)  # failures are counted per clock minute: stay inside one
+    moved_clock.to_minute_start()  # failures are counted per clock minute: all in this one
     statuses: list[int] = []
     started = time.monotonic()
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        for i in range(size(1000, 1000)):
+        for i in range(size(1000, 200)):
             guess = f"cak_guess{i:06d}" + "A" * 33
             response = http.post("/chat", json={"message": "hi"}, headers=auth(guess))
             statuses.append(response.status_code)
@@ -183,7 +184,6 @@ def test_1000_bad_keys_a_minute_from_one_address_are_throttled(
         f"{len(statuses)} wrong keys in {took:.1f} s: {statuses.count(401)} x 401, "
         f"{statuses.count(429)} x 429"
     )
-    assert took < 60  # the whole burst really came within a minute
     assert statuses[:30] == [401] * 30
     assert set(statuses[30:]) == {429}
     assert 1 <= int(refused.headers["retry-after"]) <= 60

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from tests.clock import Clock
 from tests.fakes.billing_upstream import BillingUpstream
 from tests.faults.conftest import seconds, size, wait_until
 from tests.keys.conftest import MASTER, PrivateRedis, auth, make_key
@@ -218,14 +219,12 @@ def test_redis_restarted_without_its_data_keeps_the_budget_with_calls_in_flight(
 
 
 def test_a_redis_restart_mid_minute_does_not_start_the_rate_window_again(
-    private_redis: PrivateRedis, gw: Any
+    private_redis: PrivateRedis, gw: Any, moved_clock: Clock
 ) -> None:
-    from tests.keys.conftest import avoid_minute_edge
-
     gateway = gw(master_key=MASTER, redis_url=private_redis.url, lease_seconds=LEASE_SECONDS)
     rpm = 20
     key, _ = make_key(gateway.url, rpm=rpm)
-    avoid_minute_edge(margin=10)
+    moved_clock.to_minute_start()
     body = {"message": "hi"}
 
     def served(count: int) -> int:

@@ -15,6 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.clock import avoid_minute_edge
+
+__all__ = ["avoid_minute_edge"]  # tests/limits imports it from here
+
 MASTER = "master-key-for-tests-0123456789"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -136,10 +140,3 @@ def make_key(base_url: str, **spec: Any) -> tuple[str, str]:
     assert response.status_code == 201, response.text
     body = response.json()
     return body["key"], body["id"]
-
-
-def avoid_minute_edge(margin: float = 4.0) -> None:
-    """Rate windows are clock minutes: start a counting test well inside one."""
-    left = 60 - time.time() % 60
-    if left < margin:
-        time.sleep(left + 0.2)
