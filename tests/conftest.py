@@ -53,6 +53,26 @@ def upstream_url(fake_server: tuple[FakeOpenAI, ServerThread]) -> str:
 GatewayFactory = Callable[..., ServerThread]
 
 
+def gateway_settings(
+    fake: FakeOpenAI, upstream_url: str, folder: Path, **overrides: Any
+) -> Settings:
+    """A test gateway's settings: pointed at the fake, no retries, SQLite in `folder`.
+
+    The engine's shutdown grace is the test server's (tests/servers.py: 1 s), as
+    `chat-api serve` makes them one number: a stopped gateway does not wait 20 s
+    for a whole answer its client gave up on.
+    """
+    values: dict[str, Any] = {
+        "openai_api_key": fake.api_key,
+        "openai_base_url": upstream_url,
+        "upstream_retries": 0,
+        "database_url": f"sqlite+aiosqlite:///{folder}/gateway.db",
+        "shutdown_grace": 1.0,
+        **overrides,
+    }
+    return Settings(**values)
+
+
 @pytest.fixture
 def gateway_factory(
     fake: FakeOpenAI, upstream_url: str, tmp_path: Path
@@ -61,14 +81,8 @@ def gateway_factory(
     started: list[ServerThread] = []
 
     def start(**overrides: Any) -> ServerThread:
-        values: dict[str, Any] = {
-            "openai_api_key": fake.api_key,
-            "openai_base_url": upstream_url,
-            "upstream_retries": 0,
-            "database_url": f"sqlite+aiosqlite:///{tmp_path}/gateway.db",
-            **overrides,
-        }
-        server = ServerThread(create_app(Settings(**values))).start()
+        settings = gateway_settings(fake, upstream_url, tmp_path, **overrides)
+        server = ServerThread(create_app(settings)).start()
         started.append(server)
         return server
 

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chat_api.app import create_app
 from chat_api.config import Settings
+from tests.conftest import gateway_settings
 from tests.fakes.openai_server import FakeOpenAI
 from tests.keys.conftest import (
     MASTER,
@@ -193,14 +194,7 @@ def gw(
     started: list[Gateway] = []
 
     def start(*, server_config: dict[str, Any] | None = None, **overrides: Any) -> Gateway:
-        values: dict[str, Any] = {
-            "openai_api_key": fake.api_key,
-            "openai_base_url": upstream_url,
-            "upstream_retries": 0,
-            "database_url": f"sqlite+aiosqlite:///{tmp_path}/gateway.db",
-            **overrides,
-        }
-        settings = Settings(**values)
+        settings = gateway_settings(fake, upstream_url, tmp_path, **overrides)
         if settings.openai_api_key is not None:
             secrets_watch.add(settings.openai_api_key.get_secret_value())
         app = create_app(settings)
