@@ -17,6 +17,21 @@ from tests.servers import ServerThread
 
 pytest_plugins = ["tests.clock"]  # the `moved_clock` fixture
 
+# A test that uses one of these fixtures needs that server: it carries the marker.
+NEEDS = {
+    "postgres_url": "postgres",  # a fresh database on the machine's PostgreSQL
+    "database": "postgres",  # a PostgreSQL server of the test's own (tests/faults)
+    "shared_redis": "redis",
+    "private_redis": "redis",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the servers their fixtures need, so `-m "not postgres"` leaves them out."""
+    for item in items:
+        for name in sorted(set(getattr(item, "fixturenames", ())) & NEEDS.keys()):
+            item.add_marker(NEEDS[name])
+
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

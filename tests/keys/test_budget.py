@@ -34,7 +34,10 @@ def _fire(base_url: str, key: str, count: int) -> list[httpx.Response]:
         return list(pool.map(call, range(count)))
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+@pytest.mark.parametrize(
+    "shared",
+    [pytest.param(False, id="in-process"), pytest.param(True, id="redis", marks=pytest.mark.redis)],
+)
 def test_fifty_concurrent_calls_never_overspend(
     gateway_factory: GatewayFactory, fake: FakeOpenAI, shared: bool, request: pytest.FixtureRequest
 ) -> None:
