@@ -74,29 +74,6 @@ def test_without_gateway_retries_the_sdk_may_retry(
     assert fake.hits == 1
 
 
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        ("/chat", {"message": "hi"}),
-        ("/chat/stream", {"message": "hi"}),
-        ("/v1/chat/completions", {"messages": MESSAGES}),
-        ("/v1/chat/completions", {"messages": MESSAGES, "stream": True}),
-    ],
-    ids=["simple", "simple-stream", "v1", "v1-stream"],
-)
-def test_an_upstream_429_keeps_its_own_retry_after_and_invents_none(
-    retrying: str, fake: FakeOpenAI, path: str, body: dict[str, Any]
-) -> None:
-    fake.queue(*[Plan(status=429, headers={"retry-after": "7", **FAST_RETRY})] * 3)
-    told = httpx.post(retrying + path, json=body, timeout=10)
-    assert (told.status_code, told.headers["retry-after"]) == (429, "7")
-    fake.queue(*[Plan(status=429)] * 3)  # no wait named (the gateway backs off by itself)
-    untold = httpx.post(retrying + path, json=body, timeout=10)
-    assert untold.status_code == 429 and "retry-after" not in untold.headers
-    assert untold.headers["x-should-retry"] == "false"
-    assert fake.hits == 6
-
-
 QUOTA = _error(
     "You exceeded your current quota, please check your plan and billing details.",
     kind="insufficient_quota",

@@ -197,17 +197,80 @@ def gw(
         settings = gateway_settings(fake, upstream_url, tmp_path, **overrides)
         if settings.openai_api_key is not None:
             secrets_watch.add(settings.openai_api_key.get_secret_value())
-        app = create_app(settings)
-        recorder = Recorder(app)
-        recorders.append(recorder)
-        server = ServerThread(recorder, **(server_config or {})).start()
-        gateway = Gateway(server, app, recorder, settings)
+        gateway = start_recording(settings, **(server_config or {}))
+        recorders.append(gateway.recorder)
         started.append(gateway)
         return gateway
 
     yield start
     for gateway in started:
         gateway.stop()
+    assert_no_secret_leaks(secrets_watch, recorders, caplog)
+
+
+def start_recording(settings: Settings, **server_config: Any) -> Gateway:
+    app = create_app(settings)
+    recorder = Recorder(app)
+    server = ServerThread(recorder, **server_config).start()
+    return Gateway(server, app, recorder, settings)
+
+
+class GatewayPool:
+    """Recording gateways a module's tests share: one for each set of settings asked for.
+
+    Starting a gateway costs more than most cases that use one; a case that
+    only reads (a call, its answer, its ledger row by request id) can share.
+    """
+
+    def __init__(self, fake: FakeOpenAI, upstream_url: str, folder: Path) -> None:
+        self.fake = fake
+        self.upstream_url = upstream_url
+        self.folder = folder
+        self.started: dict[str, Gateway] = {}
+
+    def get(self, **overrides: Any) -> Gateway:
+        """The running gateway with these settings (on top of the test defaults), started once."""
+        key = repr(sorted(overrides.items()))
+        if key not in self.started:
+            folder = self.folder / f"gateway-{len(self.started)}"
+            folder.mkdir()
+            # Rows are written at once, so a case finds its call's row without waiting.
+            values = {"ledger_flush_interval": 0.05, **overrides}
+            settings = gateway_settings(self.fake, self.upstream_url, folder, **values)
+            self.started[key] = start_recording(settings)
+        return self.started[key]
+
+    def stop(self) -> None:
+        for gateway in self.started.values():
+            gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_pool(
+    fake_server: tuple[FakeOpenAI, ServerThread], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayPool]:
+    fake, server = fake_server
+    pool = GatewayPool(fake, server.url + "/v1", tmp_path_factory.mktemp("pool"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def pooled(
+    gateway_pool: GatewayPool,
+    fake: FakeOpenAI,
+    secrets_watch: Secrets,
+    caplog: pytest.LogCaptureFixture,
+) -> Iterator[GatewayPool]:
+    """The module's shared gateways, with this test's answers and log lines checked for keys."""
+    for gateway in gateway_pool.started.values():
+        gateway.recorder.exchanges.clear()
+    yield gateway_pool
+    recorders = []
+    for gateway in gateway_pool.started.values():
+        recorders.append(gateway.recorder)
+        if gateway.settings.openai_api_key is not None:
+            secrets_watch.add(gateway.settings.openai_api_key.get_secret_value())
     assert_no_secret_leaks(secrets_watch, recorders, caplog)
 
 
