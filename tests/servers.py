@@ -23,7 +23,7 @@ class ServerThread:
             "ws": "none",
             "lifespan": "on",
             "timeout_graceful_shutdown": 1,
-            "proxy_headers": False,  # as the gateway is served (chat_api.protocol.SERVER_OPTIONS)
+            "proxy_headers": False,  # as the gateway is served (chat_api.serving.SERVER_OPTIONS)
             **config,
         }
         self.server = uvicorn.Server(uvicorn.Config(app, **options))

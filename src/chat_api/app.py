@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from chat_api import __version__
+from chat_api.access_log import RequestObserver
 from chat_api.catalog import Catalog
 from chat_api.config import Settings
 from chat_api.errors import (
@@ -42,11 +43,10 @@ from chat_api.middleware import (
     is_openai_dialect,
     parse_networks,
 )
-from chat_api.observe import RequestObserver
 from chat_api.redact import remember
 from chat_api.routes import admin, openai_compat, ops, page, responses_api, simple, usage
 from chat_api.routes.schemas import ChatRequest
-from chat_api.services import open_services
+from chat_api.runtime import open_runtime
 
 log = logging.getLogger("chat_api")
 
@@ -110,7 +110,8 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            await open_services(app, settings, catalog, metrics, stack)
+            # The one thing the app keeps for its routes: read through routes.deps.runtime_of.
+            app.state.runtime = await open_runtime(settings, catalog, metrics, stack)
             if own_process:
                 stack.enter_context(_quiet_garbage_collector())
             yield
@@ -127,10 +128,6 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
         docs_url=None,  # served from the package below, not from a CDN
         redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.guard = None
-
     app.hot_handlers = _add_error_handlers(app, metrics)
     observe = RequestObserver(metrics)
 
@@ -170,7 +167,7 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
     app.include_router(ops.router)
     app.include_router(page.router)
     _add_page(app)
-    _document(app)
+    _document(app, settings)
     return app
 
 
@@ -315,7 +312,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> dict[type[Exception],
     return handlers
 
 
-def _document(app: FastAPI) -> None:
+def _document(app: FastAPI, settings: Settings) -> None:
     """Add the simple API's request schema, which routes read by hand for speed."""
 
     def openapi() -> dict[str, Any]:
@@ -332,7 +329,7 @@ def _document(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(request_schema.pop("$defs", {}))
             components["ChatRequest"] = request_schema
-            _document_limits(schema, app.state.settings)
+            _document_limits(schema, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 

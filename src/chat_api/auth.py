@@ -8,7 +8,9 @@ one of them guessing must not lock out the others. The address is the real
 client's (`CHAT_API_TRUSTED_PROXIES` says whose `X-Forwarded-For` to believe).
 Client keys come from the process's `KeyCache`: no database query per
 request, and still every revocation refused from the next request on (see
-store/keycache.py).
+store/keycache.py). A request that starts a call (`call=True`) leaves the
+check that the key set did not change to admission, which makes it in the
+round trip it makes anyway (`recheck` is its way back here).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Guard:
         self._per_minute = settings.auth_failures_per_minute
         self._blocked: dict[str, float] = {}
 
-    async def authenticate(self, request: Request) -> Caller:
+    async def authenticate(self, request: Request, *, call: bool = False) -> Caller:
         address = request.client.host if request.client else "unknown"
         token = bearer_token(request.headers.get("authorization"))
         if token is not None:
@@ -56,12 +58,23 @@ class Guard:
             if hmac.compare_digest(digest, self._master):
                 return MASTER
             if token.startswith(KEY_PREFIX):
+                cached = self._keys.cached(digest) if call else None
+                if cached is not None and cached[0].usable(utcnow()):
+                    return cached[0].caller(key_version=cached[1])
                 # A database that is away or stalled is a 503 (try again), never a 500.
                 record = await self._keys.find(token, digest)
                 if record is not None and record.usable(utcnow()):
                     return record.caller()
         await self._failed(address)
         raise Unauthorized()
+
+    async def recheck(self, caller: Caller) -> Caller:
+        """The caller read again because the key set changed since its key was cached."""
+        assert caller.key_id is not None
+        record = await self._keys.recheck(caller.key_id)
+        if record is None or not record.usable(utcnow()):
+            raise Unauthorized()
+        return record.caller()
 
     async def _failed(self, address: str) -> None:
         """Count a failure; past the limit, the address waits (429) out the minute."""

@@ -33,6 +33,10 @@ class Caller:
     budget_usd: Decimal | None = None
     budget_period: str | None = None
     max_in_flight: int | None = None
+    # Set when the key came from this process's cache without asking Redis whether the key
+    # set changed: the key-set version it was cached under, which admission checks in its
+    # own Redis round trip (limits/admission.py). None: already checked.
+    key_version: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_master(self) -> bool:

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from chat_api import __version__, logs
+from chat_api.cli_admin import add_commands, whole_number
 from chat_api.config import Settings, base_url_hint, settings_error_line, unknown_variables
-from chat_api.manage import add_commands, whole_number
 
 if TYPE_CHECKING:
     from chat_api.app import GatewayApp
@@ -98,7 +98,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from chat_api.protocol import SERVER_OPTIONS
+    from chat_api.serving import SERVER_OPTIONS
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stopped)

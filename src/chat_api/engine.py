@@ -62,6 +62,8 @@ class Engine:
         self.provider = provider
         self.meter = meter
         self.chat = ChatCompletion(settings, catalog)
+        # /chat and /chat/stream write the upstream body themselves: no client field to police.
+        self.simple_chat = ChatCompletion(settings, catalog, field_policy={})
         self.responses = Response(settings, catalog)
         self.compaction = Compaction(settings, catalog)
         self.embeddings = Embedding(settings, catalog)

@@ -364,7 +364,7 @@ def _upstream_message(body: Any, fallback: str) -> str:
     return fallback
 
 
-# The message our disconnect watchers cancel a call with (responses.py). Any other
+# The message our disconnect watchers cancel a call with (sse.py, http_responses.py). Any other
 # cancellation of a call is the server stopping it: its shutdown grace ran out.
 CLIENT_LEFT = "the client disconnected"
 

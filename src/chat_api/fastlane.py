@@ -5,8 +5,9 @@ answer. FastAPI finds a route by trying each one in turn, then builds and
 solves its dependencies, through three more middleware layers: about half
 the CPU a `/v1/chat/completions` call costs here. Routes marked `@hot` take
 the same two arguments, the request and its caller, so this ASGI layer
-calls them directly: one dictionary lookup, the same `authenticate`
-dependency, the same endpoint function, the same exception handlers.
+calls them directly: one dictionary lookup, the same authentication
+dependency (`authenticate` or `authenticate_call`), the same endpoint
+function, the same exception handlers.
 Everything else (and every other method on these paths) goes on to FastAPI,
 which still documents these routes in the OpenAPI document.
 
@@ -29,10 +30,12 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chat_api.calls import Caller
-from chat_api.routes.deps import authenticate
+from chat_api.routes.deps import authenticate, authenticate_call
 
 Endpoint = Callable[[Request, Caller | None], Awaitable[Response]]
 Handler = Callable[[Request, Exception], Awaitable[Response]]
+Authenticate = Callable[[Request], Awaitable[Caller | None]]
+AUTHENTICATORS: tuple[Authenticate, ...] = (authenticate, authenticate_call)
 _HOT = "_chat_api_hot"
 
 
@@ -56,30 +59,33 @@ def _api_routes(routes: Iterable[Any]) -> Iterator[Any]:
             yield route
 
 
-def hot_routes(routes: Iterable[BaseRoute]) -> dict[tuple[str, str], Endpoint]:
-    """The routes marked `@hot`; a hot route with anything the lane would skip stops startup."""
-    found: dict[tuple[str, str], Endpoint] = {}
-    for route in _api_routes(routes):
-        if not getattr(route.endpoint, _HOT, False):
-            continue
-        extra = [d.call for d in route.dependant.dependencies if d.call is not authenticate]
-        if extra:
-            names = ", ".join(getattr(call, "__name__", repr(call)) for call in extra)
-            raise RuntimeError(
-                f"{route.path} is served by the fast lane, which would skip its dependencies "
-                f"({names}): make them part of authenticate, or do not mark the route @hot."
-            )
-        for method in route.methods or ():
-            found[(method, route.path)] = route.endpoint
-    return found
-
-
 @dataclass(frozen=True, slots=True)
 class HotRoute:
-    """What the log line and metrics read from `scope["route"]`: the path."""
+    """A hot route; the log line and metrics read its `path` from `scope["route"]`."""
 
     path: str
     endpoint: Endpoint
+    authenticate: Authenticate
+
+
+def hot_routes(routes: Iterable[BaseRoute]) -> dict[tuple[str, str], HotRoute]:
+    """The routes marked `@hot`; a hot route with anything the lane would skip stops startup."""
+    found: dict[tuple[str, str], HotRoute] = {}
+    for route in _api_routes(routes):
+        if not getattr(route.endpoint, _HOT, False):
+            continue
+        calls = [d.call for d in route.dependant.dependencies]
+        extra = [call for call in calls if call not in AUTHENTICATORS]
+        if extra or len(calls) != 1:
+            names = ", ".join(getattr(call, "__name__", repr(call)) for call in extra)
+            raise RuntimeError(
+                f"{route.path} is served by the fast lane, which would skip its dependencies "
+                f"({names or 'none'}): a hot route takes exactly one of authenticate or "
+                "authenticate_call; make the rest part of it, or do not mark the route @hot."
+            )
+        for method in route.methods or ():
+            found[(method, route.path)] = HotRoute(route.path, route.endpoint, calls[0])
+    return found
 
 
 class FastLane:
@@ -87,13 +93,11 @@ class FastLane:
         self,
         app: ASGIApp,
         *,
-        routes: Mapping[tuple[str, str], Endpoint],
+        routes: Mapping[tuple[str, str], HotRoute],
         handlers: Mapping[type[Exception], Handler],
     ) -> None:
         self.app = app
-        self.routes: dict[tuple[Any, Any], HotRoute] = {
-            key: HotRoute(key[1], endpoint) for key, endpoint in routes.items()
-        }
+        self.routes: dict[tuple[Any, Any], HotRoute] = dict(routes)
         self.handlers = dict(handlers)  # Exception's handler is the 500 for anything unexpected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -105,7 +109,7 @@ class FastLane:
         scope["route"] = route
         request = Request(scope, receive)
         try:
-            response = await route.endpoint(request, await authenticate(request))
+            response = await route.endpoint(request, await route.authenticate(request))
         except Exception as exc:
             handler = self._handler_for(exc)
             if handler is None:

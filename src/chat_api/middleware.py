@@ -7,7 +7,7 @@ new one) and returns it; caps the body size (413), whether or not a
 Content-Length was sent, and gives up on a body that has not arrived within
 `body_timeout` seconds (408); adds security headers, a Content-Security-Policy
 on every HTML answer and `openai-processing-ms` on every `/v1` answer; when the
-answer is complete, hands the status and duration to `observe` (the metrics
+answer is complete, hands the status and duration to `observe` (access_log.py: the metrics
 and the log line). A request the server stops before its answer started (its
 shutdown grace ran out) gets a 503 that asks to send it again, not uvicorn's
 plain-text 500 and a traceback. In front of it, `CrossOrigin` answers CORS for
@@ -242,7 +242,7 @@ class GatewayMiddleware:
             else:
                 await self.app(scope, exchange.receive, exchange.send)
         except asyncio.CancelledError:
-            # Disconnect watchers end their own requests (responses.py): this is
+            # Disconnect watchers end their own requests (sse.py, http_responses.py): this is
             # the server stopping. Nothing sent yet: say so, and end as answered.
             task = asyncio.current_task()
             if exchange.started or task is None or task.uncancel() > 0:

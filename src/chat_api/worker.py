@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from uvicorn_worker import UvicornWorker
 
-from chat_api.protocol import SERVER_OPTIONS
+from chat_api.serving import SERVER_OPTIONS
 
 
 class Worker(UvicornWorker):  # type: ignore[misc]  # uvicorn-worker ships no type hints

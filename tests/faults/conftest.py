@@ -124,7 +124,7 @@ class Gateway:
 
     @property
     def state(self) -> Any:
-        return self.app.state
+        return self.app.state.runtime
 
     def stop(self) -> None:
         self.server.stop()

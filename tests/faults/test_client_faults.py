@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chat_api import protocol
-from chat_api.protocol import GuardedHttpToolsProtocol
+from chat_api import serving
+from chat_api.serving import GuardedHttpToolsProtocol
+from tests.clock import avoid_minute_edge
 from tests.fakes.openai_server import FakeOpenAI, Plan
 from tests.faults.conftest import (
     FULL,
@@ -27,7 +28,7 @@ from tests.faults.conftest import (
     proc_stats,
     size,
 )
-from tests.keys.conftest import MASTER, auth, avoid_minute_edge, make_key
+from tests.keys.conftest import MASTER, auth, make_key
 from tests.ops.conftest import Spawn
 from tests.servers import ServerThread
 
@@ -92,8 +93,8 @@ def _served(url: str) -> None:
 def test_slow_headers_are_cut_at_the_header_deadline_and_others_are_served(
     gw: GatewayMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    deadline = protocol.HEADER_TIMEOUT if FULL else 2.0
-    monkeypatch.setattr(protocol, "HEADER_TIMEOUT", deadline)
+    deadline = serving.HEADER_TIMEOUT if FULL else 2.0
+    monkeypatch.setattr(serving, "HEADER_TIMEOUT", deadline)
     server = gw(server_config={"http": GuardedHttpToolsProtocol})
     crawlers = [socket.create_connection(("127.0.0.1", server.server.port)) for _ in range(50)]
     for sock in crawlers:

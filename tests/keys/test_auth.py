@@ -136,7 +136,7 @@ def test_without_redis_another_process_refuses_a_revoked_key_within_a_second(
 def _key_queries(server: ServerThread) -> list[str]:
     """Every query the server's database is sent for client keys, from now on."""
     seen: list[str] = []
-    engine = server.server.config.app.state.services.database.sync_engine
+    engine = server.server.config.app.state.runtime.database.sync_engine
 
     @event.listens_for(engine, "before_cursor_execute")
     def _record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from chat_api import cli
-from chat_api.manage import table
+from chat_api.cli_admin import table
 from tests.conftest import GatewayFactory
 from tests.keys.conftest import MASTER, RedisPlace, auth
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chat_api.routes.ops import UpstreamProbe
+from chat_api.providers.probe import UpstreamProbe
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.keys.conftest import MASTER, PrivateRedis, auth, make_key

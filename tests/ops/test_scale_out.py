@@ -10,8 +10,9 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from tests.clock import avoid_minute_edge
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
-from tests.keys.conftest import MASTER, RedisPlace, auth, avoid_minute_edge, make_key
+from tests.keys.conftest import MASTER, RedisPlace, auth, make_key
 from tests.ops.conftest import GatewayProcess, Spawn
 
 ONE_CALL = Decimal("0.001") * (7 + len(DEFAULT_TEXT.split(" ")))  # at the prices below

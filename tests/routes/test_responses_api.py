@@ -147,6 +147,30 @@ def test_a_budget_refuses_a_response_that_cannot_fit_and_priced_tools(
     assert fake.hits == hits
 
 
+def test_embeddings_and_compaction_follow_the_field_policy(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    policy = {"user": "drop", "dimensions": "refuse", "stream_options": "refuse"}
+    server = gateway_factory(field_policy=policy)
+    embed = {"model": "text-embedding-3-small", "input": ["a", "b"]}
+    answer = httpx.post(server.url + "/v1/embeddings", json={**embed, "user": "u-1"})
+    assert answer.status_code == 200 and len(answer.json()["data"]) == 2
+    sent = fake.last()
+    assert sent.path == "/v1/embeddings" and sent.body == embed  # `user` dropped, the rest as sent
+    compact = {"model": MODEL, "input": "a long talk", "user": "u-1"}
+    assert httpx.post(server.url + "/v1/responses/compact", json=compact).status_code == 200
+    assert fake.last().path == "/v1/responses/compact" and "user" not in fake.last().body
+    hits = fake.hits
+    refused = httpx.post(server.url + "/v1/embeddings", json={**embed, "dimensions": 8})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("unsupported_parameter", "dimensions")
+    assert fake.hits == hits  # refused before anything was sent
+    # The simple API writes its own upstream body (with `stream_options`): not the client's.
+    simple = httpx.post(server.url + "/chat/stream", json={"message": "hi"})
+    assert simple.status_code == 200 and '"done":true' in simple.text
+
+
 def test_what_is_not_offered_gets_an_openai_shaped_404_naming_what_is(
     gateway: ServerThread,
 ) -> None:

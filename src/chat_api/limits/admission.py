@@ -15,7 +15,10 @@ happened: it queues the ledger row (never on the response path) and the
 corrections (the real tokens and cost replace the reservation; the slot is
 given back), which a background task applies. With Redis, every admitted
 call holds a lease until its row is committed, so a replica that dies
-loses no row (see `limits/leases.py`).
+loses no row (see `limits/leases.py`), and admission and the corrections
+are one Redis round trip each (`limits/shared_admission.py`); that round
+trip also checks that the key was not revoked meanwhile. While Redis is
+away, each limit is taken in turn here, with its own fallback.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import asyncio
 import logging
 import math
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Protocol
@@ -34,9 +37,19 @@ from redis.exceptions import RedisError
 from chat_api.calls import CallContext, Caller, CallResult, Prepared
 from chat_api.errors import RateLimited
 from chat_api.limits.budgets import Budgets, period_bounds, utcnow
-from chat_api.limits.counters import Counter
+from chat_api.limits.counters import Counter, this_minute
 from chat_api.limits.in_flight import InFlight
 from chat_api.limits.leases import Lease, RedisLeases
+from chat_api.limits.shared_admission import (
+    BUDGET_SHORT,
+    BUDGET_UNKNOWN,
+    IN_FLIGHT_FULL,
+    KEY_SET_CHANGED,
+    RPM_FULL,
+    TPM_FULL,
+    Ask,
+    SharedAdmission,
+)
 
 log = logging.getLogger("chat_api.limits")
 
@@ -44,6 +57,7 @@ MICRO = Decimal(1_000_000)
 
 Sink = Callable[[CallResult], None]
 SpentSince = Callable[..., Coroutine[Any, Any, Decimal]]  # (key id, since, *, queued)
+Recheck = Callable[[Caller], Awaitable[Caller]]
 
 
 class Admission(Protocol):
@@ -85,11 +99,33 @@ class _Limited:
     bucket: str | None
     micro_reserved: int
     lease: Lease | None
+    shared: bool = False  # admitted in one Redis round trip: corrected in one too
 
     def settle(self, result: CallResult) -> None:
         result.call_id = self.call_id
-        self.meter.sink(result)
-        self.meter.later(self._correct(result))
+        meter = self.meter
+        meter.sink(result)
+        if self.shared and meter.shared is not None:
+            lease = self.lease
+            meter.later(
+                meter.shared.settle(
+                    meter.shared.settling(
+                        key_id=self.key_id,
+                        call_id=self.call_id,
+                        slot=self.in_flight,
+                        window=self.token_window,
+                        token_delta=result.total_tokens - self.tokens_reserved,
+                        budget_key=(lease.budget_key or None) if lease is not None else None,
+                        budget_delta=to_micro(result.cost) - self.micro_reserved
+                        if self.bucket
+                        else 0,
+                        lease=lease,
+                        row=meter.row_of(result),
+                    )
+                )
+            )
+        else:
+            meter.later(self._correct(result))
 
     async def _correct(self, result: CallResult) -> None:
         meter = self.meter
@@ -124,9 +160,12 @@ class KeyMeter:
         default_max_in_flight: int,
         leases: RedisLeases | None = None,
         row_of: Callable[[CallResult], dict[str, Any]] = lambda result: {},
+        shared: SharedAdmission | None = None,
     ) -> None:
         self.counter = counter
         self.leases = leases
+        self.shared = shared
+        self.recheck: Recheck | None = None  # the Guard's: a key read again after a change
         self.row_of = row_of
         self.budgets = budgets
         self.in_flight = in_flight
@@ -168,6 +207,103 @@ class KeyMeter:
         caller = ctx.caller
         if caller is None or caller.key_id is None:
             return self._recorded
+        shared = self.shared
+        if shared is not None and shared.ready:
+            try:
+                try:
+                    return await self._admit_shared(ctx, caller, prepared, shared)
+                except _KeySetChanged:
+                    caller = ctx.caller = await self._recheck(caller)
+                    return await self._admit_shared(ctx, caller, prepared, shared)
+            except (RedisError, OSError) as exc:
+                shared.counter.went_down(exc)  # the step way, with each limit's fallback
+        if caller.key_version is not None:  # the step way does not check the key set
+            caller = ctx.caller = await self._recheck(caller)
+        return await self._admit_steps(ctx, caller, prepared)
+
+    async def _recheck(self, caller: Caller) -> Caller:
+        return await self.recheck(caller) if self.recheck is not None else caller
+
+    async def _admit_shared(
+        self, ctx: CallContext, caller: Caller, prepared: Prepared, shared: SharedAdmission
+    ) -> Admission:
+        """Every limit and the lease in one round trip (limits/shared_admission.py)."""
+        assert caller.key_id is not None
+        key_id = caller.key_id
+        call_id = _new_call_id()
+        lease = Lease.of(call_id, key_id, ctx, prepared)
+        window, reset_in = this_minute()
+        cap = self.cap_of(caller)
+        tokens = prepared.worst_tokens
+        bucket: str | None = None
+        budget_key: str | None = None
+        cost, limit, renews_in = 0, None, 0.0
+        seed: Callable[[], Awaitable[int]] | None = None
+        if caller.budget_usd is not None:
+            bucket, start, renews_in = period_bounds(caller.budget_period, utcnow())
+            limit = to_micro(caller.budget_usd)
+            cost = max(1, to_micro(prepared.worst_cost))
+            budget_key = shared.budgets.key(key_id, bucket)
+            seed, lease.seed = self._seeds(key_id, start)
+            lease.bucket, lease.reserved, lease.budget_key = bucket, cost, budget_key
+        ask = Ask(
+            key_id=key_id,
+            call_id=call_id,
+            version=caller.key_version,
+            rpm=caller.rpm,
+            cap=cap,
+            tokens=tokens,
+            tpm=caller.tpm,
+            window=window,
+            budget_key=budget_key,
+            cost=cost,
+            budget_limit=limit,
+            lease=lease,
+        )
+        answer = await shared.admit(ask)
+        if answer.outcome == BUDGET_UNKNOWN and budget_key is not None and seed is not None:
+            await shared.budgets.seed(budget_key, seed)
+            answer = await shared.admit(ask)
+        outcome = answer.outcome
+        if outcome == KEY_SET_CHANGED:
+            raise _KeySetChanged()
+        headers: dict[str, str] = {}
+        if caller.rpm is not None:
+            headers.update(_rate_headers("requests", caller.rpm, answer.requests, reset_in))
+        if outcome == RPM_FULL:
+            raise _requests_refusal(caller, reset_in, headers)
+        if outcome == IN_FLIGHT_FULL:
+            assert cap is not None
+            raise _in_flight_refusal(cap, headers)
+        if caller.tpm is not None:
+            headers.update(_rate_headers("tokens", caller.tpm, answer.tokens, reset_in))
+        if outcome == TPM_FULL:
+            raise _tokens_refusal(caller, reset_in, headers)
+        if outcome in (BUDGET_SHORT, BUDGET_UNKNOWN):
+            spent = answer.spent if outcome == BUDGET_SHORT else limit or 0
+            raise _budget_refusal(caller, prepared, spent, cost, renews_in, headers)
+        ctx.headers.update(headers)
+        token_window = window if caller.tpm is not None else None
+        return _Limited(
+            self, key_id, call_id, cap is not None, token_window, tokens, bucket, cost, lease, True
+        )
+
+    def _seeds(
+        self, key_id: str, start: Any
+    ) -> tuple[Callable[[], Awaitable[int]], Callable[[], Awaitable[int]]]:
+        """What the key spent in its period by the ledger: with rows still queued, and without."""
+
+        async def seed() -> int:
+            return to_micro(await self._spent_since(key_id, start))
+
+        async def committed() -> int:  # a lease's own queued row is put back with the lease
+            return to_micro(await self._spent_since(key_id, start, queued=False))
+
+        return seed, committed
+
+    async def _admit_steps(self, ctx: CallContext, caller: Caller, prepared: Prepared) -> Admission:
+        """Each limit in turn (in this process, or while Redis is away), undone on a refusal."""
+        assert caller.key_id is not None
         key_id = caller.key_id
         call_id = _new_call_id()
         lease = Lease.of(call_id, key_id, ctx, prepared) if self.leases is not None else None
@@ -178,23 +314,12 @@ class KeyMeter:
                 hit = await self.counter.hit(f"rpm:{key_id}", 1, caller.rpm)
                 headers.update(_rate_headers("requests", caller.rpm, hit.used, hit.reset_in))
                 if not hit.allowed:
-                    raise RateLimited(
-                        f"This key is limited to {caller.rpm} requests a minute. "
-                        f"Try again in {math.ceil(hit.reset_in)} seconds.",
-                        retry_after=hit.reset_in,
-                        headers=headers,
-                    )
+                    raise _requests_refusal(caller, hit.reset_in, headers)
                 undo.append(self.counter.add(f"rpm:{key_id}", hit.window, -1))
             cap = self.cap_of(caller)
             if cap is not None:
                 if not await self.in_flight.take(key_id, call_id, cap):
-                    raise RateLimited(
-                        f"This key already has {cap} calls in progress, its limit. "
-                        "Wait for one to finish, then try again.",
-                        retry_after=1.0,
-                        headers=headers,
-                        code="too_many_calls_in_flight",
-                    )
+                    raise _in_flight_refusal(cap, headers)
                 undo.append(self.in_flight.give_back(key_id, call_id))
             token_window: int | None = None
             tokens = prepared.worst_tokens
@@ -202,13 +327,7 @@ class KeyMeter:
                 hit = await self.counter.hit(f"tpm:{key_id}", tokens, caller.tpm, whole=False)
                 headers.update(_rate_headers("tokens", caller.tpm, hit.used, hit.reset_in))
                 if not hit.allowed:
-                    raise RateLimited(
-                        f"This key is limited to {caller.tpm} tokens a minute. "
-                        f"Try again in {math.ceil(hit.reset_in)} seconds.",
-                        retry_after=hit.reset_in,
-                        kind="tokens",
-                        headers=headers,
-                    )
+                    raise _tokens_refusal(caller, hit.reset_in, headers)
                 token_window = hit.window
                 undo.append(self.counter.add(f"tpm:{key_id}", hit.window, -tokens))
             bucket: str | None = None
@@ -248,29 +367,68 @@ class KeyMeter:
         bucket, start, reset_in = period_bounds(caller.budget_period, utcnow())
         limit = to_micro(caller.budget_usd)
         worst = max(1, to_micro(prepared.worst_cost))
-
-        async def seed() -> int:
-            return to_micro(await self._spent_since(key_id, start))
-
-        async def committed() -> int:
-            return to_micro(await self._spent_since(key_id, start, queued=False))
-
+        seed, committed = self._seeds(key_id, start)
         if lease is not None:
             lease.seed = committed  # its own queued rows are put back with their leases
 
         taken, used = await self.budgets.reserve(key_id, bucket, worst, limit, seed, lease)
         if taken:
             return bucket, worst
-        left = max(0, limit - used)
-        renews = caller.budget_period in ("daily", "monthly")
-        raise RateLimited(
-            _refusal(caller, prepared, left, worst, renews, reset_in),
-            # Waiting helps only for a budget that renews (calls in flight
-            # also give back what they did not use, but that is not a promise).
-            retry_after=reset_in if renews else None,
-            headers={**headers, "x-ratelimit-limit-budget-usd": str(caller.budget_usd)},
-            code="insufficient_quota",
-        )
+        raise _budget_refusal(caller, prepared, used, worst, reset_in, headers)
+
+
+class _KeySetChanged(Exception):
+    """The key set changed since the caller's key was cached: read the key again."""
+
+
+def _requests_refusal(caller: Caller, reset_in: float, headers: dict[str, str]) -> RateLimited:
+    return RateLimited(
+        f"This key is limited to {caller.rpm} requests a minute. "
+        f"Try again in {math.ceil(reset_in)} seconds.",
+        retry_after=reset_in,
+        headers=headers,
+    )
+
+
+def _in_flight_refusal(cap: int, headers: dict[str, str]) -> RateLimited:
+    return RateLimited(
+        f"This key already has {cap} calls in progress, its limit. "
+        "Wait for one to finish, then try again.",
+        retry_after=1.0,
+        headers=headers,
+        code="too_many_calls_in_flight",
+    )
+
+
+def _tokens_refusal(caller: Caller, reset_in: float, headers: dict[str, str]) -> RateLimited:
+    return RateLimited(
+        f"This key is limited to {caller.tpm} tokens a minute. "
+        f"Try again in {math.ceil(reset_in)} seconds.",
+        retry_after=reset_in,
+        kind="tokens",
+        headers=headers,
+    )
+
+
+def _budget_refusal(
+    caller: Caller,
+    prepared: Prepared,
+    used: int,
+    worst: int,
+    reset_in: float,
+    headers: dict[str, str],
+) -> RateLimited:
+    assert caller.budget_usd is not None
+    left = max(0, to_micro(caller.budget_usd) - used)
+    renews = caller.budget_period in ("daily", "monthly")
+    return RateLimited(
+        _refusal(caller, prepared, left, worst, renews, reset_in),
+        # Waiting helps only for a budget that renews (calls in flight
+        # also give back what they did not use, but that is not a promise).
+        retry_after=reset_in if renews else None,
+        headers={**headers, "x-ratelimit-limit-budget-usd": str(caller.budget_usd)},
+        code="insufficient_quota",
+    )
 
 
 def _amount(budget: Decimal) -> str:

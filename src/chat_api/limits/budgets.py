@@ -134,21 +134,21 @@ class RedisBudgets:
         self.leases = leases
         self._replicas = replicas
 
-    def _key(self, key_id: str, bucket: str) -> str:
+    def key(self, key_id: str, bucket: str) -> str:
         return f"{self._prefix}budget:{key_id}:{bucket}"
 
-    async def _seed(self, key: str, seed: Seed) -> None:
+    async def seed(self, key: str, seed: Seed) -> None:
         if self.leases is not None:  # Redis may have lost its data: not "nothing spent"
             await self.leases.before_seed(self._replicas)
         value = await seed()
         await self._redis.set(key, value, nx=True, ex=60 * 60 * 24 * 40)
 
     async def used(self, key_id: str, bucket: str, seed: Seed) -> int:
-        key = self._key(key_id, bucket)
+        key = self.key(key_id, bucket)
         try:
             value = await self._redis.get(key)
             if value is None:
-                await self._seed(key, seed)
+                await self.seed(key, seed)
                 value = await self._redis.get(key)
             return int(value or 0)
         except (RedisError, OSError):
@@ -163,7 +163,7 @@ class RedisBudgets:
         seed: Seed,
         lease: Lease | None = None,
     ) -> tuple[bool, int]:
-        key = self._key(key_id, bucket)
+        key = self.key(key_id, bucket)
         keys: list[str] = [key]
         args: list[str | float | int] = [amount, limit]
         if lease is not None and self.leases is not None:
@@ -177,11 +177,11 @@ class RedisBudgets:
                     if taken and lease is not None and self.leases is not None:
                         self.leases.taken(lease)
                     return bool(taken), int(used)
-                await self._seed(key, seed)
+                await self.seed(key, seed)
         except (RedisError, OSError):
             raise ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"}) from None
         return False, limit
 
     async def adjust(self, key_id: str, bucket: str, delta: int) -> None:
         if delta:
-            await self._redis.incrby(self._key(key_id, bucket), delta)
+            await self._redis.incrby(self.key(key_id, bucket), delta)

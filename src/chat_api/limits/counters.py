@@ -57,6 +57,11 @@ def _window(now: float) -> tuple[int, float]:
     return window, (window + 1) * WINDOW - now
 
 
+def this_minute() -> tuple[int, float]:
+    """The current window, and the seconds until it ends."""
+    return _window(clock.now())
+
+
 class MemoryCounter:
     def __init__(self) -> None:
         self._counts: dict[tuple[str, int], int] = {}
@@ -110,6 +115,24 @@ class RedisCounter:
     def degraded(self) -> bool:
         return time.monotonic() < self._down_until
 
+    def key(self, name: str, window: int) -> str:
+        return f"{self._prefix}{name}:{window}"
+
+    async def counted(self, name: str, window: int, amount: int, used: int) -> int:
+        """After Redis counted `amount` (to `used`) in a combined script; what was put back."""
+        slot = (name, window)
+        back = await self._put_back(self.key(name, window), slot, fresh=used == amount)
+        self._count(slot, amount)
+        return back
+
+    def corrected(self, name: str, window: int, amount: int) -> None:
+        """This replica's own record of a correction Redis was sent elsewhere."""
+        if (name, window) in self._mine:
+            self._mine[(name, window)] = max(0, self._mine[(name, window)] + amount)
+
+    def went_down(self, exc: Exception) -> None:
+        self._went_down(exc)
+
     def _went_down(self, exc: Exception) -> None:
         if not self.degraded:
             log.warning(
@@ -122,7 +145,7 @@ class RedisCounter:
         window, reset = _window(clock.now())
         slot = (name, window)
         if not self.degraded:
-            key = f"{self._prefix}{name}:{window}"
+            key = self.key(name, window)
             try:
                 allowed, used = await self._hit(keys=[key], args=[amount, limit, int(whole)])
                 used = int(used)
@@ -159,11 +182,10 @@ class RedisCounter:
         if amount == 0:
             return
         await self._local.add(name, window, amount)
-        if (name, window) in self._mine:
-            self._mine[(name, window)] = max(0, self._mine[(name, window)] + amount)
+        self.corrected(name, window, amount)
         if self.degraded:
             return
         try:
-            await self._redis.incrby(f"{self._prefix}{name}:{window}", amount)
+            await self._redis.incrby(self.key(name, window), amount)
         except (RedisError, OSError) as exc:
             self._went_down(exc)

@@ -154,15 +154,32 @@ class RedisInFlight:
         self._mine: dict[str, str] = {}  # call id -> key id, the calls this replica holds
         self._local = MemoryInFlight()
 
-    def _key(self, key_id: str) -> str:
+    def key(self, key_id: str) -> str:
         return f"{self._prefix}inflight:{key_id}"
+
+    @property
+    def hold_seconds(self) -> float:
+        return self._holds.seconds
+
+    def held(self, key_id: str, call_id: str) -> None:
+        """Redis took a slot for `call_id` (here or in a combined script): keep it alive."""
+        self._mine[call_id] = key_id
+        self._holds.keep(self.key(key_id), call_id)
+
+    def released(self, key_id: str, call_id: str) -> bool:
+        """Stop keeping a slot; whether Redis holds it (and must be told)."""
+        self._local.give_back_now(key_id, call_id)
+        if self._mine.pop(call_id, None) is None:
+            return False
+        self._holds.drop(self.key(key_id), call_id)
+        return True
 
     async def take(self, key_id: str, call_id: str, cap: int) -> bool:
         now = clock.now()
         seconds = self._holds.seconds
         try:
             taken = await self._take(
-                keys=[self._key(key_id)],
+                keys=[self.key(key_id)],
                 args=[now, now + seconds, cap, call_id, math.ceil(seconds * 2)],
             )
         except (RedisError, OSError) as exc:
@@ -173,20 +190,17 @@ class RedisInFlight:
             return self._local.take_now(key_id, call_id, max(1, math.ceil(cap / self._replicas)))
         if not taken:
             return False
-        self._mine[call_id] = key_id
-        self._holds.keep(self._key(key_id), call_id)
+        self.held(key_id, call_id)
         return True
 
     async def give_back(self, key_id: str, call_id: str) -> None:
-        self._local.give_back_now(key_id, call_id)
-        if self._mine.pop(call_id, None) is None:
+        if not self.released(key_id, call_id):
             return
-        self._holds.drop(self._key(key_id), call_id)
         with contextlib.suppress(RedisError, OSError):  # the hold runs out by itself
-            await self._redis.zrem(self._key(key_id), call_id)
+            await self._redis.zrem(self.key(key_id), call_id)
 
     async def count(self, key_id: str) -> int:
         try:
-            return int(await self._redis.zcount(self._key(key_id), clock.now(), "+inf"))
+            return int(await self._redis.zcount(self.key(key_id), clock.now(), "+inf"))
         except (RedisError, OSError):
             return await self._local.count(key_id)

@@ -10,6 +10,7 @@ events, and when a stream is complete.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -38,9 +39,14 @@ class Operation:
     # Does a stream end with `data: [DONE]` (chat), or with a final event (responses)?
     ends_with_done: ClassVar[bool] = True
 
-    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+    def __init__(
+        self, settings: Settings, catalog: Catalog, *, field_policy: Mapping[str, str] | None = None
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
+        # `CHAT_API_FIELD_POLICY`, for the bodies clients write; the simple API writes its
+        # own (and its `stream_options`), so its chat completion is given none.
+        self.field_policy = settings.field_policy if field_policy is None else field_policy
 
     def prepare(self, body: dict[str, Any], caller: Caller | None) -> Prepared:
         """Check `body` and work out its worst case; `BadRequest` before anything is sent."""
@@ -63,7 +69,8 @@ class Operation:
         raise NotImplementedError
 
     def check_common(self, body: dict[str, Any], caller: Caller | None) -> None:
-        """What every operation refuses, whatever its kind."""
+        """What every operation refuses, whatever its kind; drops the fields the operator drops."""
+        apply_field_policy(body, self.field_policy)
         for name in FORBIDDEN_FIELDS.intersection(body):
             raise BadRequest(f"The field '{name}' cannot be set by clients.", param=name)
         tier = body.get("service_tier")
@@ -93,6 +100,26 @@ class Operation:
         if not isinstance(stream, bool):
             raise BadRequest("'stream' must be true or false.", param="stream")
         return stream
+
+
+def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:
+    """`CHAT_API_FIELD_POLICY`: drop the fields the operator drops, refuse those it refuses.
+
+    For fields that change who pays or what OpenAI keeps (`store`, `metadata`,
+    `user`, `service_tier`, `prompt_cache_key`, `safety_identifier`, ...):
+    passed through unless the operator says otherwise.
+    """
+    for name, rule in policy.items():
+        if name not in body:
+            continue
+        if rule == "refuse":
+            raise BadRequest(
+                f"This server does not accept the field '{name}'. Send the request without it.",
+                param=name,
+                code="unsupported_parameter",
+            )
+        if rule == "drop":
+            del body[name]
 
 
 def parse_event(raw: bytes) -> Chunk:

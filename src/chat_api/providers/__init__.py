@@ -5,7 +5,7 @@ from __future__ import annotations
 from chat_api.config import Settings
 from chat_api.providers.base import Completion, Provider, UpstreamStream
 from chat_api.providers.demo import DemoProvider
-from chat_api.providers.fast import FastOpenAIProvider
+from chat_api.providers.openai_http import OpenAIHTTPProvider
 
 __all__ = ["Completion", "Provider", "UpstreamStream", "build_provider"]
 
@@ -17,7 +17,7 @@ def build_provider(settings: Settings) -> Provider | None:
     if settings.openai_api_key is None:
         return None
     if settings.upstream_client == "sdk":
-        from chat_api.providers.openai import OpenAIProvider  # the SDK loads only if chosen
+        from chat_api.providers.openai_sdk import OpenAISDKProvider  # the SDK loads only if chosen
 
-        return OpenAIProvider(settings)
-    return FastOpenAIProvider(settings)
+        return OpenAISDKProvider(settings)
+    return OpenAIHTTPProvider(settings)

@@ -10,12 +10,11 @@ from starlette.responses import Response
 
 from chat_api.calls import Caller
 from chat_api.errors import BadRequest, Forbidden, NotFound
-from chat_api.responses import JSONResponse
-from chat_api.routes.deps import CallerDep, engine_of, read_json
+from chat_api.http_responses import JSONResponse
+from chat_api.routes.deps import CallerDep, engine_of, read_json, runtime_of
 from chat_api.routes.schemas import describe, simple_errors
 from chat_api.routes.usage import parse_day
 from chat_api.store.keys import KeySpec, KeyStore
-from chat_api.store.ledger import Ledger
 
 _ERRORS = simple_errors(
     e400="The body or a parameter is not valid.",
@@ -33,8 +32,7 @@ def _require_master(request: Request, caller: Caller | None) -> KeyStore:
         raise Forbidden("Keys are off. Set CHAT_API_MASTER_KEY to use the admin API.")
     if not caller.is_master:
         raise Forbidden("Only the master key may use the admin API.")
-    keys: KeyStore = request.app.state.keys
-    return keys
+    return runtime_of(request).keys
 
 
 @router.post(
@@ -106,7 +104,7 @@ async def all_usage(
 ) -> Response:
     """Usage of every key (or one, with `key_id`), by key, model and day."""
     _require_master(request, caller)
-    ledger: Ledger = request.app.state.ledger
+    ledger = runtime_of(request).ledger
     await ledger.catch_up()
     body: dict[str, Any] = await ledger.summary(
         key_id=key_id,

@@ -1,8 +1,7 @@
-"""What every route shares: the engine, the request id, the body, the caller."""
+"""What every route shares: the runtime (and its engine), the request id, the body, the caller."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Annotated, Any
 
 import orjson
@@ -11,11 +10,17 @@ from fastapi import Depends, Request
 from chat_api.calls import CallContext, Caller
 from chat_api.engine import Engine
 from chat_api.errors import BadRequest
+from chat_api.runtime import Runtime
+
+
+def runtime_of(request: Request) -> Runtime:
+    """What the running app holds (`runtime.Runtime`): the one thing routes read from the app."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
 
 
 def engine_of(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
+    return runtime_of(request).engine
 
 
 def request_id_of(request: Request) -> str:
@@ -51,10 +56,24 @@ async def read_json(request: Request) -> Any:
 
 async def authenticate(request: Request) -> Caller | None:
     """The caller behind the request's key; None when keys are off."""
-    guard = request.app.state.guard
+    guard = runtime_of(request).guard
     if guard is None:
         return None
     caller: Caller = await guard.authenticate(request)
+    return caller
+
+
+async def authenticate_call(request: Request) -> Caller | None:
+    """As `authenticate`, for routes whose every upstream call goes through admission.
+
+    The key may come from the cache unchecked against the key set's
+    version: admission checks it in the same Redis round trip as the
+    limits, and reads the key again when it changed (auth.Guard.recheck).
+    """
+    guard = runtime_of(request).guard
+    if guard is None:
+        return None
+    caller: Caller = await guard.authenticate(request, call=True)
     return caller
 
 
@@ -66,23 +85,5 @@ def context(request: Request, endpoint: str, caller: Caller | None) -> CallConte
 
 
 CallerDep = Annotated[Caller | None, Depends(authenticate)]
-
-
-def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:
-    """`CHAT_API_FIELD_POLICY`: drop the fields the operator drops, refuse those it refuses.
-
-    For fields that change who pays or what OpenAI keeps (`store`, `metadata`,
-    `user`, `service_tier`, `prompt_cache_key`, `safety_identifier`, ...):
-    passed through unless the operator says otherwise.
-    """
-    for name, rule in policy.items():
-        if name not in body:
-            continue
-        if rule == "refuse":
-            raise BadRequest(
-                f"This server does not accept the field '{name}'. Send the request without it.",
-                param=name,
-                code="unsupported_parameter",
-            )
-        if rule == "drop":
-            del body[name]
+# For routes that start a call: every path to the upstream goes through `Engine` admission.
+CallingCallerDep = Annotated[Caller | None, Depends(authenticate_call)]

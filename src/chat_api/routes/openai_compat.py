@@ -17,15 +17,16 @@ from chat_api.calls import Caller, Chunk
 from chat_api.catalog import Catalog
 from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServerStopping
 from chat_api.fastlane import hot
-from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
+from chat_api.http_responses import JSONResponse, until_disconnect
 from chat_api.routes.deps import (
     CallerDep,
-    apply_field_policy,
+    CallingCallerDep,
     context,
     engine_of,
     read_json,
+    runtime_of,
 )
-from chat_api.sse import DONE, frame
+from chat_api.sse import DONE, EventStreamResponse, frame
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
 _ON_SHUTDOWN = frame(ServerStopping().body(openai_dialect=True))  # a stream's last event
@@ -177,17 +178,17 @@ async def retrieve_model(model: str, request: Request, caller: CallerDep) -> Res
 
 @router.post("/chat/completions", responses=V1_ERRORS, openapi_extra=_COMPLETION_BODY)
 @hot
-async def chat_completions(request: Request, caller: CallerDep) -> Response:
+async def chat_completions(request: Request, caller: CallingCallerDep) -> Response:
     """OpenAI's chat completions: same request, same response, same stream.
 
     With `"stream": true` the answer is server-sent `chat.completion.chunk`
     events ending in `data: [DONE]`.
     """
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    engine = runtime.engine
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_type")
-    apply_field_policy(body, request.app.state.settings.field_policy)
     prepared = engine.chat.prepare(body, caller)
     ctx = context(request, "/v1/chat/completions", caller)
     if prepared.stream:
@@ -195,7 +196,7 @@ async def chat_completions(request: Request, caller: CallerDep) -> Response:
         return EventStreamResponse(
             _openai_events(chunks),
             owner=chunks,
-            keepalive=request.app.state.settings.keepalive_interval,
+            keepalive=runtime.settings.keepalive_interval,
             headers=ctx.headers,
             on_shutdown=_ON_SHUTDOWN,
         )

@@ -11,15 +11,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from chat_api.config import Settings
-from chat_api.responses import JSONResponse
+from chat_api.http_responses import JSONResponse
+from chat_api.routes.deps import runtime_of
 
 router = APIRouter(include_in_schema=False)
 
 
 @router.get("/page/config")
 async def page_config(request: Request) -> Response:
-    settings: Settings = request.app.state.settings
+    settings = runtime_of(request).settings
     return JSONResponse(
         {"keys": settings.keys_enabled, "demo": settings.demo},
         headers={"Cache-Control": "no-cache"},

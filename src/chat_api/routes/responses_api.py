@@ -23,17 +23,18 @@ from starlette.responses import Response
 from chat_api.calls import Caller, Chunk
 from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
 from chat_api.fastlane import hot
+from chat_api.http_responses import until_disconnect
 from chat_api.providers.base import Provider, UpstreamStream
-from chat_api.responses import EventStreamResponse, until_disconnect
 from chat_api.routes.deps import (
     CallerDep,
-    apply_field_policy,
+    CallingCallerDep,
     context,
     engine_of,
     read_json,
+    runtime_of,
 )
 from chat_api.routes.openai_compat import V1_ERRORS
-from chat_api.sse import frame
+from chat_api.sse import EventStreamResponse, frame
 from chat_api.store.owners import Kind, OwnerStore
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], responses=V1_ERRORS)
@@ -47,8 +48,7 @@ _BODY = {
 
 
 def _owners(request: Request) -> OwnerStore:
-    owners: OwnerStore = request.app.state.owners
-    return owners
+    return runtime_of(request).owners
 
 
 def _key_of(caller: Caller | None) -> str | None:
@@ -125,11 +125,11 @@ def _json(raw: bytes, headers: dict[str, str] | None = None) -> Response:
 
 @router.post("/responses", openapi_extra=_BODY)
 @hot
-async def create_response(request: Request, caller: CallerDep) -> Response:
+async def create_response(request: Request, caller: CallingCallerDep) -> Response:
     """OpenAI's `POST /v1/responses`: whole, streamed (every event as sent) or in the background."""
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    engine = runtime.engine
     body = await _json_body(request)
-    apply_field_policy(body, request.app.state.settings.field_policy)
     prepared = engine.responses.prepare(body, caller)
     await _check_references(request, caller, body)
     ctx = context(request, "/v1/responses", caller)
@@ -140,7 +140,7 @@ async def create_response(request: Request, caller: CallerDep) -> Response:
         return EventStreamResponse(
             _response_events(events, recorder),
             owner=events,
-            keepalive=request.app.state.settings.keepalive_interval,
+            keepalive=runtime.settings.keepalive_interval,
             headers=ctx.headers,
             on_shutdown=_error_event(ServerStopping()),
         )
@@ -151,7 +151,7 @@ async def create_response(request: Request, caller: CallerDep) -> Response:
 
 
 @router.post("/responses/compact", openapi_extra=_BODY)
-async def compact_response(request: Request, caller: CallerDep) -> Response:
+async def compact_response(request: Request, caller: CallingCallerDep) -> Response:
     """OpenAI's `POST /v1/responses/compact`, metered like a response."""
     engine = engine_of(request)
     body = await _json_body(request)
@@ -191,7 +191,7 @@ async def retrieve_response(response_id: str, request: Request, caller: CallerDe
         return EventStreamResponse(
             _response_events(replay, None),
             owner=replay,
-            keepalive=request.app.state.settings.keepalive_interval,
+            keepalive=runtime_of(request).settings.keepalive_interval,
         )
     return _json((await provider.forward("GET", path, None, _request_id(request))).raw)
 
@@ -334,7 +334,7 @@ _EMBEDDINGS_BODY = {
 
 
 @router.post("/embeddings", openapi_extra=_EMBEDDINGS_BODY)
-async def create_embeddings(request: Request, caller: CallerDep) -> Response:
+async def create_embeddings(request: Request, caller: CallingCallerDep) -> Response:
     """OpenAI's `POST /v1/embeddings`, metered at its input."""
     engine = engine_of(request)
     prepared = engine.embeddings.prepare(await _json_body(request), caller)

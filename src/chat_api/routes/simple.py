@@ -17,8 +17,8 @@ from chat_api import __version__
 from chat_api.calls import Chunk
 from chat_api.errors import ChatAPIError, ServerStopping
 from chat_api.fastlane import hot
-from chat_api.responses import EventStreamResponse, JSONResponse, until_disconnect
-from chat_api.routes.deps import CallerDep, context, engine_of, read_json
+from chat_api.http_responses import JSONResponse, until_disconnect
+from chat_api.routes.deps import CallingCallerDep, context, engine_of, read_json, runtime_of
 from chat_api.routes.schemas import (
     ChatRequest,
     ChatResponse,
@@ -27,7 +27,7 @@ from chat_api.routes.schemas import (
     SimpleError,
     parse_chat_request,
 )
-from chat_api.sse import frame
+from chat_api.sse import EventStreamResponse, frame
 from chat_api.tokens import tokens_for_chars
 
 router = APIRouter(tags=["simple API"])
@@ -78,7 +78,7 @@ ENDPOINTS = {
 @router.get("/health", response_model=HealthResponse)
 async def health(request: Request) -> Response:
     """Liveness: 200 while the process runs; `degraded` when no OpenAI key is set."""
-    settings = request.app.state.settings
+    settings = runtime_of(request).settings
     demo = settings.demo
     return JSONResponse(
         {
@@ -139,11 +139,11 @@ def _openai_body(chat: ChatRequest, *, stream: bool) -> dict[str, Any]:
     openapi_extra=_CHAT_BODY,
 )
 @hot
-async def chat(request: Request, caller: CallerDep) -> Response:
+async def chat(request: Request, caller: CallingCallerDep) -> Response:
     """Send one message (with optional history) and get the whole answer."""
     engine = engine_of(request)
     chat_request = parse_chat_request(await read_json(request))
-    prepared = engine.chat.prepare(_openai_body(chat_request, stream=False), caller)
+    prepared = engine.simple_chat.prepare(_openai_body(chat_request, stream=False), caller)
     ctx = context(request, "/chat", caller)
     completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
     choices = completion.data.get("choices") or [{}]
@@ -176,22 +176,23 @@ async def chat(request: Request, caller: CallerDep) -> Response:
     openapi_extra=_CHAT_BODY,
 )
 @hot
-async def chat_stream(request: Request, caller: CallerDep) -> Response:
+async def chat_stream(request: Request, caller: CallingCallerDep) -> Response:
     """Send one message and read the answer piece by piece as server-sent events.
 
     Each event is `data: {"content": "..."}`; the last is
     `data: {"done": true, "model": ..., "usage": {...}}`, or
     `data: {"error": "..."}` if the answer failed after it started.
     """
-    engine = engine_of(request)
+    runtime = runtime_of(request)
+    engine = runtime.engine
     chat_request = parse_chat_request(await read_json(request))
-    prepared = engine.chat.prepare(_openai_body(chat_request, stream=True), caller)
+    prepared = engine.simple_chat.prepare(_openai_body(chat_request, stream=True), caller)
     ctx = context(request, "/chat/stream", caller)
     chunks = await until_disconnect(request.receive, engine.stream(prepared, ctx))
     return EventStreamResponse(
         _simple_events(chunks, prepared.model.name, prepared.prompt_bound),
         owner=chunks,
-        keepalive=request.app.state.settings.keepalive_interval,
+        keepalive=runtime.settings.keepalive_interval,
         headers=ctx.headers,
         on_shutdown=_ON_SHUTDOWN,
     )

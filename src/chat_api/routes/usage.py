@@ -11,11 +11,11 @@ from starlette.responses import Response
 
 from chat_api.calls import Caller
 from chat_api.errors import BadRequest
+from chat_api.http_responses import JSONResponse
 from chat_api.limits.budgets import period_bounds, utcnow
-from chat_api.responses import JSONResponse
-from chat_api.routes.deps import CallerDep
+from chat_api.routes.deps import CallerDep, runtime_of
 from chat_api.routes.schemas import simple_errors
-from chat_api.store.ledger import Ledger, dollars
+from chat_api.store.ledger import dollars
 
 router = APIRouter(tags=["usage"])
 
@@ -48,7 +48,7 @@ async def my_usage(
     until: str | None = Query(None, json_schema_extra={"format": "date"}),
 ) -> Response:
     """Totals, by model and by day, for the calling key, with its budget and limits."""
-    ledger: Ledger = request.app.state.ledger
+    ledger = runtime_of(request).ledger
     await ledger.catch_up()
     key_id = caller.key_id if caller else None
     body: dict[str, Any] = await ledger.summary(
@@ -83,5 +83,4 @@ def _in_flight_cap(request: Request, caller: Caller | None) -> int | None:
         return None
     if caller.max_in_flight is not None:
         return caller.max_in_flight
-    default: int = request.app.state.settings.max_in_flight
-    return default or None
+    return runtime_of(request).settings.max_in_flight or None

@@ -7,8 +7,12 @@ the key set's version it was read under is still the current one.
 
 - **With Redis**, the version is a random token at `<prefix>keys:version`,
   replaced after every change by whoever made it (the admin API of any
-  replica, or `chat-api keys revoke`), after the change is committed. Every
-  request reads it (one GET). A token rather than a counter: if Redis loses
+  replica, or `chat-api keys revoke`), after the change is committed. A
+  request that starts a call (chat, responses, embeddings) takes its key
+  from the cache as is (`cached`), and admission checks the version in the
+  same Redis round trip as the key's limits; when it changed, the key is
+  read again (`recheck`) before anything is counted. Every other request
+  reads the version first (one GET). A token rather than a counter: if Redis loses
   its data, a counter starts again at numbers processes have already seen; a
   token never comes back. A missing version (Redis restarted empty) is set
   to a fresh token, so every cache starts over.
@@ -58,7 +62,7 @@ class KeySetVersion:
 
     def __init__(self, redis: Redis | None, *, prefix: str) -> None:
         self._redis = redis
-        self._key = f"{prefix}keys:version"
+        self.key = f"{prefix}keys:version"
         self.local = 0
         self._down_until = 0.0
 
@@ -72,10 +76,10 @@ class KeySetVersion:
         if redis is None or time.monotonic() < self._down_until:
             return self.local, None
         try:
-            token = await redis.get(self._key)
+            token = await redis.get(self.key)
             if token is None:  # a new Redis, or one that lost its data
-                await redis.set(self._key, _fresh_token(), nx=True)
-                token = await redis.get(self._key)
+                await redis.set(self.key, _fresh_token(), nx=True)
+                token = await redis.get(self.key)
         except (RedisError, OSError) as exc:
             if time.monotonic() >= self._down_until:
                 log.warning(
@@ -95,7 +99,7 @@ class KeySetVersion:
         """
         self.local += 1
         if self._redis is not None:
-            await self._redis.set(self._key, _fresh_token())
+            await self._redis.set(self.key, _fresh_token())
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,34 @@ class KeyCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def version_key(self) -> str:
+        return self._version.key
+
+    def cached(self, digest: str) -> tuple[KeyRecord, bytes] | None:
+        """A key already in the cache, with the shared version to check it against; no I/O.
+
+        Only with Redis, and only for a request whose admission checks that
+        version in its own round trip: None sends the caller to `find`.
+        """
+        token = self._seen[1]
+        if token is None or self._seen[0] != self._version.local:
+            return None
+        entry = self._entries.get(digest)
+        if entry is None or entry.version != self._seen:
+            return None
+        if time.monotonic() - entry.read_at >= MAX_AGE:
+            return None
+        return entry.record, token
+
+    async def recheck(self, key_id: str) -> KeyRecord | None:
+        """The key read again, after admission found that the key set changed."""
+        version = await self._version.current()
+        if version != self._seen:
+            self._entries.clear()
+            self._seen = version
+        return await self._keys.get(key_id)
 
     async def find(self, secret: str, digest: str) -> KeyRecord | None:
         """The key whose secret this is (its SHA-256 is `digest`), usable or not; None if none."""

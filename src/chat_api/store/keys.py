@@ -138,7 +138,7 @@ class KeyRecord:
     def usable(self, now: datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 
-    def caller(self) -> Caller:
+    def caller(self, key_version: bytes | None = None) -> Caller:
         return Caller(
             key_id=self.id,
             name=self.name,
@@ -148,6 +148,7 @@ class KeyRecord:
             max_in_flight=self.max_in_flight,
             budget_usd=self.budget_usd,
             budget_period=self.budget_period,
+            key_version=key_version,
         )
 
     def public(self) -> dict[str, Any]:

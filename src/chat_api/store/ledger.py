@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
+import orjson
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -70,14 +70,13 @@ def row_of(result: CallResult) -> dict[str, Any]:
 
 def encode_row(row: dict[str, Any]) -> str:
     """A row as text, to keep beside its lease until the row is committed."""
-    return json.dumps(
-        {**row, "at": row["at"].timestamp(), "cost_usd": str(row["cost_usd"])},
-        separators=(",", ":"),
-    )
+    return orjson.dumps(
+        {**row, "at": row["at"].timestamp(), "cost_usd": str(row["cost_usd"])}
+    ).decode()
 
 
 def decode_row(text: str | bytes) -> dict[str, Any]:
-    row: dict[str, Any] = json.loads(text)
+    row: dict[str, Any] = orjson.loads(text)
     row["at"] = datetime.fromtimestamp(row["at"], UTC)
     row["cost_usd"] = Decimal(row["cost_usd"])
     return row

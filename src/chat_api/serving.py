@@ -1,4 +1,4 @@
-"""uvicorn's HTTP protocol with a deadline and a size limit for request headers.
+"""How uvicorn serves the app: its options, and an HTTP protocol that bounds request headers.
 
 uvicorn waits forever for the headers of a request, so a client that drips
 them a byte at a time (slowloris) can hold connections open indefinitely.

@@ -11,7 +11,7 @@ up to two minutes) on connection errors, 408/409/429 and 5xx, only before
 any byte was read, except a 429 that says the account is out of credit; a
 short connect timeout and a read timeout of `CHAT_API_UPSTREAM_TIMEOUT`.
 `CHAT_API_UPSTREAM_CLIENT=sdk` switches back to the official `AsyncOpenAI`
-client (`providers/openai.py`).
+client (`providers/openai_sdk.py`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ MAX_RETRY_AFTER = 120.0
 CONNECTION_ERRORS = (aiohttp.ClientError, OSError)
 
 
-class FastOpenAIProvider:
+class OpenAIHTTPProvider:
     """Calls the configured upstream with the operator's key, through aiohttp."""
 
     name = "openai"
@@ -133,18 +133,18 @@ class FastOpenAIProvider:
             raise UpstreamError("OpenAI sent an answer that is not a JSON object.")
         return Completion(raw, data, upstream_request_id(response.headers.get("x-request-id")))
 
-    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _FastStream:
+    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _HTTPStream:
         response = await self._post(path, body, request_id)
-        return _FastStream(response, asyncio.get_running_loop().time() + self._deadline)
+        return _HTTPStream(response, asyncio.get_running_loop().time() + self._deadline)
 
     async def forward(
         self, method: str, path: str, body: dict[str, Any] | None, request_id: str
     ) -> Completion:
         return await self.complete(path, body, request_id, method=method)
 
-    async def open_replay(self, path: str, request_id: str) -> _FastStream:
+    async def open_replay(self, path: str, request_id: str) -> _HTTPStream:
         response = await self._post(path, None, request_id, method="GET")
-        return _FastStream(response, asyncio.get_running_loop().time() + self._deadline)
+        return _HTTPStream(response, asyncio.get_running_loop().time() + self._deadline)
 
     async def _post(
         self, path: str, body: dict[str, Any] | None, request_id: str, *, method: str = "POST"
@@ -203,7 +203,7 @@ class FastOpenAIProvider:
             await self._session.close()
 
 
-class _FastStream(ReadingStream):
+class _HTTPStream(ReadingStream):
     """The SSE body of one upstream answer, read as it arrives."""
 
     def __init__(self, response: aiohttp.ClientResponse, deadline: float) -> None:

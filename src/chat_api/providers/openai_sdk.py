@@ -43,7 +43,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole answer larger than this is not an a
 MAX_ERROR_BYTES = 64 * 1024
 
 
-class OpenAIProvider:
+class OpenAISDKProvider:
     """Calls the configured upstream with the operator's key."""
 
     name = "openai"
@@ -89,18 +89,18 @@ class OpenAIProvider:
             raise UpstreamError("OpenAI sent an answer that is not a JSON object.")
         return Completion(raw, data, upstream_request_id(response.headers.get("x-request-id")))
 
-    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _OpenAIStream:
+    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> _SDKStream:
         response = await self._post(path, body, request_id, stream=True)
-        return _OpenAIStream(response, asyncio.get_running_loop().time() + self._deadline)
+        return _SDKStream(response, asyncio.get_running_loop().time() + self._deadline)
 
     async def forward(
         self, method: str, path: str, body: dict[str, Any] | None, request_id: str
     ) -> Completion:
         return await self.complete(path, body, request_id, method=method)
 
-    async def open_replay(self, path: str, request_id: str) -> _OpenAIStream:
+    async def open_replay(self, path: str, request_id: str) -> _SDKStream:
         response = await self._post(path, None, request_id, stream=True, method="GET")
-        return _OpenAIStream(response, asyncio.get_running_loop().time() + self._deadline)
+        return _SDKStream(response, asyncio.get_running_loop().time() + self._deadline)
 
     async def _post(
         self,
@@ -136,7 +136,7 @@ class OpenAIProvider:
         await self._client.close()
 
 
-class _OpenAIStream(ReadingStream):
+class _SDKStream(ReadingStream):
     """The SSE body of one upstream answer, read as it arrives."""
 
     def __init__(self, response: httpx2.Response, deadline: float) -> None:

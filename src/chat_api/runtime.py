@@ -1,11 +1,13 @@
-"""Opening and closing what the app holds while it runs.
+"""What the app holds while it runs (`Runtime`), and how it is opened and closed.
 
-`open_services` runs in the lifespan: the database (migrated), the usage
+`open_runtime` runs in the lifespan: the database (migrated), the usage
 ledger's writer, Redis when configured, the meter, the key store and the
 upstream client. Everything is pushed onto an exit stack, which closes it in
 reverse order at shutdown: open streams get a moment to finish their
 cleanup, queued limit corrections are applied, the ledger is written out,
-and only then do Redis and the database close.
+and only then do Redis and the database close. The app keeps the result in
+one place, `app.state.runtime`, which routes read through
+`routes.deps.runtime_of`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from fastapi import FastAPI
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,9 +31,11 @@ from chat_api.limits.counters import Counter, MemoryCounter, RedisCounter
 from chat_api.limits.epoch import Epoch
 from chat_api.limits.in_flight import Holds, InFlight, MemoryInFlight, RedisInFlight
 from chat_api.limits.leases import RedisLeases
+from chat_api.limits.shared_admission import SharedAdmission
 from chat_api.metrics import Metrics
 from chat_api.middleware import cors_summary
 from chat_api.providers import build_provider
+from chat_api.providers.probe import UpstreamProbe
 from chat_api.store.database import migrate, open_engine
 from chat_api.store.keycache import KeyCache, KeySetVersion
 from chat_api.store.keys import KeyStore
@@ -45,18 +48,26 @@ log = logging.getLogger("chat_api")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-@dataclass(slots=True)
-class Services:
-    """What `/ready` checks."""
+@dataclass(slots=True, frozen=True, eq=False)
+class Runtime:
+    """Everything a route, a dependency or a probe reads from the running app."""
 
+    settings: Settings
+    metrics: Metrics
+    engine: Engine  # the catalog, the provider and the meter hang off it
+    guard: Guard | None  # None when keys are off
+    keys: KeyStore
+    owners: OwnerStore
+    ledger: Ledger
     database: AsyncEngine
     redis: Redis | None
-    has_provider: bool
+    upstream_probe: UpstreamProbe  # what `/ready` asks of the upstream
 
 
-async def open_services(
-    app: FastAPI, settings: Settings, catalog: Catalog, metrics: Metrics, stack: AsyncExitStack
-) -> None:
+async def open_runtime(
+    settings: Settings, catalog: Catalog, metrics: Metrics, stack: AsyncExitStack
+) -> Runtime:
+    """Open what the app holds, each pushed onto `stack` to be closed at shutdown."""
     database = open_engine(
         settings.database_url,
         pool_size=settings.database_pool_size,
@@ -79,6 +90,8 @@ async def open_services(
     budgets: Budgets = MemoryBudgets()
     in_flight: InFlight = MemoryInFlight()
     leases: RedisLeases | None = None
+    shared: SharedAdmission | None = None
+    version = KeySetVersion(None, prefix=settings.redis_prefix)
     if settings.redis_url:
         redis = open_redis(settings.redis_url)
         stack.push_async_callback(redis.aclose)
@@ -99,6 +112,15 @@ async def open_services(
         counter = RedisCounter(redis, prefix=prefix, replicas=replicas)
         budgets = RedisBudgets(redis, prefix=prefix, leases=leases, replicas=replicas)
         in_flight = RedisInFlight(redis, prefix=prefix, replicas=replicas, holds=holds)
+        version = KeySetVersion(redis, prefix=prefix)
+        shared = SharedAdmission(
+            redis,
+            version_key=version.key,
+            counter=counter,
+            in_flight=in_flight,
+            budgets=budgets,
+            leases=leases,
+        )
 
     def record(result: CallResult) -> None:
         ledger.add(result)
@@ -113,9 +135,14 @@ async def open_services(
         default_max_in_flight=settings.max_in_flight,
         leases=leases,
         row_of=row_of,
+        shared=shared,
     )
     ledger.on_written = meter.rows_written
-    stack.push_async_callback(meter.drain)  # runs before the ledger closes
+    # At the end, in this order: the corrections of finished calls, the last rows (while
+    # Redis is still open: committed rows free their calls' leases there), those frees.
+    stack.push_async_callback(meter.drain)
+    stack.push_async_callback(ledger.close)  # also registered above, for a failed start
+    stack.push_async_callback(meter.drain)
 
     provider = build_provider(settings)
     if provider is not None:
@@ -129,19 +156,12 @@ async def open_services(
     stack.push_async_callback(_let_streams_finish, engine)
     # Whole answers whose clients left are read to their end (and billed) first.
     stack.push_async_callback(engine.drain, settings.shutdown_grace)
-    version = KeySetVersion(redis, prefix=settings.redis_prefix)
     keys = KeyStore(database, timeout=settings.database_timeout, version=version)
-    app.state.engine = engine
     owners = OwnerStore(database)
     stack.push_async_callback(owners.drain)  # before the database closes
-    app.state.owners = owners
-    app.state.keys = keys
-    app.state.ledger = ledger
-    app.state.meter = meter
-    app.state.services = Services(database, redis, provider is not None)
-    app.state.guard = (
-        Guard(settings, KeyCache(keys, version), counter) if settings.keys_enabled else None
-    )
+    guard = Guard(settings, KeyCache(keys, version), counter) if settings.keys_enabled else None
+    if guard is not None:
+        meter.recheck = guard.recheck
     if not settings.keys_enabled and settings.has_upstream_key and settings.host not in LOOPBACK:
         log.warning(
             "Anyone who can reach %s:%s can spend your OpenAI key: set CHAT_API_MASTER_KEY "
@@ -158,6 +178,18 @@ async def open_services(
             "redis": redis is not None,
             "database": database.dialect.name,
         },
+    )
+    return Runtime(
+        settings=settings,
+        metrics=metrics,
+        engine=engine,
+        guard=guard,
+        keys=keys,
+        owners=owners,
+        ledger=ledger,
+        database=database,
+        redis=redis,
+        upstream_probe=UpstreamProbe.of(settings),
     )
 
 

@@ -1,0 +1,214 @@
+"""Keys on with Redis: one round trip to admit a call, one (shared by many calls) to settle it.
+
+What a user or an operator would notice: a key revoked on one replica is
+refused on the next request on another, whatever the route; a call costs
+Redis two script runs, not eight commands; what a refused call asked for
+is not left counted; money still holds when many calls settle together;
+and a client that leaves while its admission is on its way leaves nothing
+reserved behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import redis
+
+from tests.conftest import GatewayFactory
+from tests.fakes.openai_server import FakeOpenAI
+from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, make_key
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+CALLS: list[tuple[str, dict[str, Any]]] = [
+    ("/chat", {"message": "hi"}),
+    ("/chat/stream", {"message": "hi"}),
+    ("/v1/chat/completions", CHAT),
+    ("/v1/chat/completions", {**CHAT, "stream": True}),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 16}),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
+]
+
+
+def _call(url: str, secret: str, path: str, body: dict[str, Any]) -> int:
+    return httpx.post(url + path, json=body, headers=auth(secret), timeout=30).status_code
+
+
+def _replicas(
+    gateway_factory: GatewayFactory, postgres_url: str, redis_url: str, prefix: str, count: int
+) -> list[Any]:
+    shared = {"redis_url": redis_url, "redis_prefix": prefix, "database_url": postgres_url}
+    return [gateway_factory(master_key=MASTER, **shared) for _ in range(count)]
+
+
+def test_a_revoked_key_is_refused_by_another_replica_on_every_call_route(
+    postgres_url: str, shared_redis: RedisPlace, gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    one, two = _replicas(gateway_factory, postgres_url, shared_redis.url, shared_redis.prefix, 2)
+    secret, key_id = make_key(one.url)
+    for path, body in CALLS:  # every route has the key cached on `two` now
+        assert _call(two.url, secret, path, body) == 200, path
+    before = fake.hits
+    assert httpx.delete(one.url + f"/admin/keys/{key_id}", headers=auth(MASTER)).status_code == 200
+    for path, body in CALLS:
+        assert _call(two.url, secret, path, body) == 401, path
+    assert httpx.get(two.url + "/v1/models", headers=auth(secret)).status_code == 401
+    assert fake.hits == before  # nothing of the revoked key's reached OpenAI
+
+
+def test_another_key_changing_costs_a_cached_key_nothing_but_one_read(
+    postgres_url: str, shared_redis: RedisPlace, gateway_factory: GatewayFactory
+) -> None:
+    (gateway,) = _replicas(gateway_factory, postgres_url, shared_redis.url, shared_redis.prefix, 1)
+    secret, _ = make_key(gateway.url, rpm=100)
+    assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+    _, other = make_key(gateway.url)
+    assert httpx.delete(gateway.url + f"/admin/keys/{other}", headers=auth(MASTER)).is_success
+    for _ in range(3):  # the key set changed twice: the cached key is read again, still valid
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+
+
+def _quiet(client: redis.Redis, key_id: str, prefix: str = "t:") -> None:
+    """Wait until every call of the key settled and its lease is gone (its row written)."""
+    deadline = time.monotonic() + 10
+    while client.zcard(f"{prefix}inflight:{key_id}") or client.zcard(f"{prefix}leases"):
+        assert time.monotonic() < deadline, "calls did not settle"
+        time.sleep(0.05)
+
+
+class _Watch:
+    """The commands clients send Redis (MONITOR), without those scripts run inside it."""
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self.sent: list[str] = []
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._ready = threading.Event()
+
+    def _listen(self) -> None:
+        with self._client.monitor() as monitor:
+            self._ready.set()
+            for command in monitor.listen():
+                text = str(command["command"])
+                if text == "ECHO end-of-watch":
+                    return
+                if command.get("client_type") != "lua":
+                    self.sent.append(text.split(" ", 1)[0].upper())
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        self._ready.wait(5)
+        time.sleep(0.1)  # MONITOR is on before the first command is sent
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.echo("end-of-watch")
+        self._thread.join(10)
+
+
+def test_a_call_costs_redis_two_script_runs_and_a_refusal_takes_nothing(
+    postgres_url: str, private_redis: PrivateRedis, gateway_factory: GatewayFactory
+) -> None:
+    (gateway,) = _replicas(gateway_factory, postgres_url, private_redis.url, "t:", 1)
+    secret, key_id = make_key(
+        gateway.url, rpm=1000, tpm=1_000_000, budget_usd="0.05", max_in_flight=4
+    )
+    client = redis.Redis.from_url(private_redis.url)
+    for _ in range(3):  # warm: the key cached, the budget seeded, the scripts loaded
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+    _quiet(client, key_id)
+    calls = 20
+    with _Watch(private_redis.url) as watch:
+        for _ in range(calls):
+            assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+        _quiet(client, key_id)
+    # Admission and settlement are a script each; the lease's cleanup once the ledger
+    # wrote the row is one more (per batch of rows). Besides them only the watch's own
+    # ZCARDs, the holds' renewal and the once-a-second check that Redis kept its data.
+    scripts = watch.sent.count("EVALSHA")
+    others = [name for name in watch.sent if name not in ("EVALSHA", "ZCARD")]
+    assert 2 * calls <= scripts <= 3 * calls, watch.sent
+    assert len(others) <= 10, others  # no command per limit any more
+
+    budget = f"t:budget:{key_id}:t"
+    total = int(client.get(budget) or 0)
+    in_flight = client.zcard(f"t:inflight:{key_id}")
+    assert in_flight == 0  # every slot given back
+    # A call refused by its budget takes nothing: not a request, not a slot, not money.
+    huge = {**CHAT, "max_tokens": 16_000, "n": 8}  # up to $0.077 on a $0.05 budget
+    response = httpx.post(gateway.url + "/v1/chat/completions", json=huge, headers=auth(secret))
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "insufficient_quota"
+    assert int(client.get(budget) or 0) == total
+    assert client.zcard(f"t:inflight:{key_id}") == 0
+    assert not client.keys("t:lease:*")
+
+
+def test_many_calls_settling_together_hold_the_budget_and_leave_one_row_each(
+    postgres_url: str, shared_redis: RedisPlace, gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    one, two = _replicas(gateway_factory, postgres_url, shared_redis.url, shared_redis.prefix, 2)
+    budget = Decimal("0.0002")  # about 40 calls at what they cost, 1 at its worst case
+    secret, key_id = make_key(one.url, budget_usd=str(budget), max_in_flight=64)
+    body = {**CHAT, "max_tokens": 200}
+
+    def go(i: int) -> int:
+        return _call((one, two)[i % 2].url, secret, "/v1/chat/completions", body)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        statuses = list(pool.map(go, range(200)))
+    assert statuses.count(200) >= 1 and 429 in statuses and set(statuses) <= {200, 429}
+    assert fake.biller.total <= budget  # what OpenAI billed never passed the budget
+    deadline = time.monotonic() + 15
+    while True:
+        usage = httpx.get(
+            one.url + "/admin/usage", params={"key_id": key_id}, headers=auth(MASTER)
+        ).json()["totals"]
+        if usage["requests"] >= statuses.count(200) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert usage["requests"] == statuses.count(200) == fake.hits  # one row per upstream call
+    assert Decimal(str(usage["cost_usd"])) >= fake.biller.total
+
+
+def test_a_client_that_leaves_while_admission_is_on_its_way_leaves_nothing_reserved(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+    fake: FakeOpenAI,
+) -> None:
+    """The script runs in Redis whatever the client does: what it took is given back."""
+    (gateway,) = _replicas(gateway_factory, postgres_url, private_redis.url, "t:", 1)
+    secret, key_id = make_key(gateway.url, budget_usd="1", max_in_flight=100)
+    assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+    client = redis.Redis.from_url(private_redis.url)
+    budget = f"t:budget:{key_id}:t"
+    _quiet(client, key_id)
+    settled_total = int(client.get(budget) or 0)
+    hits = fake.hits
+
+    async def leave_while_redis_is_slow() -> None:
+        # Redis holds every script for 1.5 s; the clients give up after 0.5 s.
+        client.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        async with httpx.AsyncClient(base_url=gateway.url, headers=auth(secret)) as http:
+
+            async def one() -> None:
+                with contextlib.suppress(httpx.TimeoutException):
+                    body = {**CHAT, "max_tokens": 4000}
+                    await http.post("/v1/chat/completions", json=body, timeout=0.5)
+
+            await asyncio.gather(*(one() for _ in range(20)))
+
+    paused_at = time.monotonic()
+    asyncio.run(leave_while_redis_is_slow())
+    time.sleep(max(0.0, paused_at + 1.7 - time.monotonic()))  # the held scripts have run
+    client.set("t:after-the-pause", 1)
+    _quiet(client, key_id)  # every slot back, every lease gone (none left for the reaper)
+    assert int(client.get(budget) or 0) == settled_total  # nothing reserved is left behind
+    assert fake.hits == hits  # and none of them reached OpenAI
