@@ -14,8 +14,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, GatewayPool
 from tests.fakes.openai_server import FakeOpenAI, Plan
+from tests.servers import ServerThread
 
 FAST_RETRY = {"retry-after-ms": "5"}  # the gateway's own retries, without the wait
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -27,9 +28,11 @@ def upstream_client(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def retrying(gateway_factory: GatewayFactory, upstream_client: str) -> str:
-    """A gateway that retries twice, as by default; its /v1 URL."""
-    return gateway_factory(upstream_retries=2, upstream_client=upstream_client).url
+def retrying(
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI, upstream_client: str
+) -> str:
+    """A gateway that retries twice, as by default (shared: the cases only read); its URL."""
+    return shared_gateways.get(upstream_retries=2, upstream_client=upstream_client).url
 
 
 def sdk(url: str) -> openai.OpenAI:

@@ -22,6 +22,12 @@ V1 = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+@pytest.fixture
+def gateway(shared_gateway: ServerThread) -> ServerThread:
+    """These tests only read (a call and its answer): they share the module's gateway."""
+    return shared_gateway
+
+
 def _data_url(kind: str, size: int) -> str:
     return f"data:{kind};base64," + base64.b64encode(os.urandom(size)).decode()
 

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chat_api.app import create_app
 from chat_api.config import Settings
-from tests.conftest import gateway_settings
+from tests.conftest import GatewayPool, gateway_settings
 from tests.fakes.openai_server import FakeOpenAI
 from tests.keys.conftest import (
     MASTER,
@@ -215,53 +215,24 @@ def start_recording(settings: Settings, **server_config: Any) -> Gateway:
     return Gateway(server, app, recorder, settings)
 
 
-class GatewayPool:
-    """Recording gateways a module's tests share: one for each set of settings asked for.
-
-    Starting a gateway costs more than most cases that use one; a case that
-    only reads (a call, its answer, its ledger row by request id) can share.
-    """
-
-    def __init__(self, fake: FakeOpenAI, upstream_url: str, folder: Path) -> None:
-        self.fake = fake
-        self.upstream_url = upstream_url
-        self.folder = folder
-        self.started: dict[str, Gateway] = {}
-
-    def get(self, **overrides: Any) -> Gateway:
-        """The running gateway with these settings (on top of the test defaults), started once."""
-        key = repr(sorted(overrides.items()))
-        if key not in self.started:
-            folder = self.folder / f"gateway-{len(self.started)}"
-            folder.mkdir()
-            # Rows are written at once, so a case finds its call's row without waiting.
-            values = {"ledger_flush_interval": 0.05, **overrides}
-            settings = gateway_settings(self.fake, self.upstream_url, folder, **values)
-            self.started[key] = start_recording(settings)
-        return self.started[key]
-
-    def stop(self) -> None:
-        for gateway in self.started.values():
-            gateway.stop()
-
-
 @pytest.fixture(scope="module")
 def gateway_pool(
     fake_server: tuple[FakeOpenAI, ServerThread], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GatewayPool]:
+) -> Iterator[GatewayPool[Gateway]]:
+    """The module's shared gateways, each recording its answers for the secret checks."""
     fake, server = fake_server
-    pool = GatewayPool(fake, server.url + "/v1", tmp_path_factory.mktemp("pool"))
+    pool = GatewayPool(fake, server.url + "/v1", tmp_path_factory.mktemp("pool"), start_recording)
     yield pool
     pool.stop()
 
 
 @pytest.fixture
 def pooled(
-    gateway_pool: GatewayPool,
+    gateway_pool: GatewayPool[Gateway],
     fake: FakeOpenAI,
     secrets_watch: Secrets,
     caplog: pytest.LogCaptureFixture,
-) -> Iterator[GatewayPool]:
+) -> Iterator[GatewayPool[Gateway]]:
     """The module's shared gateways, with this test's answers and log lines checked for keys."""
     for gateway in gateway_pool.started.values():
         gateway.recorder.exchanges.clear()

@@ -10,9 +10,10 @@ import httpx
 import pytest
 
 from tests.clock import Clock
+from tests.conftest import GatewayPool
 from tests.endpoints import Endpoint, error_message
 from tests.fakes.openai_server import FakeOpenAI
-from tests.faults.conftest import GatewayMaker, GatewayPool, size
+from tests.faults.conftest import Gateway, GatewayMaker, size
 from tests.keys.conftest import MASTER, auth, make_key
 
 pytestmark = pytest.mark.faults
@@ -113,7 +114,7 @@ CASES = [
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_hostile_bodies_are_refused_before_the_upstream(
-    pooled: GatewayPool,
+    pooled: GatewayPool[Gateway],
     fake: FakeOpenAI,
     path: str,
     body: bytes,

@@ -34,6 +34,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import GatewayPool
 from tests.endpoints import (
     ENDPOINTS,
     SIMPLE_STREAM,
@@ -48,7 +49,7 @@ from tests.endpoints import (
 )
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.fakes.raw_upstream import RawUpstream, sse_event
-from tests.faults.conftest import Gateway, GatewayPool, ledger_rows, proc_stats, wait_until
+from tests.faults.conftest import Gateway, ledger_rows, proc_stats, wait_until
 from tests.ops.conftest import Spawn
 from tests.sse import events
 
@@ -284,7 +285,7 @@ def answer_text(endpoint: Endpoint, response: httpx.Response) -> str:
 
 @pytest.mark.parametrize(("fault", "endpoint", "client"), cases())
 def test_upstream_fault(
-    pooled: GatewayPool,
+    pooled: GatewayPool[Gateway],
     fake: FakeOpenAI,
     raw: RawUpstream,
     caplog: pytest.LogCaptureFixture,
@@ -358,7 +359,7 @@ LONG_TEXT = " ".join(f"word{i}" for i in range(300))  # 15 s at 0.05 s a chunk
 @pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("endpoint", STREAMS, ids=str)
 def test_a_client_that_leaves_a_stream_closes_the_upstream_and_is_billed_an_estimate(
-    pooled: GatewayPool, fake: FakeOpenAI, endpoint: Endpoint, client: str
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI, endpoint: Endpoint, client: str
 ) -> None:
     gateway = pooled.get(upstream_client=client)
     fake.queue(Plan(text=LONG_TEXT, chunk_interval=0.05))
@@ -392,7 +393,7 @@ def test_a_client_that_leaves_a_stream_closes_the_upstream_and_is_billed_an_esti
 @pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("endpoint", STREAMS, ids=str)
 def test_a_client_that_leaves_before_the_headers_closes_the_upstream(
-    pooled: GatewayPool, fake: FakeOpenAI, endpoint: Endpoint, client: str
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI, endpoint: Endpoint, client: str
 ) -> None:
     gateway = pooled.get(upstream_client=client)
     fake.queue(Plan(delay_before_headers=3))
@@ -404,7 +405,7 @@ def test_a_client_that_leaves_before_the_headers_closes_the_upstream(
 @pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if not e.stream], ids=str)
 def test_a_client_that_gives_up_on_a_whole_answer_still_has_it_read_to_the_end(
-    pooled: GatewayPool, fake: FakeOpenAI, endpoint: Endpoint, client: str
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI, endpoint: Endpoint, client: str
 ) -> None:
     """OpenAI goes on writing a whole answer (and bills it) when its caller leaves, so the
     gateway reads it to its end and records its exact usage (tests/limits has the money)."""
@@ -424,7 +425,7 @@ def test_a_client_that_gives_up_on_a_whole_answer_still_has_it_read_to_the_end(
 @pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=str)
 def test_the_operator_key_and_request_ids_go_upstream_and_the_upstream_id_comes_back(
-    pooled: GatewayPool, fake: FakeOpenAI, endpoint: Endpoint, client: str
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI, endpoint: Endpoint, client: str
 ) -> None:
     gateway = pooled.get(upstream_client=client)
     url = gateway.url + endpoint.path
@@ -451,7 +452,7 @@ def test_the_operator_key_and_request_ids_go_upstream_and_the_upstream_id_comes_
 
 @pytest.mark.parametrize("client", CLIENTS)
 def test_the_openai_sdk_raises_on_a_broken_stream(
-    pooled: GatewayPool, fake: FakeOpenAI, client: str
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI, client: str
 ) -> None:
     gateway = pooled.get(upstream_client=client)
     fake.queue(Plan(drop_after_chunks=3))
@@ -470,7 +471,7 @@ def test_the_openai_sdk_raises_on_a_broken_stream(
 @pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("endpoint", STREAMS, ids=str)
 def test_pings_keep_a_silent_stream_alive_and_the_answer_whole(
-    pooled: GatewayPool, fake: FakeOpenAI, endpoint: Endpoint, client: str
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI, endpoint: Endpoint, client: str
 ) -> None:
     gateway = pooled.get(upstream_client=client, keepalive_interval=0.2)
     fake.queue(Plan(first_chunk_delay=0.7))
@@ -484,7 +485,7 @@ def test_pings_keep_a_silent_stream_alive_and_the_answer_whole(
 
 
 def test_each_quiet_stream_is_pinged_and_a_busy_one_is_not(
-    pooled: GatewayPool, fake: FakeOpenAI
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI
 ) -> None:
     """One keep-alive clock serves every open stream, each by its own silence."""
     gateway = pooled.get(keepalive_interval=0.5)
@@ -550,7 +551,7 @@ SPLITS: dict[str, Callable[[], list[bytes]]] = {
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("endpoint", STREAMS, ids=str)
 def test_utf8_split_across_network_reads_is_put_back_together(
-    pooled: GatewayPool, fake: FakeOpenAI, endpoint: Endpoint, split: str, client: str
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI, endpoint: Endpoint, split: str, client: str
 ) -> None:
     gateway = pooled.get(upstream_client=client)
     fake.queue(Plan(raw_chunks=SPLITS[split](), chunk_interval=0.0005))
@@ -561,7 +562,7 @@ def test_utf8_split_across_network_reads_is_put_back_together(
 
 @pytest.mark.parametrize("client", CLIENTS)
 def test_utf8_split_through_the_openai_sdk(
-    pooled: GatewayPool, fake: FakeOpenAI, client: str
+    pooled: GatewayPool[Gateway], fake: FakeOpenAI, client: str
 ) -> None:
     gateway = pooled.get(upstream_client=client)
     fake.queue(Plan(raw_chunks=SPLITS["inside-every-character"](), chunk_interval=0.001))
