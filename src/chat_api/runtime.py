@@ -157,7 +157,7 @@ async def open_runtime(
     # Whole answers whose clients left are read to their end (and billed) first.
     stack.push_async_callback(engine.drain, settings.shutdown_grace)
     keys = KeyStore(database, timeout=settings.database_timeout, version=version)
-    owners = OwnerStore(database)
+    owners = OwnerStore(database, timeout=settings.database_timeout)
     stack.push_async_callback(owners.drain)  # before the database closes
     guard = Guard(settings, KeyCache(keys, version), counter) if settings.keys_enabled else None
     if guard is not None:

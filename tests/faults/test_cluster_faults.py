@@ -147,6 +147,8 @@ def test_three_replicas_through_a_burst_a_redis_restart_and_a_hung_database(
     calls = [("POST", url + "/chat", fresh) for url in urls for _ in range(size(10, 3))]
     calls += [("GET", url + "/usage", budgeted) for url in urls]
     calls += [("GET", url + "/admin/keys", MASTER) for url in urls]
+    # Whose is this response? Not cached anywhere: the owners table must be asked.
+    calls += [("GET", url + "/v1/responses/resp_never_seen_here", budgeted) for url in urls]
     limits = httpx.Limits(max_connections=len(calls))
     with ThreadPoolExecutor(len(calls)) as pool, httpx.Client(timeout=60, limits=limits) as client:
         outcomes = list(pool.map(lambda call: _timed(client, *call), calls))

@@ -107,11 +107,16 @@ class Load:
                     self.statuses.append(0)  # the replica died under it
 
 
-def _ledger(postgres_url: str, key_id: str) -> list[dict[str, Any]]:
+def _ledger(postgres_url: str, key_id: str | None) -> list[dict[str, Any]]:
+    """The key's rows (None: the master key's)."""
+
     async def read() -> list[dict[str, Any]]:
         connection = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
         try:
-            rows = await connection.fetch("SELECT * FROM usage WHERE key_id = $1", key_id)
+            if key_id is None:
+                rows = await connection.fetch("SELECT * FROM usage WHERE key_id IS NULL")
+            else:
+                rows = await connection.fetch("SELECT * FROM usage WHERE key_id = $1", key_id)
         finally:
             await connection.close()
         return [dict(row) for row in rows]
@@ -138,22 +143,30 @@ def test_a_replica_killed_mid_load_loses_no_row_and_holds_no_reservation(
     victim = replicas[2]
     store = redis.Redis.from_url(private_redis.url)
     prefix = "chatapi:"
-    with Load(replicas, key, clients=size(full=24, ci=9)) as load:
+    # The master key's calls have no limits, but a lease too: they must not lose rows either.
+    with (
+        Load(replicas, key, clients=size(full=24, ci=9)) as load,
+        Load(replicas, MASTER, clients=size(full=6, ci=4)) as master_load,
+    ):
         time.sleep(seconds(4.0, 1.5))
         wait_until(lambda: store.zcard(prefix + "leases") >= 6, timeout=5)
         load.dead.add(victim.url)
+        master_load.dead.add(victim.url)
         victim.signal(signal.SIGKILL)
         time.sleep(seconds(4.0, 1.0))
     assert victim.wait(5) == -signal.SIGKILL
 
+    def all_rows() -> list[dict[str, Any]]:
+        return _ledger(postgres_url, key_id) + _ledger(postgres_url, None)
+
     def settled() -> bool:
-        return not store.zcard(prefix + "leases") and len(_ledger(postgres_url, key_id)) >= (
-            fake.calls
-        )
+        return not store.zcard(prefix + "leases") and len(all_rows()) >= fake.calls
 
     # Within the bound: the lease runs out, a reaper (every 0.3 s) writes the row.
     assert wait_until(settled, timeout=LEASE_SECONDS * 4 + 5, interval=0.2)
-    rows = _ledger(postgres_url, key_id)
+    master_rows = _ledger(postgres_url, None)
+    assert master_rows and len({row["call_id"] for row in master_rows}) == len(master_rows)
+    rows = all_rows()
     assert len({row["call_id"] for row in rows}) == len(rows)  # no call with two rows
     lost = [row for row in rows if row["outcome"] == "replica_lost"]
     outcomes = sorted((row["outcome"], row["streamed"]) for row in rows)
@@ -167,6 +180,7 @@ def test_a_replica_killed_mid_load_loses_no_row_and_holds_no_reservation(
     )  # billed at the worst case: errs on the operator's side
     assert load.statuses.count(200) > len(rows) / 2
 
+    rows = [row for row in rows if row["key_id"] == key_id]
     spent = sum((row["cost_usd"] for row in rows), Decimal(0))
     worst_call = max(row["cost_usd"] for row in rows)
     assert spent <= budget + worst_call  # the budget held, whatever died

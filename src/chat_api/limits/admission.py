@@ -89,6 +89,28 @@ class _Recorded:
 
 
 @dataclass(slots=True)
+class _Leased:
+    """A call with no limits (the master key, or keys off) that still holds a lease in Redis."""
+
+    meter: KeyMeter
+    lease: Lease
+
+    def settle(self, result: CallResult) -> None:
+        result.call_id = self.lease.call_id
+        self.meter.sink(result)
+        self.meter.later(self._correct(result))
+
+    async def _correct(self, result: CallResult) -> None:
+        leases = self.meter.leases
+        assert leases is not None
+        try:
+            await leases.settle(self.lease, 0, self.meter.row_of(result))
+        except BaseException:
+            leases.abandon(self.lease)  # the reaper writes its estimated row
+            raise
+
+
+@dataclass(slots=True)
 class _Limited:
     meter: KeyMeter
     key_id: str
@@ -206,7 +228,7 @@ class KeyMeter:
     async def admit(self, ctx: CallContext, prepared: Prepared) -> Admission:
         caller = ctx.caller
         if caller is None or caller.key_id is None:
-            return self._recorded
+            return await self._unlimited(ctx, prepared)
         shared = self.shared
         if shared is not None and shared.ready:
             try:
@@ -220,6 +242,18 @@ class KeyMeter:
         if caller.key_version is not None:  # the step way does not check the key set
             caller = ctx.caller = await self._recheck(caller)
         return await self._admit_steps(ctx, caller, prepared)
+
+    async def _unlimited(self, ctx: CallContext, prepared: Prepared) -> Admission:
+        """Only recorded; with Redis, under a lease too, so a replica's death loses no row."""
+        if self.leases is None:
+            return self._recorded
+        lease = Lease.of(_new_call_id(), "", ctx, prepared)
+        try:
+            await self.leases.open(lease)
+        except (RedisError, OSError) as exc:
+            log.warning("could not take a lease for a call", extra={"error": type(exc).__name__})
+            return self._recorded  # the row is only as safe as this process
+        return _Leased(self, lease)
 
     async def _recheck(self, caller: Caller) -> Caller:
         return await self.recheck(caller) if self.recheck is not None else caller

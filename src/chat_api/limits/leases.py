@@ -172,7 +172,7 @@ def estimated_row(call_id: str, fields: dict[str, str]) -> dict[str, Any]:
     """The row of a call whose replica died before it settled: its worst case, marked."""
     return {
         "at": datetime.fromtimestamp(float(fields["at"]), UTC),
-        "key_id": fields["key_id"],
+        "key_id": fields["key_id"] or None,  # "": the master key, or keys off
         "endpoint": fields["endpoint"],
         "model": fields["model"],
         "streamed": fields["streamed"] == "1",

@@ -27,7 +27,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chat_api.store.database import as_utc, utcnow
+from chat_api.store.database import answering, as_utc, utcnow
 from chat_api.store.schema import owners
 
 Kind = Literal["response", "conversation"]
@@ -53,8 +53,11 @@ class Owner:
 class OwnerStore:
     """The `owners` table, with a small cache in front of it."""
 
-    def __init__(self, engine: AsyncEngine, *, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, cache_size: int = CACHE_SIZE, timeout: float | None = None
+    ) -> None:
         self._engine = engine
+        self._timeout = timeout  # CHAT_API_DATABASE_TIMEOUT: a hung database is a 503, soon
         self._cache: OrderedDict[str, Owner] = OrderedDict()
         self._cache_size = cache_size
         self._writing: set[asyncio.Task[None]] = set()
@@ -68,14 +71,12 @@ class OwnerStore:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, not {kind!r}")
         now = utcnow()
-        try:
-            async with self._engine.begin() as connection:
-                await connection.execute(
-                    insert(owners).values(
-                        object_id=object_id, kind=kind, key_id=key_id, created_at=now
-                    )
-                )
-        except IntegrityError:
+        inserted = await answering(
+            self._timeout,
+            "Ownership cannot be recorded",
+            self._insert(object_id, kind, key_id, now),
+        )
+        if not inserted:
             existing = await self._load(object_id)
             if existing is None:  # recorded and forgotten in between: record it anew
                 return await self.record(object_id, kind, key_id)
@@ -84,6 +85,19 @@ class OwnerStore:
         owner = Owner(object_id, kind, key_id, now)
         self._remember(owner)
         return owner
+
+    async def _insert(self, object_id: str, kind: Kind, key_id: str | None, now: datetime) -> bool:
+        """Whether the row went in (False: the id was recorded already)."""
+        try:
+            async with self._engine.begin() as connection:
+                await connection.execute(
+                    insert(owners).values(
+                        object_id=object_id, kind=kind, key_id=key_id, created_at=now
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
 
     def record_soon(self, object_id: str, kind: Kind, key_id: str | None) -> None:
         """Known to this process at once; written to the database in the background.
@@ -121,10 +135,18 @@ class OwnerStore:
     async def forget(self, object_id: str) -> None:
         """The object was deleted: drop its row and its cache entry."""
         self._cache.pop(object_id, None)
+        await answering(self._timeout, "Ownership cannot be changed", self._delete(object_id))
+
+    async def _delete(self, object_id: str) -> None:
         async with self._engine.begin() as connection:
             await connection.execute(delete(owners).where(owners.c.object_id == object_id))
 
     async def _load(self, object_id: str) -> Owner | None:
+        return await answering(
+            self._timeout, "Ownership cannot be checked", self._select(object_id)
+        )
+
+    async def _select(self, object_id: str) -> Owner | None:
         async with self._engine.connect() as connection:
             result = await connection.execute(select(owners).where(owners.c.object_id == object_id))
             row = result.mappings().first()
