@@ -148,12 +148,12 @@ def test_slow_body_gets_408_at_the_body_deadline_and_others_are_served(gw: Gatew
 # --- a crowd of concurrent streams ------------------------------------------------------------
 
 
-IDLE_CLOSE = 2  # seconds before the crowd's fake closes an idle keep-alive connection
+IDLE_CLOSE = 1  # seconds before the crowd's fake closes an idle keep-alive connection
 
 
 @pytest.fixture
 def quick_closing_fake() -> Iterator[tuple[FakeOpenAI, str]]:
-    """A fake upstream of this test's own that closes idle connections after 2 s, not 5."""
+    """A fake upstream of this test's own that closes idle connections after 1 s, not 5."""
     fake = FakeOpenAI()
     with ServerThread(fake, timeout_keep_alive=IDLE_CLOSE) as server:
         yield fake, server.url + "/v1"

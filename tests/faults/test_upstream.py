@@ -50,7 +50,7 @@ from tests.endpoints import (
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.fakes.raw_upstream import RawUpstream, sse_event
 from tests.faults.conftest import Gateway, ledger_rows, proc_stats, wait_until
-from tests.ops.conftest import Spawn
+from tests.ops.conftest import GatewayProcess
 from tests.sse import events
 
 pytestmark = pytest.mark.faults
@@ -579,6 +579,33 @@ def test_utf8_split_through_the_openai_sdk(
 FIFTY_MB = 50 * 1024 * 1024
 
 
+@pytest.fixture(scope="module")
+def served(
+    fake_server: tuple[FakeOpenAI, Any], raw: RawUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], GatewayProcess]]:
+    """`chat-api serve` processes in front of the raw upstream, one per upstream client."""
+    folder = tmp_path_factory.mktemp("served")
+    running: dict[str, GatewayProcess] = {}
+
+    def get(client: str) -> GatewayProcess:
+        if client not in running:
+            env = {
+                "OPENAI_API_KEY": fake_server[0].api_key,
+                "OPENAI_BASE_URL": raw.url,
+                "CHAT_API_UPSTREAM_RETRIES": "0",
+                "CHAT_API_UPSTREAM_CLIENT": client,
+                "CHAT_API_DATABASE_URL": f"sqlite+aiosqlite:///{folder}/{client}.db",
+            }
+            running[client] = gateway = GatewayProcess(env, folder / f"{client}.log")
+            for _ in range(3):  # warm up the request path (the upstream only ever misbehaves)
+                httpx.post(gateway.url + "/chat", json={"message": ""}, timeout=10)
+        return running[client]
+
+    yield get
+    for gateway in running.values():
+        gateway.stop()
+
+
 @pytest.mark.parametrize(
     ("mode", "endpoint", "expected", "upstream_client"),
     [
@@ -589,45 +616,36 @@ FIFTY_MB = 50 * 1024 * 1024
     + [pytest.param("huge_json_unsized", V1, "too large", "aiohttp", id="unsized-answer-aiohttp")],
 )
 def test_a_50_mb_upstream_body_is_capped_and_memory_stays_flat(
-    spawn: Spawn,
-    fake: FakeOpenAI,
-    tmp_path: Path,
+    served: Callable[[str], GatewayProcess],
+    raw: RawUpstream,
     mode: str,
     endpoint: Endpoint,
     expected: str,
     upstream_client: str,
 ) -> None:
-    with RawUpstream(mode, total=FIFTY_MB) as upstream:
-        gateway = spawn(
-            {
-                "OPENAI_API_KEY": fake.api_key,
-                "OPENAI_BASE_URL": upstream.url,
-                "CHAT_API_UPSTREAM_RETRIES": "0",
-                "CHAT_API_UPSTREAM_CLIENT": upstream_client,
-                "CHAT_API_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
-            }
-        )
-        pid = gateway.process.pid
-        for _ in range(3):  # warm up the request path (the upstream only ever misbehaves)
-            httpx.post(gateway.url + "/chat", json={"message": ""}, timeout=10)
-        before = proc_stats(pid)
-        with httpx.stream(
-            "POST", gateway.url + endpoint.path, json=endpoint.body(), timeout=60
-        ) as response:
-            response.read()
-        after = proc_stats(pid)
-        gateway.stop()
-        sent = upstream.connections[-1].sent
+    gateway = served(upstream_client)
+    pid = gateway.process.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS from now on (Linux)
+    raw.misbehave(mode)
+    before = proc_stats(pid)
+    with httpx.stream(
+        "POST", gateway.url + endpoint.path, json=endpoint.body(), timeout=60
+    ) as response:
+        response.read()
+    after = proc_stats(pid)
+    upstream = raw.connections[-1]
     if endpoint.stream:
         assert response.status_code == 200
         assert expected in final_error(endpoint, events(response))
         # The gateway stopped reading soon after its 8 MiB cap, and closed the socket.
-        assert sent < FIFTY_MB
+        assert upstream.closed_by_peer.wait(5)
+        assert upstream.sent < FIFTY_MB
     else:
         assert response.status_code == 502
         assert expected in error_message(endpoint, response.json())
     peak_growth_mb = (after.peak_kb - before.rss_kb) / 1024
-    print(f"{mode}: upstream sent {sent / 2**20:.1f} MiB, peak RSS growth {peak_growth_mb:.1f} MiB")
+    sent_mb = upstream.sent / 2**20
+    print(f"{mode}: upstream sent {sent_mb:.1f} MiB, peak RSS growth {peak_growth_mb:.1f} MiB")
     # Bounded by the caps (8 MiB an event, 32 MiB a whole answer), not by what was sent.
     assert peak_growth_mb < 48, f"memory grew by {peak_growth_mb:.0f} MiB for one answer"
     assert "sk-test" not in gateway.logs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -83,9 +84,10 @@ Spawn = Callable[..., GatewayProcess]
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
     started: list[GatewayProcess] = []
+    numbers = itertools.count()  # each its own log, even when started side by side
 
     def start(env: dict[str, str], *args: str) -> GatewayProcess:
-        gateway = GatewayProcess(env, tmp_path / f"gateway-{len(started)}.log", *args)
+        gateway = GatewayProcess(env, tmp_path / f"gateway-{next(numbers)}.log", *args)
         started.append(gateway)
         return gateway
 
