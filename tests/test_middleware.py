@@ -117,6 +117,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_unfinished_huge_headers_are_cut_off_and_cost_no_memory(tmp_path: Path) -> None:
     """100 connections x 2 MB of headers that never end (the gateway as `chat-api serve`)."""
     port = _free_port()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from bench.scenarios import PROFILES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,7 @@ def asked_for(name: str) -> int:
     raise AssertionError(f"the smoke test does not know scenario {name!r}")
 
 
+@pytest.mark.slow
 def test_smoke_bench_prints_the_table_and_writes_sane_json(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     done = subprocess.run(

@@ -204,6 +204,7 @@ async def _crowd(port: int, key: str, count: int) -> Counter[int]:
     return Counter(results)
 
 
+@pytest.mark.slow
 def test_a_crowd_of_concurrent_streams_is_served_or_capped_and_resources_come_back(
     spawn: Spawn, quick_closing_fake: tuple[FakeOpenAI, str], tmp_path: Path
 ) -> None:
@@ -230,7 +231,7 @@ def test_a_crowd_of_concurrent_streams_is_served_or_capped_and_resources_come_ba
     for round_ in range(2):  # the second round shows whether anything ratchets up
         # A fresh key (a fresh per-minute count) allowed as many streams at once as it may make.
         secret, _ = make_key(gateway.url, rpm=cap, max_in_flight=count)
-        avoid_minute_edge(margin=45 if FULL else 8)
+        avoid_minute_edge(margin=45 if FULL else 5)  # a CI round takes a second or two
         started = time.monotonic()
         results = asyncio.run(_crowd(gateway.port, secret, count))
         took = time.monotonic() - started

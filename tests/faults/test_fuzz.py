@@ -23,6 +23,7 @@ pytestmark = pytest.mark.faults
 # --- schemathesis ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_schemathesis_every_operation_all_checks_no_5xx(
     gw: GatewayMaker, fake: FakeOpenAI, tmp_path: Path
 ) -> None:

@@ -128,6 +128,7 @@ def _micro(amount: Decimal) -> int:
     return int(amount * 1_000_000)
 
 
+@pytest.mark.slow
 def test_a_replica_killed_mid_load_loses_no_row_and_holds_no_reservation(
     postgres_url: str,
     private_redis: PrivateRedis,
@@ -191,6 +192,7 @@ def test_a_replica_killed_mid_load_loses_no_row_and_holds_no_reservation(
     store.close()
 
 
+@pytest.mark.slow
 def test_redis_restarted_without_its_data_keeps_the_budget_with_calls_in_flight(
     postgres_url: str,
     private_redis: PrivateRedis,

@@ -141,6 +141,7 @@ def database_away(url: str) -> object:
         _bring_back(name)
 
 
+@pytest.mark.slow
 def test_postgres_going_away_keeps_rows_queued_and_loses_none(
     postgres_url: str, gw: GatewayMaker, fake: FakeOpenAI
 ) -> None:

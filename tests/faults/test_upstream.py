@@ -606,6 +606,7 @@ def served(
         gateway.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "endpoint", "expected", "upstream_client"),
     [
