@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
@@ -57,8 +58,8 @@ def _cluster(
         "CHAT_API_LEASE_SECONDS": str(LEASE_SECONDS),
         "CHAT_API_REAPER_INTERVAL": "0.3",
     }
-    first = spawn(env)  # migrates the database alone
-    return [first, spawn(env), spawn(env)]
+    first = spawn(env)  # migrates the database alone; the others start side by side
+    return [first, *ThreadPoolExecutor(2).map(lambda _: spawn(env), range(2))]
 
 
 class Load:

@@ -23,6 +23,7 @@ that no key appears in any answer or captured log line.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -97,7 +98,7 @@ class Fault:
 
 
 PATIENT = {"upstream_retries": 2}
-IMPATIENT = {"upstream_timeout": 0.5, "keepalive_interval": 0.2}
+IMPATIENT = {"upstream_timeout": 0.3, "keepalive_interval": 0.1}
 
 FAULTS = [
     # --- before the first byte: a status code ----------------------------------------------
@@ -241,7 +242,7 @@ FAULTS = [
         "keep-alive-comments-forever",
         STREAMS,
         [Plan(comments_forever=True)],
-        settings={"stream_deadline": 1.0},
+        settings={"stream_deadline": 0.5},
         text_before="",
         says=("took longer than the server allows",),
         upstream_closed=True,
@@ -594,6 +595,7 @@ def served(
                 "OPENAI_BASE_URL": raw.url,
                 "CHAT_API_UPSTREAM_RETRIES": "0",
                 "CHAT_API_UPSTREAM_CLIENT": client,
+                "CHAT_API_SHUTDOWN_GRACE": "1",
                 "CHAT_API_DATABASE_URL": f"sqlite+aiosqlite:///{folder}/{client}.db",
             }
             running[client] = gateway = GatewayProcess(env, folder / f"{client}.log")
@@ -602,6 +604,8 @@ def served(
         return running[client]
 
     yield get
+    for gateway in running.values():  # stop them together: each takes a moment
+        gateway.signal(signal.SIGTERM)
     for gateway in running.values():
         gateway.stop()
 

@@ -92,5 +92,8 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
         return gateway
 
     yield start
+    for gateway in started:  # all told at once: each takes a moment to stop
+        if gateway.process.poll() is None:
+            gateway.signal(signal.SIGTERM)
     for gateway in started:
         gateway.stop()
