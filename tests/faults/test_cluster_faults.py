@@ -25,7 +25,7 @@ from tests.faults.storage import TcpProxy, ThrowawayPostgres, postgres_binaries
 from tests.keys.conftest import MASTER, PrivateRedis, auth, make_key
 from tests.ops.conftest import GatewayProcess, Spawn
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # three processes, their own servers
 
 DATABASE_TIMEOUT = 3.0  # the default: what operators get
 WAITED_AT_MOST = DATABASE_TIMEOUT + 4  # generous: this machine is shared and busy

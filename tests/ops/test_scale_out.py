@@ -15,6 +15,7 @@ from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.keys.conftest import MASTER, RedisPlace, auth, make_key
 from tests.ops.conftest import GatewayProcess, Spawn
 
+pytestmark = pytest.mark.slow  # three gateway processes
 ONE_CALL = Decimal("0.001") * (7 + len(DEFAULT_TEXT.split(" ")))  # at the prices below
 
 
