@@ -15,10 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.clock import avoid_minute_edge
-
-__all__ = ["avoid_minute_edge"]  # tests/limits imports it from here
-
 MASTER = "master-key-for-tests-0123456789"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
