@@ -5,8 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayPool
 from tests.fakes.openai_server import FakeOpenAI
+from tests.servers import ServerThread
 
 ALLOWED = "https://app.example.com"
 OTHER = "https://evil.example.net"
@@ -26,9 +27,9 @@ def preflight(url: str, origin: str, path: str = "/chat") -> httpx.Response:
 
 @pytest.mark.parametrize("path", ["/chat", "/chat/stream", "/v1/chat/completions"])
 def test_preflight_from_a_configured_origin_is_allowed(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI, path: str
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI, path: str
 ) -> None:
-    server = gateway_factory(cors_origins=(ALLOWED, "http://localhost:3000"))
+    server = shared_gateways.get(cors_origins=(ALLOWED, "http://localhost:3000"))
     response = preflight(server.url, ALLOWED, path)
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == ALLOWED
@@ -39,17 +40,19 @@ def test_preflight_from_a_configured_origin_is_allowed(
     assert fake.hits == 0
 
 
-def test_preflight_from_another_origin_is_refused(gateway_factory: GatewayFactory) -> None:
-    server = gateway_factory(cors_origins=(ALLOWED,))
+def test_preflight_from_another_origin_is_refused(
+    shared_gateways: GatewayPool[ServerThread],
+) -> None:
+    server = shared_gateways.get(cors_origins=(ALLOWED,))
     response = preflight(server.url, OTHER)
     assert "access-control-allow-origin" not in response.headers
     assert response.status_code >= 400
 
 
 def test_actual_requests_carry_the_origin_only_when_allowed(
-    gateway_factory: GatewayFactory,
+    shared_gateways: GatewayPool[ServerThread],
 ) -> None:
-    server = gateway_factory(cors_origins=(ALLOWED,))
+    server = shared_gateways.get(cors_origins=(ALLOWED,))
     allowed = httpx.get(server.url + "/models", headers={"Origin": ALLOWED})
     assert allowed.headers["access-control-allow-origin"] == ALLOWED
     # The browser needs to read these headers from scripts.
@@ -60,9 +63,9 @@ def test_actual_requests_carry_the_origin_only_when_allowed(
 
 
 def test_wildcard_answers_star_and_never_allows_credentials(
-    gateway_factory: GatewayFactory,
+    shared_gateways: GatewayPool[ServerThread],
 ) -> None:
-    server = gateway_factory(cors_origins=("*",))
+    server = shared_gateways.get(cors_origins=("*",))
     for origin in (ALLOWED, OTHER, "null"):
         response = preflight(server.url, origin, "/v1/chat/completions")
         assert response.status_code == 200
@@ -79,8 +82,8 @@ def test_wildcard_answers_star_and_never_allows_credentials(
     assert "access-control-allow-origin" in credentialed.headers
 
 
-def test_the_default_with_keys_on_is_wildcard(gateway_factory: GatewayFactory) -> None:
-    server = gateway_factory(master_key="cors-test-master-key-0123456789")
+def test_the_default_with_keys_on_is_wildcard(shared_gateways: GatewayPool[ServerThread]) -> None:
+    server = shared_gateways.get(master_key="cors-test-master-key-0123456789")
     response = preflight(server.url, OTHER)
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "*"
@@ -88,10 +91,10 @@ def test_the_default_with_keys_on_is_wildcard(gateway_factory: GatewayFactory) -
 
 @pytest.mark.parametrize("path", ["/chat", "/chat/stream", "/v1/chat/completions"])
 def test_with_keys_off_other_websites_are_refused_by_default(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI, path: str
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI, path: str
 ) -> None:
     """A page elsewhere must not spend the operator's key through a local gateway."""
-    server = gateway_factory()
+    server = shared_gateways.get()
     refused = preflight(server.url, OTHER, path)
     assert refused.status_code == 400
     assert "access-control-allow-origin" not in refused.headers
@@ -115,9 +118,9 @@ def test_with_keys_off_other_websites_are_refused_by_default(
 
 
 def test_with_keys_off_the_gateways_own_page_still_works(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
 ) -> None:
-    server = gateway_factory()
+    server = shared_gateways.get()
     own = server.url  # http://127.0.0.1:<port>: what a browser on the page sends as Origin
     for headers in ({"Origin": own}, {"Origin": "null", "Sec-Fetch-Site": "same-origin"}):
         response = httpx.post(server.url + "/chat", json={"message": "hi"}, headers=headers)
@@ -126,9 +129,9 @@ def test_with_keys_off_the_gateways_own_page_still_works(
 
 
 def test_origins_set_on_purpose_are_allowed_with_keys_off(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
 ) -> None:
-    server = gateway_factory(cors_origins=("*",))
+    server = shared_gateways.get(cors_origins=("*",))
     response = httpx.post(server.url + "/chat", json={"message": "hi"}, headers={"Origin": OTHER})
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "*"
@@ -136,10 +139,10 @@ def test_origins_set_on_purpose_are_allowed_with_keys_off(
 
 @pytest.mark.parametrize("origin", [None, ALLOWED, OTHER])
 def test_every_answer_varies_by_origin_once(
-    gateway_factory: GatewayFactory, origin: str | None
+    shared_gateways: GatewayPool[ServerThread], origin: str | None
 ) -> None:
     """Caches must not hand an answer made for one origin (or none) to another."""
-    server = gateway_factory(cors_origins=(ALLOWED,))
+    server = shared_gateways.get(cors_origins=(ALLOWED,))
     headers = {"Origin": origin} if origin else {}
     calls = [("GET", "/models", None), ("POST", "/chat", {"message": "hi"})]
     calls += [("POST", "/chat/stream", {"message": "hi"}), ("GET", "/nowhere", None)]

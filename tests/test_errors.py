@@ -14,8 +14,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, GatewayPool
 from tests.fakes.openai_server import FakeOpenAI, Plan
+from tests.servers import ServerThread
 
 FAST_RETRY = {"retry-after-ms": "5"}  # the gateway's own retries, without the wait
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -27,9 +28,11 @@ def upstream_client(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def retrying(gateway_factory: GatewayFactory, upstream_client: str) -> str:
-    """A gateway that retries twice, as by default; its /v1 URL."""
-    return gateway_factory(upstream_retries=2, upstream_client=upstream_client).url
+def retrying(
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI, upstream_client: str
+) -> str:
+    """A gateway that retries twice, as by default (shared: the cases only read); its URL."""
+    return shared_gateways.get(upstream_retries=2, upstream_client=upstream_client).url
 
 
 def sdk(url: str) -> openai.OpenAI:
@@ -72,29 +75,6 @@ def test_without_gateway_retries_the_sdk_may_retry(
     assert response.status_code == 502
     assert "x-should-retry" not in response.headers  # nobody retried yet: the SDK's call
     assert fake.hits == 1
-
-
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        ("/chat", {"message": "hi"}),
-        ("/chat/stream", {"message": "hi"}),
-        ("/v1/chat/completions", {"messages": MESSAGES}),
-        ("/v1/chat/completions", {"messages": MESSAGES, "stream": True}),
-    ],
-    ids=["simple", "simple-stream", "v1", "v1-stream"],
-)
-def test_an_upstream_429_keeps_its_own_retry_after_and_invents_none(
-    retrying: str, fake: FakeOpenAI, path: str, body: dict[str, Any]
-) -> None:
-    fake.queue(*[Plan(status=429, headers={"retry-after": "7", **FAST_RETRY})] * 3)
-    told = httpx.post(retrying + path, json=body, timeout=10)
-    assert (told.status_code, told.headers["retry-after"]) == (429, "7")
-    fake.queue(*[Plan(status=429)] * 3)  # no wait named (the gateway backs off by itself)
-    untold = httpx.post(retrying + path, json=body, timeout=10)
-    assert untold.status_code == 429 and "retry-after" not in untold.headers
-    assert untold.headers["x-should-retry"] == "false"
-    assert fake.hits == 6
 
 
 QUOTA = _error(

@@ -22,6 +22,12 @@ V1 = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+@pytest.fixture
+def gateway(shared_gateway: ServerThread) -> ServerThread:
+    """These tests only read (a call and its answer): they share the module's gateway."""
+    return shared_gateway
+
+
 def _data_url(kind: str, size: int) -> str:
     return f"data:{kind};base64," + base64.b64encode(os.urandom(size)).decode()
 
@@ -111,6 +117,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_unfinished_huge_headers_are_cut_off_and_cost_no_memory(tmp_path: Path) -> None:
     """100 connections x 2 MB of headers that never end (the gateway as `chat-api serve`)."""
     port = _free_port()

@@ -6,6 +6,9 @@ import re
 from typing import Any
 
 import httpx
+import pytest
+
+from tests.servers import ServerThread
 
 CONTRACT = {
     "/health": "get",
@@ -16,6 +19,12 @@ CONTRACT = {
     "/v1/models": "get",
     "/v1/chat/completions": "post",
 }
+
+
+@pytest.fixture
+def gateway(shared_gateway: ServerThread) -> ServerThread:
+    """These tests only read the documents: they share the module's gateway."""
+    return shared_gateway
 
 
 def _refs(node: Any) -> list[str]:

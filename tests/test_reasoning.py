@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, GatewayPool
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.servers import ServerThread
 from tests.sse import events, json_events
@@ -17,8 +17,8 @@ REASONING = ("gpt-4o-mini", "o1-mini", "o1-preview")
 
 
 @pytest.fixture
-def server(gateway_factory: GatewayFactory) -> ServerThread:
-    return gateway_factory(models=REASONING)
+def server(shared_gateways: GatewayPool[ServerThread]) -> ServerThread:
+    return shared_gateways.get(models=REASONING)
 
 
 def assert_adapted(sent: dict[str, object], *, system: str, user: str, limit: int) -> None:
@@ -158,9 +158,9 @@ def test_v1_stream_from_a_model_that_cannot_stream_ends_with_done(
 
 
 def test_a_long_think_is_kept_alive_with_pings(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
 ) -> None:
-    server = gateway_factory(models=REASONING, keepalive_interval=0.2)
+    server = shared_gateways.get(models=REASONING, keepalive_interval=0.2)
     fake.queue(Plan(delay_before_headers=0.7))
     with httpx.stream(
         "POST", server.url + "/chat/stream", json={"message": "hi", "model": "o1-mini"}, timeout=10
@@ -171,9 +171,9 @@ def test_a_long_think_is_kept_alive_with_pings(
 
 
 def test_capabilities_from_settings_adapt_a_newer_model(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
 ) -> None:
-    server = gateway_factory(
+    server = shared_gateways.get(
         models=("gpt-5",),
         default_model="gpt-5",
         model_capabilities={"gpt-5": {"sampling": False, "token_field": "max_completion_tokens"}},

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayPool
 from tests.fakes.openai_server import FakeOpenAI, Received
 from tests.keys.conftest import MASTER, make_key
+from tests.servers import ServerThread
 
 MODEL = "gpt-4o-mini"
 WEATHER_CALL = {
@@ -48,8 +49,9 @@ class Through:
 
 
 @pytest.fixture
-def through(gateway_factory: GatewayFactory) -> Through:
-    server = gateway_factory(master_key=MASTER, embedding_models=("text-embedding-3-small",))
+def through(shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI) -> Through:
+    """The module's gateway (the libraries only make calls), with a key of this test's own."""
+    server = shared_gateways.get(master_key=MASTER, embedding_models=("text-embedding-3-small",))
     key, _ = make_key(server.url, name="client library", budget_usd="5")
     return Through(server.url, key)
 

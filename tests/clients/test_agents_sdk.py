@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from agents import Agent, RunConfig, Runner, function_tool, set_tracing_disabled
-from agents.models.openai_provider import OpenAIProvider
 from openai import AsyncOpenAI
 from openai.types.responses import ResponseTextDeltaEvent
 
@@ -22,7 +20,10 @@ from tests.clients.conftest import (
 )
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 
-Run = Callable[[Callable[[RunConfig], Awaitable[Any]]], Any]
+if TYPE_CHECKING:  # importing the SDK takes seconds: only the tests that run it pay for it
+    from agents import Agent, RunConfig
+
+Run = Callable[[Callable[["RunConfig"], Awaitable[Any]]], Any]
 
 
 @pytest.fixture
@@ -32,6 +33,9 @@ def run(responses_base_url: str, responses_api_key: str) -> Run:
     The client lives and closes inside the run's own event loop; tracing, which
     would upload to OpenAI, is off.
     """
+    from agents import RunConfig, set_tracing_disabled
+    from agents.models.openai_provider import OpenAIProvider
+
     set_tracing_disabled(True)
 
     def runner(body: Callable[[RunConfig], Awaitable[Any]]) -> Any:
@@ -46,6 +50,8 @@ def run(responses_base_url: str, responses_api_key: str) -> Run:
 
 
 def weather_agent(asked: list[str]) -> Agent:
+    from agents import Agent, function_tool
+
     @function_tool
     def get_weather(city: str) -> str:
         """The weather in a city."""
@@ -56,6 +62,8 @@ def weather_agent(asked: list[str]) -> Agent:
 
 
 def test_an_agent_answers(run: Run, fake: FakeOpenAI) -> None:
+    from agents import Agent, Runner
+
     agent = Agent(name="Greeter", instructions="Say hello.", model=MODEL)
     result = run(lambda config: Runner.run(agent, "Hello?", run_config=config))
     assert result.final_output == DEFAULT_TEXT
@@ -63,6 +71,8 @@ def test_an_agent_answers(run: Run, fake: FakeOpenAI) -> None:
 
 
 def test_an_agent_calls_its_tool_and_answers_with_the_result(run: Run, fake: FakeOpenAI) -> None:
+    from agents import Runner
+
     fake.queue(Plan(tool_calls=[WEATHER_CALL]), Plan(text=FINAL_ANSWER))
     asked: list[str] = []
     agent = weather_agent(asked)
@@ -75,6 +85,8 @@ def test_an_agent_calls_its_tool_and_answers_with_the_result(run: Run, fake: Fak
 
 
 def test_a_streamed_agent_run_with_a_tool(run: Run, fake: FakeOpenAI) -> None:
+    from agents import Runner
+
     fake.queue(Plan(tool_calls=[WEATHER_CALL]), Plan(text=FINAL_ANSWER))
     asked: list[str] = []
     agent = weather_agent(asked)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from pydantic_ai import Agent
-from pydantic_ai.models.openai import OpenAIResponsesModel
-from pydantic_ai.providers.openai import OpenAIProvider
 
 from tests.clients.conftest import (
     FINAL_ANSWER,
@@ -21,7 +18,10 @@ from tests.clients.conftest import (
 )
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 
-Run = Callable[[Callable[[Agent[None, str]], Awaitable[Any]]], Any]
+if TYPE_CHECKING:  # importing the library takes a while: only its tests pay for it
+    from pydantic_ai import Agent
+
+Run = Callable[[Callable[["Agent[None, str]"], Awaitable[Any]]], Any]
 
 
 @pytest.fixture
@@ -32,6 +32,10 @@ def asked() -> list[str]:
 @pytest.fixture
 def run(responses_base_url: str, responses_api_key: str, asked: list[str]) -> Run:
     """Run a body with a weather agent whose provider has our base_url, in one event loop."""
+
+    from pydantic_ai import Agent
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
 
     def runner(body: Callable[[Agent[None, str]], Awaitable[Any]]) -> Any:
         async def main() -> Any:

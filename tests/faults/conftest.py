@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chat_api.app import create_app
 from chat_api.config import Settings
+from tests.conftest import GatewayPool, gateway_settings
 from tests.fakes.openai_server import FakeOpenAI
 from tests.keys.conftest import (
     MASTER,
@@ -193,27 +194,54 @@ def gw(
     started: list[Gateway] = []
 
     def start(*, server_config: dict[str, Any] | None = None, **overrides: Any) -> Gateway:
-        values: dict[str, Any] = {
-            "openai_api_key": fake.api_key,
-            "openai_base_url": upstream_url,
-            "upstream_retries": 0,
-            "database_url": f"sqlite+aiosqlite:///{tmp_path}/gateway.db",
-            **overrides,
-        }
-        settings = Settings(**values)
+        settings = gateway_settings(fake, upstream_url, tmp_path, **overrides)
         if settings.openai_api_key is not None:
             secrets_watch.add(settings.openai_api_key.get_secret_value())
-        app = create_app(settings)
-        recorder = Recorder(app)
-        recorders.append(recorder)
-        server = ServerThread(recorder, **(server_config or {})).start()
-        gateway = Gateway(server, app, recorder, settings)
+        gateway = start_recording(settings, **(server_config or {}))
+        recorders.append(gateway.recorder)
         started.append(gateway)
         return gateway
 
     yield start
     for gateway in started:
         gateway.stop()
+    assert_no_secret_leaks(secrets_watch, recorders, caplog)
+
+
+def start_recording(settings: Settings, **server_config: Any) -> Gateway:
+    app = create_app(settings)
+    recorder = Recorder(app)
+    server = ServerThread(recorder, **server_config).start()
+    return Gateway(server, app, recorder, settings)
+
+
+@pytest.fixture(scope="module")
+def gateway_pool(
+    fake_server: tuple[FakeOpenAI, ServerThread], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayPool[Gateway]]:
+    """The module's shared gateways, each recording its answers for the secret checks."""
+    fake, server = fake_server
+    pool = GatewayPool(fake, server.url + "/v1", tmp_path_factory.mktemp("pool"), start_recording)
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def pooled(
+    gateway_pool: GatewayPool[Gateway],
+    fake: FakeOpenAI,
+    secrets_watch: Secrets,
+    caplog: pytest.LogCaptureFixture,
+) -> Iterator[GatewayPool[Gateway]]:
+    """The module's shared gateways, with this test's answers and log lines checked for keys."""
+    for gateway in gateway_pool.started.values():
+        gateway.recorder.exchanges.clear()
+    yield gateway_pool
+    recorders = []
+    for gateway in gateway_pool.started.values():
+        recorders.append(gateway.recorder)
+        if gateway.settings.openai_api_key is not None:
+            secrets_watch.add(gateway.settings.openai_api_key.get_secret_value())
     assert_no_secret_leaks(secrets_watch, recorders, caplog)
 
 

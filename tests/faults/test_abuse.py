@@ -9,19 +9,17 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.clock import Clock
+from tests.conftest import GatewayPool
+from tests.endpoints import Endpoint, error_message
 from tests.fakes.openai_server import FakeOpenAI
-from tests.faults.conftest import GatewayMaker, size
-from tests.keys.conftest import MASTER, auth, avoid_minute_edge, make_key
+from tests.faults.conftest import Gateway, GatewayMaker, size
+from tests.keys.conftest import MASTER, auth, make_key
 
 pytestmark = pytest.mark.faults
 
 V1 = "/v1/chat/completions"
 USER = {"role": "user", "content": "hi"}
-
-
-def message_of(path: str, response: httpx.Response) -> str:
-    error = response.json()["error"]
-    return str(error["message"] if path.startswith("/v1/") else error)
 
 
 def _raw_post(url: str, content: bytes, **kwargs: Any) -> httpx.Response:
@@ -116,7 +114,7 @@ CASES = [
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_hostile_bodies_are_refused_before_the_upstream(
-    gw: GatewayMaker,
+    pooled: GatewayPool[Gateway],
     fake: FakeOpenAI,
     path: str,
     body: bytes,
@@ -129,16 +127,12 @@ def test_hostile_bodies_are_refused_before_the_upstream(
             body = body[:-1] + b', "stream": true}'
         elif path == "/chat":
             path = "/chat/stream"
-    server = gw()
-    before = fake.hits
-    started = time.monotonic()
+    server = pooled.get()  # the requests only read: one gateway for every case
     response = _raw_post(server.url + path, body)
-    took = time.monotonic() - started
     assert response.status_code == status, response.text[:300]
     assert response.headers["content-type"] == "application/json"
-    assert words in message_of(path, response)
-    assert fake.hits == before, "the hostile request reached the upstream"
-    assert took < 5
+    assert words in error_message(Endpoint(path, stream), response.json())
+    assert fake.hits == 0, "the hostile request reached the upstream"
 
 
 def test_a_40mb_body_without_content_length_is_cut_off_at_the_limit(
@@ -163,15 +157,15 @@ def test_a_40mb_body_without_content_length_is_cut_off_at_the_limit(
 
 
 def test_1000_bad_keys_a_minute_from_one_address_are_throttled(
-    gw: GatewayMaker, fake: FakeOpenAI
+    gw: GatewayMaker, fake: FakeOpenAI, moved_clock: Clock
 ) -> None:
     server = gw(master_key=MASTER, auth_failures_per_minute=30)
     good, _ = make_key(server.url)
-    avoid_minute_edge(margin=15)  # failures are counted per clock minute: stay inside one
+    moved_clock.to_minute_start()  # failures are counted per clock minute: all in this one
     statuses: list[int] = []
     started = time.monotonic()
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        for i in range(size(1000, 1000)):
+        for i in range(size(1000, 200)):
             guess = f"cak_guess{i:06d}" + "A" * 33
             response = http.post("/chat", json={"message": "hi"}, headers=auth(guess))
             statuses.append(response.status_code)
@@ -183,7 +177,6 @@ def test_1000_bad_keys_a_minute_from_one_address_are_throttled(
         f"{len(statuses)} wrong keys in {took:.1f} s: {statuses.count(401)} x 401, "
         f"{statuses.count(429)} x 429"
     )
-    assert took < 60  # the whole burst really came within a minute
     assert statuses[:30] == [401] * 30
     assert set(statuses[30:]) == {429}
     assert 1 <= int(refused.headers["retry-after"]) <= 60

@@ -1,4 +1,7 @@
-"""Client faults: clients that leave, clients that crawl, and a crowd of clients at once."""
+"""Client faults: clients that crawl, and a crowd of clients at once.
+
+A client that leaves is an upstream matter (its call must stop): tests/faults/test_upstream.py.
+"""
 
 from __future__ import annotations
 
@@ -16,75 +19,34 @@ import pytest
 
 from chat_api import serving
 from chat_api.serving import GuardedHttpToolsProtocol
+from tests.clock import avoid_minute_edge
 from tests.fakes.openai_server import FakeOpenAI, Plan
 from tests.faults.conftest import (
     FULL,
     GatewayMaker,
     ProcStats,
-    ledger_rows,
     proc_stats,
     size,
-    wait_until,
 )
-from tests.keys.conftest import MASTER, auth, avoid_minute_edge, make_key
+from tests.keys.conftest import MASTER, auth, make_key
 from tests.ops.conftest import Spawn
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.faults
 
-LONG_TEXT = " ".join(f"word{i}" for i in range(300))
-
-STREAMS = [
-    pytest.param("/chat/stream", {"message": "a long story"}, id="simple"),
-    pytest.param(
-        "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "a long story"}], "stream": True},
-        id="v1",
-    ),
-]
-
-
-@pytest.mark.parametrize(("path", "body"), STREAMS)
-def test_disconnect_after_3_chunks_closes_the_upstream_within_1s_and_bills_an_estimate(
-    gw: GatewayMaker, fake: FakeOpenAI, tmp_path: Path, path: str, body: dict[str, object]
-) -> None:
-    server = gw()
-    fake.queue(Plan(text=LONG_TEXT, chunk_interval=0.05))
-    seen = 0
-    with httpx.stream("POST", server.url + path, json=body, timeout=10) as response:
-        assert response.status_code == 200
-        for line in response.iter_lines():
-            if line.startswith("data:") and "word" in line:
-                seen += 1
-            if seen == 3:
-                break
-    left_at = time.monotonic()
-    upstream = fake.last()
-    assert upstream.closed_early.wait(1.0), "the upstream kept streaming after the client left"
-    print(f"upstream closed {time.monotonic() - left_at:.3f} s after the client left")
-    assert not upstream.finished.is_set()
-    db = tmp_path / "gateway.db"
-    assert wait_until(lambda: len(ledger_rows(db)) == 1, 5)
-    row = ledger_rows(db)[0]
-    assert row["outcome"] == "client_closed"
-    assert row["estimated"] == 1
-    assert row["completion_tokens"] >= 3 and row["prompt_tokens"] > 0
-    assert row["cost_usd"] > 0
-
-
 # --- slow clients -------------------------------------------------------------------------
 
 
-def _closed_within(sockets: list[socket.socket], limit: float, drip: bytes | None) -> list[float]:
-    """Drip `drip` into each socket every 0.2 s until the server closes it; seconds each lasted."""
+def _closed_while_dripping(sockets: list[socket.socket], limit: float, drip: bytes) -> int:
+    """Drip `drip` into each socket every 0.2 s until the server closes it: how many it closed."""
     started = time.monotonic()
-    lasted: dict[socket.socket, float] = {}
+    closed: set[socket.socket] = set()
     selector = selectors.DefaultSelector()
     for sock in sockets:
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ)
     try:
-        while len(lasted) < len(sockets) and time.monotonic() - started < limit:
+        while len(closed) < len(sockets) and time.monotonic() - started < limit:
             for key, _ in selector.select(timeout=0.2):
                 sock = key.fileobj
                 assert isinstance(sock, socket.socket)
@@ -93,50 +55,64 @@ def _closed_within(sockets: list[socket.socket], limit: float, drip: bytes | Non
                 except OSError:
                     data = b""
                 if not data:
-                    lasted[sock] = time.monotonic() - started
+                    closed.add(sock)
                     selector.unregister(sock)
-            if drip is not None:
-                for sock in sockets:
-                    if sock not in lasted:
-                        try:
-                            sock.send(drip)
-                        except OSError:
-                            lasted[sock] = time.monotonic() - started
-                            selector.unregister(sock)
+            for sock in sockets:
+                if sock not in closed:
+                    try:
+                        sock.send(drip)
+                    except OSError:
+                        closed.add(sock)
+                        selector.unregister(sock)
     finally:
         selector.close()
-    return list(lasted.values())
+    return len(closed)
 
 
-def _served_quickly(url: str) -> float:
-    started = time.monotonic()
+def _open(sockets: list[socket.socket]) -> int:
+    """How many of `sockets` the server has neither answered nor closed."""
+    count = 0
+    for sock in sockets:
+        sock.setblocking(False)
+        try:
+            sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            count += 1  # nothing to read yet: still waiting on us
+        except OSError:
+            pass
+        finally:
+            sock.setblocking(True)
+    return count
+
+
+def _served(url: str) -> None:
     response = httpx.post(url + "/chat", json={"message": "am I still served?"}, timeout=5)
     assert response.status_code == 200
-    return time.monotonic() - started
 
 
 def test_slow_headers_are_cut_at_the_header_deadline_and_others_are_served(
     gw: GatewayMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    deadline = serving.HEADER_TIMEOUT if FULL else 1.0
+    deadline = serving.HEADER_TIMEOUT if FULL else 2.0
     monkeypatch.setattr(serving, "HEADER_TIMEOUT", deadline)
     server = gw(server_config={"http": GuardedHttpToolsProtocol})
     crawlers = [socket.create_connection(("127.0.0.1", server.server.port)) for _ in range(50)]
     for sock in crawlers:
         sock.sendall(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     try:
-        assert _served_quickly(server.url) < 1.0  # while 50 clients crawl
-        lasted = _closed_within(crawlers, deadline + 5, drip=b"X")
+        _served(server.url)  # answered while 50 clients crawl,
+        assert _open(crawlers) == 50  # before the deadline cut any of them
+        # A byte now and then does not keep a connection that never finishes its headers.
+        closed = _closed_while_dripping(crawlers, deadline + 5, drip=b"X")
     finally:
         for sock in crawlers:
             sock.close()
-    assert len(lasted) == 50, "some slow-header connections were never closed"
-    assert all(deadline - 0.5 <= s <= deadline + 2 for s in lasted), lasted
-    assert _served_quickly(server.url) < 1.0
+    assert closed == 50, "some slow-header connections were never closed"
+    _served(server.url)
 
 
 def test_slow_body_gets_408_at_the_body_deadline_and_others_are_served(gw: GatewayMaker) -> None:
-    server = gw(body_timeout=1.0)
+    server = gw(body_timeout=2.0)
     crawlers = []
     for _ in range(20):
         sock = socket.create_connection(("127.0.0.1", server.server.port))
@@ -146,9 +122,9 @@ def test_slow_body_gets_408_at_the_body_deadline_and_others_are_served(gw: Gatew
         )
         crawlers.append(sock)
     try:
-        assert _served_quickly(server.url) < 1.0
+        _served(server.url)  # answered while 20 bodies crawl,
+        assert _open(crawlers) == 20  # before the deadline answered any of them
         replies: list[bytes] = []
-        started = time.monotonic()
         for sock in crawlers:
             sock.settimeout(5)
             reply = b""
@@ -161,25 +137,23 @@ def test_slow_body_gets_408_at_the_body_deadline_and_others_are_served(gw: Gatew
                     break
                 reply += piece
             replies.append(reply)
-        took = time.monotonic() - started
     finally:
         for sock in crawlers:
             sock.close()
     assert all(reply.startswith(b"HTTP/1.1 408 ") for reply in replies), replies[0][:200]
-    assert b"did not arrive within 1 seconds" in replies[0]
-    assert took < 4
-    assert _served_quickly(server.url) < 1.0
+    assert b"did not arrive within 2 seconds" in replies[0]
+    _served(server.url)
 
 
 # --- a crowd of concurrent streams ------------------------------------------------------------
 
 
-IDLE_CLOSE = 2  # seconds before the crowd's fake closes an idle keep-alive connection
+IDLE_CLOSE = 1  # seconds before the crowd's fake closes an idle keep-alive connection
 
 
 @pytest.fixture
 def quick_closing_fake() -> Iterator[tuple[FakeOpenAI, str]]:
-    """A fake upstream of this test's own that closes idle connections after 2 s, not 5."""
+    """A fake upstream of this test's own that closes idle connections after 1 s, not 5."""
     fake = FakeOpenAI()
     with ServerThread(fake, timeout_keep_alive=IDLE_CLOSE) as server:
         yield fake, server.url + "/v1"
@@ -230,6 +204,7 @@ async def _crowd(port: int, key: str, count: int) -> Counter[int]:
     return Counter(results)
 
 
+@pytest.mark.slow
 def test_a_crowd_of_concurrent_streams_is_served_or_capped_and_resources_come_back(
     spawn: Spawn, quick_closing_fake: tuple[FakeOpenAI, str], tmp_path: Path
 ) -> None:
@@ -256,7 +231,7 @@ def test_a_crowd_of_concurrent_streams_is_served_or_capped_and_resources_come_ba
     for round_ in range(2):  # the second round shows whether anything ratchets up
         # A fresh key (a fresh per-minute count) allowed as many streams at once as it may make.
         secret, _ = make_key(gateway.url, rpm=cap, max_in_flight=count)
-        avoid_minute_edge(margin=45 if FULL else 8)
+        avoid_minute_edge(margin=45 if FULL else 5)  # a CI round takes a second or two
         started = time.monotonic()
         results = asyncio.run(_crowd(gateway.port, secret, count))
         took = time.monotonic() - started

@@ -25,7 +25,7 @@ from tests.faults.storage import TcpProxy, ThrowawayPostgres, postgres_binaries
 from tests.keys.conftest import MASTER, PrivateRedis, auth, make_key
 from tests.ops.conftest import GatewayProcess, Spawn
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # three processes, their own servers
 
 DATABASE_TIMEOUT = 3.0  # the default: what operators get
 WAITED_AT_MOST = DATABASE_TIMEOUT + 4  # generous: this machine is shared and busy
@@ -144,7 +144,6 @@ def test_three_replicas_through_a_burst_a_redis_restart_and_a_hung_database(
         assert httpx.get(replica.url + "/usage", headers=auth(budgeted)).status_code == 200
     fake.queue(*[Plan() for _ in range(10)])
     proxy.hang()
-    hung_at = time.monotonic()
     calls = [("POST", url + "/chat", fresh) for url in urls for _ in range(size(10, 3))]
     calls += [("GET", url + "/usage", budgeted) for url in urls]
     calls += [("GET", url + "/admin/keys", MASTER) for url in urls]
@@ -153,7 +152,7 @@ def test_three_replicas_through_a_burst_a_redis_restart_and_a_hung_database(
     limits = httpx.Limits(max_connections=len(calls))
     with ThreadPoolExecutor(len(calls)) as pool, httpx.Client(timeout=60, limits=limits) as client:
         outcomes = list(pool.map(lambda call: _timed(client, *call), calls))
-    ready = [httpx.get(url + "/ready", timeout=30) for url in urls]
+    ready = [httpx.get(url + "/ready", timeout=WAITED_AT_MOST) for url in urls]
     served = chat(one.url, MASTER)  # the master key needs no database on the way
     waits = sorted(wait for _, _, wait in outcomes)
     print(
@@ -162,11 +161,12 @@ def test_three_replicas_through_a_burst_a_redis_restart_and_a_hung_database(
     )
     assert [status for status, _, _ in outcomes] == [503] * len(outcomes)
     assert all(retry_after == "5" for _, retry_after, _ in outcomes)
+    # Here the time is the outcome: against a hung database a request must give up after
+    # CHAT_API_DATABASE_TIMEOUT (3 s) with its 503, not hang until the client's own timeout.
     assert waits[-1] < WAITED_AT_MOST
     assert [response.status_code for response in ready] == [503] * 3
     assert ready[0].json()["checks"]["database"].startswith("failing")
     assert served.status_code == 200
-    assert time.monotonic() - hung_at < 2 * WAITED_AT_MOST
 
     proxy.resume()
     assert wait_until(lambda: chat(three.url, fresh).status_code == 200, 10, interval=0.2)

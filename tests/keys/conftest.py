@@ -136,10 +136,3 @@ def make_key(base_url: str, **spec: Any) -> tuple[str, str]:
     assert response.status_code == 201, response.text
     body = response.json()
     return body["key"], body["id"]
-
-
-def avoid_minute_edge(margin: float = 4.0) -> None:
-    """Rate windows are clock minutes: start a counting test well inside one."""
-    left = 60 - time.time() % 60
-    if left < margin:
-        time.sleep(left + 0.2)

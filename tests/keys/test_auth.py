@@ -13,9 +13,10 @@ import openai
 import pytest
 from sqlalchemy import event
 
+from tests.clock import Clock
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI
-from tests.keys.conftest import MASTER, RedisPlace, auth, avoid_minute_edge, make_key
+from tests.keys.conftest import MASTER, RedisPlace, auth, make_key
 from tests.servers import ServerThread
 
 UNAUTHORIZED = "A valid API key is required. Send it as 'Authorization: Bearer <key>'."
@@ -72,13 +73,18 @@ def test_master_and_client_keys_work_on_both_dialects(
     assert all(r.headers["authorization"] == f"Bearer {fake.api_key}" for r in fake.received)
 
 
-def test_expired_and_revoked_keys_get_the_same_401(keyed: ServerThread) -> None:
-    secret, key_id = make_key(keyed.url, expires_in_days=0.00002)  # about 2 seconds
+def test_expired_and_revoked_keys_get_the_same_401(keyed: ServerThread, moved_clock: Clock) -> None:
+    secret, key_id = make_key(keyed.url, expires_in_days=1)
     assert (
         httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
         == 200
     )
-    time.sleep(2.2)
+    moved_clock.advance(86_400 - 60)
+    assert (  # a minute before it expires: still good
+        httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code
+        == 200
+    )
+    moved_clock.advance(61)
     expired = httpx.post(keyed.url + "/chat", json={"message": "hi"}, headers=auth(secret))
     assert expired.status_code == 401 and expired.json()["error"] == UNAUTHORIZED
 
@@ -232,11 +238,11 @@ def _guess(url: str, key: str, forwarded_for: str | None = None) -> httpx.Respon
 
 
 def test_wrong_keys_are_slowed_down_but_a_valid_key_from_that_address_never_is(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, moved_clock: Clock
 ) -> None:
     server = gateway_factory(master_key=MASTER, auth_failures_per_minute=5)
     good, _ = make_key(server.url)
-    avoid_minute_edge()
+    moved_clock.to_minute_start()  # failures are counted per clock minute
     statuses = [_guess(server.url, f"cak_bad{i}").status_code for i in range(8)]
     assert statuses == [401] * 5 + [429] * 3
     refused = _guess(server.url, "cak_bad-again")
@@ -260,10 +266,10 @@ def test_wrong_keys_are_slowed_down_but_a_valid_key_from_that_address_never_is(
 
 
 def test_rotating_x_forwarded_for_from_an_untrusted_address_does_not_dodge_the_throttle(
-    gateway_factory: GatewayFactory,
+    gateway_factory: GatewayFactory, moved_clock: Clock
 ) -> None:
     server = gateway_factory(master_key=MASTER, auth_failures_per_minute=5)
-    avoid_minute_edge()
+    moved_clock.to_minute_start()  # failures are counted per clock minute
     statuses = [
         _guess(server.url, f"cak_bad{i}", forwarded_for=f"198.51.100.{i}").status_code
         for i in range(8)
@@ -272,14 +278,14 @@ def test_rotating_x_forwarded_for_from_an_untrusted_address_does_not_dodge_the_t
 
 
 def test_behind_a_trusted_proxy_each_client_has_its_own_throttle(
-    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture, moved_clock: Clock
 ) -> None:
     caplog.set_level(logging.INFO, "chat_api.access")
     # 127.0.0.1 plays the proxy (nginx appends the address it saw to X-Forwarded-For).
     server = gateway_factory(
         master_key=MASTER, auth_failures_per_minute=5, trusted_proxies=("127.0.0.0/8",)
     )
-    avoid_minute_edge()
+    moved_clock.to_minute_start()  # failures are counted per clock minute
     guesser = [
         _guess(server.url, f"cak_bad{i}", forwarded_for=f"10.9.9.{i}, 203.0.113.7").status_code
         for i in range(7)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from chat_api import cli
+from tests.clock import Clock
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.keys.conftest import MASTER, RedisPlace, auth, make_key
@@ -33,7 +34,10 @@ def _fire(base_url: str, key: str, count: int) -> list[httpx.Response]:
         return list(pool.map(call, range(count)))
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+@pytest.mark.parametrize(
+    "shared",
+    [pytest.param(False, id="in-process"), pytest.param(True, id="redis", marks=pytest.mark.redis)],
+)
 def test_fifty_concurrent_calls_never_overspend(
     gateway_factory: GatewayFactory, fake: FakeOpenAI, shared: bool, request: pytest.FixtureRequest
 ) -> None:
@@ -72,7 +76,7 @@ def _spent(base_url: str, key_id: str) -> Decimal:
 
 
 def test_budget_shows_in_usage_and_renews_by_period(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, moved_clock: Clock
 ) -> None:
     server = gateway_factory(master_key=MASTER, prices=PRICES)
     secret, _ = make_key(server.url, budget_usd="0.05", budget_period="daily")
@@ -91,6 +95,10 @@ def test_budget_shows_in_usage_and_renews_by_period(
     assert budget["spent_usd"] == pytest.approx(float(ONE_CALL) * statuses.count(200))
     assert budget["remaining_usd"] == pytest.approx(max(0, 0.05 - budget["spent_usd"]))
     assert 0 < budget["renews_in_seconds"] <= 86_400
+    moved_clock.to_next_day()  # a new day: the daily budget is whole again
+    assert httpx.post(server.url + "/chat", json=ask, headers=auth(secret)).status_code == 200
+    renewed = httpx.get(server.url + "/usage", headers=auth(secret)).json()["budget"]
+    assert renewed["spent_usd"] == pytest.approx(float(ONE_CALL))
 
 
 def test_a_spent_total_budget_says_waiting_will_not_help(

@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -17,24 +19,56 @@ from tests.conftest import GatewayFactory
 from tests.keys.conftest import MASTER, RedisPlace, auth
 
 
-def _cli(
-    *args: str, database: str, redis: RedisPlace | None = None
-) -> subprocess.CompletedProcess[str]:
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Ran]:
+    """`chat-api ARGS` in this process, with the database (and Redis) it is given."""
+
+    def run(*args: str, database: str, redis: RedisPlace | None = None) -> Ran:
+        with monkeypatch.context() as env:
+            env.setenv("CHAT_API_DATABASE_URL", database)
+            if redis is not None:
+                env.setenv("CHAT_API_REDIS_URL", redis.url)
+                env.setenv("CHAT_API_REDIS_PREFIX", redis.prefix)
+            capsys.readouterr()
+            code = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
+
+
+def test_the_installed_command_runs(tmp_path: Path) -> None:
+    """The one real process: the `chat-api` script pip installed makes a key."""
+    command = Path(sys.executable).parent / "chat-api"
+    if not command.exists():
+        pytest.skip(f"no installed chat-api command next to {sys.executable}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_API_", "OPENAI_"))}
-    env["CHAT_API_DATABASE_URL"] = database
-    if redis is not None:
-        env |= {"CHAT_API_REDIS_URL": redis.url, "CHAT_API_REDIS_PREFIX": redis.prefix}
-    return subprocess.run(
-        [sys.executable, "-m", "chat_api", *args],
+    env["CHAT_API_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/cli.db"
+    created = subprocess.run(
+        [str(command), "keys", "create", "--name", "smoke"],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+    assert created.returncode == 0, created.stderr
+    assert re.search(r"cak_[\w-]+", created.stdout)
 
 
 def test_create_use_list_revoke_and_read_usage(
-    gateway_factory: GatewayFactory, tmp_path: Path, shared_redis: RedisPlace
+    gateway_factory: GatewayFactory,
+    tmp_path: Path,
+    shared_redis: RedisPlace,
+    run_cli: Callable[..., Ran],
 ) -> None:
     database = f"sqlite+aiosqlite:///{tmp_path}/gateway.db"
     server = gateway_factory(
@@ -43,7 +77,7 @@ def test_create_use_list_revoke_and_read_usage(
         redis_url=shared_redis.url,
         redis_prefix=shared_redis.prefix,
     )
-    created = _cli(
+    created = run_cli(
         "keys",
         "create",
         "--name",
@@ -67,18 +101,18 @@ def test_create_use_list_revoke_and_read_usage(
         == 200
     )
 
-    listed = _cli("keys", "list", database=database)
+    listed = run_cli("keys", "list", database=database)
     assert key_id in listed.stdout and "ci robot" in listed.stdout and "monthly" in listed.stdout
     assert secret not in listed.stdout and secret[:12] in listed.stdout
-    shown = _cli("keys", "show", key_id, database=database)
+    shown = run_cli("keys", "show", key_id, database=database)
     assert "active" in shown.stdout and secret not in shown.stdout
 
     httpx.get(server.url + "/usage", headers=auth(secret))  # makes the service write its rows
-    usage = _cli("usage", database=database)
+    usage = run_cli("usage", database=database)
     assert usage.returncode == 0
     assert key_id in usage.stdout and "gpt-4o-mini" in usage.stdout
 
-    revoked = _cli("keys", "revoke", key_id, database=database, redis=shared_redis)
+    revoked = run_cli("keys", "revoke", key_id, database=database, redis=shared_redis)
     assert revoked.returncode == 0 and "Revoked" in revoked.stdout
     assert (  # the service had the key cached: the revocation reached it through Redis
         httpx.post(server.url + "/chat", json={"message": "hi"}, headers=auth(secret)).status_code

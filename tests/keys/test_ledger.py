@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -77,28 +76,6 @@ def test_every_call_leaves_a_row_matching_the_upstreams_usage(
     assert len({r["request_id"] for r in rows}) == 5
     expected_cost = (7 * 0.15 + WORDS * 0.60) / 1_000_000  # gpt-4o-mini list prices
     assert rows[0]["cost_usd"] == pytest.approx(expected_cost)
-
-
-def test_an_aborted_stream_leaves_an_estimated_row(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI, tmp_path: Path
-) -> None:
-    server = gateway_factory()
-    fake.queue(Plan(text=" ".join(["word"] * 200), chunk_interval=0.05))
-    with httpx.stream("POST", server.url + "/chat/stream", json={"message": "go"}) as response:
-        received = 0
-        for line in response.iter_lines():
-            if line.startswith("data:"):
-                received += 1
-            if received == 10:
-                break
-    assert fake.last().closed_early.wait(3)
-    time.sleep(0.3)
-    server.stop()
-    row = _rows(tmp_path)[-1]
-    assert row["outcome"] == "client_closed"
-    assert row["estimated"]
-    assert 2 <= row["completion_tokens"] <= 40  # roughly what was relayed, not the whole answer
-    assert row["prompt_tokens"] > 0
 
 
 def test_rows_queued_at_shutdown_are_written(

@@ -8,19 +8,22 @@ from decimal import Decimal
 
 import httpx
 
+from tests.clock import Clock
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI, Plan
-from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, avoid_minute_edge, make_key
+from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, make_key
 
 
 def _chat(base_url: str, key: str, **extra: object) -> httpx.Response:
     return httpx.post(base_url + "/chat", json={"message": "hi", **extra}, headers=auth(key))
 
 
-def test_requests_per_minute_on_both_dialects(gateway_factory: GatewayFactory) -> None:
+def test_requests_per_minute_on_both_dialects(
+    gateway_factory: GatewayFactory, moved_clock: Clock
+) -> None:
     server = gateway_factory(master_key=MASTER)
     secret, _ = make_key(server.url, rpm=4)
-    avoid_minute_edge()
+    moved_clock.to_minute_start()
     ok = [_chat(server.url, secret) for _ in range(2)]
     ok += [
         httpx.post(
@@ -46,12 +49,18 @@ def test_requests_per_minute_on_both_dialects(gateway_factory: GatewayFactory) -
     assert v1.status_code == 429 and v1.json()["error"]["code"] == "rate_limit_exceeded"
     # the master key is not limited
     assert _chat(server.url, MASTER).status_code == 200
+    moved_clock.to_minute_start()  # the next minute: a fresh window
+    renewed = _chat(server.url, secret)
+    assert renewed.status_code == 200
+    assert renewed.headers["x-ratelimit-remaining-requests"] == "3"
 
 
-def test_tokens_per_minute(gateway_factory: GatewayFactory, fake: FakeOpenAI) -> None:
+def test_tokens_per_minute(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, moved_clock: Clock
+) -> None:
     server = gateway_factory(master_key=MASTER)
     secret, _ = make_key(server.url, tpm=100)
-    avoid_minute_edge()
+    moved_clock.to_minute_start()
     # each call: ~8 prompt tokens estimated + 40 max_tokens reserved, then 7 + 12 real tokens
     statuses = [_chat(server.url, secret, max_tokens=40).status_code for _ in range(8)]
     assert statuses[:2] == [200, 200]
@@ -62,7 +71,7 @@ def test_tokens_per_minute(gateway_factory: GatewayFactory, fake: FakeOpenAI) ->
 
 
 def test_two_replicas_sharing_redis_hold_one_limit(
-    gateway_factory: GatewayFactory, shared_redis: RedisPlace
+    gateway_factory: GatewayFactory, shared_redis: RedisPlace, moved_clock: Clock
 ) -> None:
     settings = {
         "master_key": MASTER,
@@ -72,14 +81,14 @@ def test_two_replicas_sharing_redis_hold_one_limit(
     one = gateway_factory(**settings)
     two = gateway_factory(**settings)
     secret, _ = make_key(one.url, rpm=6)
-    avoid_minute_edge()
+    moved_clock.to_minute_start()
     statuses = [_chat(server.url, secret).status_code for server in (one, two) * 6]
     assert statuses.count(200) == 6
     assert statuses.count(429) == 6
 
 
 def test_redis_gone_falls_back_to_each_replicas_share_and_budgets_fail_closed(
-    gateway_factory: GatewayFactory, private_redis: PrivateRedis
+    gateway_factory: GatewayFactory, private_redis: PrivateRedis, moved_clock: Clock
 ) -> None:
     server = gateway_factory(
         master_key=MASTER,
@@ -89,7 +98,7 @@ def test_redis_gone_falls_back_to_each_replicas_share_and_budgets_fail_closed(
     )
     limited, _ = make_key(server.url, rpm=6)
     budgeted, _ = make_key(server.url, budget_usd=10)
-    avoid_minute_edge()
+    moved_clock.to_minute_start()
     assert _chat(server.url, budgeted).status_code == 200
     private_redis.stop()
     # requests: this replica's share of 6 with 2 replicas is 3
@@ -111,11 +120,11 @@ RESET = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")  # OpenAI's "1s", "6
 
 
 def test_every_answer_to_a_limited_key_carries_openais_rate_limit_headers(
-    gateway_factory: GatewayFactory, fake: FakeOpenAI
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, moved_clock: Clock
 ) -> None:
     server = gateway_factory(master_key=MASTER)
     secret, _ = make_key(server.url, rpm=6, tpm=10_000)
-    avoid_minute_edge()
+    moved_clock.to_minute_start()
     v1 = server.url + "/v1/chat/completions"
     messages = [{"role": "user", "content": "hi"}]
     fake.queue(Plan(), Plan(), Plan(), Plan(status=500))
@@ -142,10 +151,12 @@ def test_every_answer_to_a_limited_key_carries_openais_rate_limit_headers(
     assert answers[-1].headers["x-ratelimit-remaining-requests"] == "0"
 
 
-def test_a_token_limit_refusal_is_type_tokens(gateway_factory: GatewayFactory) -> None:
+def test_a_token_limit_refusal_is_type_tokens(
+    gateway_factory: GatewayFactory, moved_clock: Clock
+) -> None:
     server = gateway_factory(master_key=MASTER)
     secret, _ = make_key(server.url, tpm=50)
-    avoid_minute_edge()
+    moved_clock.to_minute_start()
     for _ in range(5):
         response = httpx.post(
             server.url + "/v1/chat/completions",

@@ -20,9 +20,10 @@ import pytest
 
 from chat_api.app import create_app
 from chat_api.config import Settings
+from tests.clock import Clock
 from tests.fakes.billing import Biller
 from tests.fakes.billing_upstream import BillingUpstream
-from tests.keys.conftest import MASTER, RedisPlace, auth, avoid_minute_edge, make_key
+from tests.keys.conftest import MASTER, RedisPlace, auth, make_key
 from tests.servers import ServerThread
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4", "o1-mini")
@@ -227,7 +228,7 @@ def test_a_call_that_cannot_fit_is_refused_before_it_starts_with_what_would_fit(
 
 
 def test_tokens_per_minute_count_the_worst_case(
-    start: Any, upstream: tuple[BillingUpstream, str]
+    start: Any, upstream: tuple[BillingUpstream, str], moved_clock: Clock
 ) -> None:
     """50 parallel calls on a 10,000-token-a-minute key: at most one call past the limit."""
     fake, _ = upstream
@@ -240,7 +241,7 @@ def test_tokens_per_minute_count_the_worst_case(
         "max_tokens": 2000,
         "messages": [{"role": "user", "content": "x"}],
     }
-    avoid_minute_edge(margin=10)
+    moved_clock.to_minute_start()  # all 50 in one minute window
     statuses = _many(gateway.url, secret, body, 50)
     billed = sum(bill.prompt_tokens + bill.completion_tokens for bill in fake.biller.bills)
     one_call = max(bill.prompt_tokens + 2000 for bill in fake.biller.bills)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -83,12 +84,16 @@ Spawn = Callable[..., GatewayProcess]
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
     started: list[GatewayProcess] = []
+    numbers = itertools.count()  # each its own log, even when started side by side
 
     def start(env: dict[str, str], *args: str) -> GatewayProcess:
-        gateway = GatewayProcess(env, tmp_path / f"gateway-{len(started)}.log", *args)
+        gateway = GatewayProcess(env, tmp_path / f"gateway-{next(numbers)}.log", *args)
         started.append(gateway)
         return gateway
 
     yield start
+    for gateway in started:  # all told at once: each takes a moment to stop
+        if gateway.process.poll() is None:
+            gateway.signal(signal.SIGTERM)
     for gateway in started:
         gateway.stop()

@@ -164,6 +164,7 @@ def test_the_upstream_probe_asks_the_proxy_when_there_is_one(
     assert (proxied.host, proxied.port) == ("10.1.2.3", 3128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [2])
 def test_workers_add_up_their_metrics_and_log_like_one(
     spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path, workers: int

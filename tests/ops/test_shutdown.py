@@ -57,6 +57,7 @@ class StreamReader(threading.Thread):
             self.error = exc
 
 
+@pytest.mark.slow
 def test_open_streams_finish_within_the_grace(
     spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path
 ) -> None:
@@ -81,6 +82,7 @@ def test_open_streams_finish_within_the_grace(
     assert rows[-1] == ("/chat/stream", "ok")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/chat/stream", "/v1/chat/completions"])
 def test_streams_past_the_grace_end_with_a_clear_error(
     spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path, path: str
@@ -93,11 +95,9 @@ def test_streams_past_the_grace_end_with_a_clear_error(
     reader = StreamReader(gateway, path, body)
     reader.start()
     assert reader.first.wait(5)
-    started = time.monotonic()
     gateway.signal(signal.SIGTERM)
-    assert gateway.wait(20) == 0
+    assert gateway.wait(20) == 0  # well before the answer's 30 s: the grace cut it
     reader.join(5)
-    assert time.monotonic() - started < 10
     last = json.loads(reader.events[-1])
     error = last["error"] if isinstance(last["error"], str) else last["error"]["message"]
     assert "restarting" in error
@@ -113,6 +113,7 @@ def _ask(gateway: GatewayProcess, path: str, out: dict[str, httpx.Response]) -> 
     out[path] = httpx.post(gateway.url + path, json=body, timeout=30)
 
 
+@pytest.mark.slow
 def test_whole_answers_past_the_grace_get_a_503_and_the_ledger_says_the_server_stopped(
     spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path
 ) -> None:
@@ -205,6 +206,7 @@ def test_a_whole_answer_the_server_stopped_is_billed_at_its_prompt_estimate(
     assert row[1] > 0 and row[2] == 1  # the upstream bills the prompt it read: err our way
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_and_quietly(spawn: Spawn, tmp_path: Path) -> None:
     gateway = spawn(
         {

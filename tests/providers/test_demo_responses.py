@@ -17,8 +17,6 @@ from typing import Any
 
 import openai
 import pytest
-from agents import Agent, RunConfig, Runner, function_tool, set_tracing_disabled
-from agents.models.openai_provider import OpenAIProvider
 from openai.types import CreateEmbeddingResponse
 from openai.types.conversations import Conversation, ConversationItemList
 from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
@@ -276,6 +274,10 @@ def test_openai_python_streams_from_the_demo(demo_url: str) -> None:
 
 
 def test_an_agents_sdk_user_gets_a_tool_loop_offline(demo_url: str) -> None:
+    # Imported here: the SDK takes seconds to import, and only this test needs it.
+    from agents import Agent, RunConfig, Runner, function_tool, set_tracing_disabled
+    from agents.models.openai_provider import OpenAIProvider
+
     set_tracing_disabled(True)
     asked: list[str] = []
 

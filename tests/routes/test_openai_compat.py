@@ -36,6 +36,12 @@ HELLO = [{"role": "user", "content": "Hello?"}]
 
 
 @pytest.fixture
+def gateway(shared_gateway: ServerThread) -> ServerThread:
+    """These tests only read (a call and its answer): they share the module's gateway."""
+    return shared_gateway
+
+
+@pytest.fixture
 def sdk(gateway: ServerThread) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(
         base_url=gateway.url + "/v1", api_key="anything", max_retries=0, timeout=10

@@ -7,7 +7,14 @@ import pytest
 
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
+from tests.servers import ServerThread
 from tests.sse import json_events
+
+
+@pytest.fixture
+def gateway(shared_gateway: ServerThread) -> ServerThread:
+    """These tests only read (a call and its answer): they share the module's gateway."""
+    return shared_gateway
 
 
 def test_health_reports_the_provider(client: httpx.Client) -> None:

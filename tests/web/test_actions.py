@@ -36,7 +36,7 @@ def test_regenerate_edit_and_copy(
     # Copy: the whole answer, as written, on the clipboard.
     copy = answer.get_by_role("button", name="Copy answer")
     copy.click()
-    assert copy.inner_text() == "Copied"
+    copy.filter(has_text="Copied").wait_for()  # it says so once the clipboard write is done
     assert page.evaluate("navigator.clipboard.readText()") == FIRST
 
     # Regenerate: the same question again; the new answer replaces the old one.

@@ -139,6 +139,7 @@ def stream(browser: Any, page: Any, fake: FakeOpenAI, text: str) -> tuple[list[f
     return cpu, [round(ms) for ms in page.evaluate("window.longTasks")]
 
 
+@pytest.mark.slow
 def test_an_80000_character_answer_streams_in_frames_that_do_not_grow(
     browser: Any, pages: Browser, gateway_factory: GatewayFactory, fake: FakeOpenAI
 ) -> None:

@@ -12,7 +12,9 @@ Modes (one per server):
 - `huge_json_unsized`: the same without a Content-Length (the body ends at close).
 
 Each connection is recorded; `closed_by_peer` is set when the gateway closes
-its end, which is how tests see that the upstream socket was let go.
+its end, which is how tests see that the upstream socket was let go. A
+connection takes the mode the server has when it arrives: `misbehave(mode)`
+switches it for the next ones (one server can serve a module of tests).
 """
 
 from __future__ import annotations
@@ -36,15 +38,19 @@ class Connection:
     closed_at: float | None = None
 
 
-def sse_event(content: str) -> bytes:
+def sse_event(
+    content: str | None = None, finish_reason: str | None = None, *, end: bytes = b"\n\n"
+) -> bytes:
+    """One `chat.completion.chunk` event as OpenAI frames it (UTF-8, as it is)."""
+    delta = {} if content is None else {"content": content}
     body = {
         "id": "chatcmpl-raw",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
     }
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + end
 
 
 class RawUpstream:
@@ -63,6 +69,12 @@ class RawUpstream:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    def misbehave(self, mode: str, *, chunks: int = 3) -> None:
+        """From the next connection on, misbehave this way; forget earlier connections."""
+        self.mode = mode
+        self.chunks = chunks
+        self.connections.clear()
 
     def __enter__(self) -> RawUpstream:
         self._acceptor.start()
