@@ -29,7 +29,7 @@ def asked_for(name: str) -> int:
         f"open_{rate}rps": int(rate * duration),
         **{f"streams_{count}_{int(gap * 1000)}ms": count for count, gap in smoke["streams"]},
     }
-    for prefix in ("", "keys_", "floor_", "responses_", "workers2_"):
+    for prefix in ("", "keys_", "floor_", "responses_", "chat_", "workers2_"):
         for kind, count in sizes.items():
             if name in (f"{prefix}{kind}", f"{prefix}{kind}_v1", f"{prefix}{kind}_chat"):
                 return int(count)
