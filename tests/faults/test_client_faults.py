@@ -215,7 +215,9 @@ def test_a_crowd_of_concurrent_streams_is_served_or_capped_and_resources_come_ba
         {
             "OPENAI_API_KEY": fake.api_key,
             "OPENAI_BASE_URL": upstream_url,
-            "CHAT_API_UPSTREAM_RETRIES": "0",
+            # One retry, as in production (2 by default): the fake closes idle connections
+            # after 1 s, and a stream that reuses one at that instant is sent again, not 502.
+            "CHAT_API_UPSTREAM_RETRIES": "1",
             "CHAT_API_MASTER_KEY": MASTER,
             "CHAT_API_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/ledger.db",
             "CHAT_API_LOG_LEVEL": "warning",
