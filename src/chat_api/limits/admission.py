@@ -89,28 +89,6 @@ class _Recorded:
 
 
 @dataclass(slots=True)
-class _Leased:
-    """A call with no limits (the master key, or keys off) that still holds a lease in Redis."""
-
-    meter: KeyMeter
-    lease: Lease
-
-    def settle(self, result: CallResult) -> None:
-        result.call_id = self.lease.call_id
-        self.meter.sink(result)
-        self.meter.later(self._correct(result))
-
-    async def _correct(self, result: CallResult) -> None:
-        leases = self.meter.leases
-        assert leases is not None
-        try:
-            await leases.settle(self.lease, 0, self.meter.row_of(result))
-        except BaseException:
-            leases.abandon(self.lease)  # the reaper writes its estimated row
-            raise
-
-
-@dataclass(slots=True)
 class _Limited:
     meter: KeyMeter
     key_id: str
@@ -128,7 +106,7 @@ class _Limited:
         meter = self.meter
         meter.sink(result)
         if self.shared and meter.shared is not None:
-            lease = self.lease
+            assert self.lease is not None  # admitted in one round trip: always under a lease
             meter.later(
                 meter.shared.settle(
                     meter.shared.settling(
@@ -137,11 +115,10 @@ class _Limited:
                         slot=self.in_flight,
                         window=self.token_window,
                         token_delta=result.total_tokens - self.tokens_reserved,
-                        budget_key=(lease.budget_key or None) if lease is not None else None,
                         budget_delta=to_micro(result.cost) - self.micro_reserved
                         if self.bucket
                         else 0,
-                        lease=lease,
+                        lease=self.lease,
                         row=meter.row_of(result),
                     )
                 )
@@ -253,7 +230,8 @@ class KeyMeter:
         except (RedisError, OSError) as exc:
             log.warning("could not take a lease for a call", extra={"error": type(exc).__name__})
             return self._recorded  # the row is only as safe as this process
-        return _Leased(self, lease)
+        # Settled as a limited call with no limits: only the lease (and its row) to settle.
+        return _Limited(self, "", lease.call_id, False, None, 0, None, 0, lease)
 
     async def _recheck(self, caller: Caller) -> Caller:
         return await self.recheck(caller) if self.recheck is not None else caller

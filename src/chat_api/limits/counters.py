@@ -131,9 +131,6 @@ class RedisCounter:
             self._mine[(name, window)] = max(0, self._mine[(name, window)] + amount)
 
     def went_down(self, exc: Exception) -> None:
-        self._went_down(exc)
-
-    def _went_down(self, exc: Exception) -> None:
         if not self.degraded:
             log.warning(
                 "Redis unreachable: rate limits fall back to this replica's share",
@@ -154,7 +151,7 @@ class RedisCounter:
                     self._count(slot, amount)
                 return Hit(bool(allowed), used, window, reset)
             except (RedisError, OSError) as exc:
-                self._went_down(exc)
+                self.went_down(exc)
         # This replica's share, counting what it already counted in this window.
         share = max(1, math.ceil(limit / self._replicas))
         used = self._mine.get(slot, 0)
@@ -188,4 +185,4 @@ class RedisCounter:
         try:
             await self._redis.incrby(self.key(name, window), amount)
         except (RedisError, OSError) as exc:
-            self._went_down(exc)
+            self.went_down(exc)

@@ -55,7 +55,7 @@ BUDGET_UNKNOWN = 6  # no running total in Redis yet: seed it from the ledger, th
 # KEYS[version, rpm, in flight, tpm, budget, lease, lease index]
 # ARGV[1 expected version or '', 2 rpm limit or '', 3 slot cap or '', 4 now, 5 hold until,
 #      6 call id, 7 slot ttl, 8 tokens, 9 tpm limit or '', 10 cost, 11 budget limit or '',
-#      12 lease '1'/'0', 13.. lease arguments]
+#      12.. lease arguments]
 # -> {outcome, requests counted, tokens counted, budget total before this call}
 _ADMIT = (
     WRITE_LEASE
@@ -95,14 +95,14 @@ if ARGV[9] ~= '' then
   if tpm == tonumber(ARGV[8]) then redis.call('EXPIRE', KEYS[4], 120) end
 end
 if ARGV[11] ~= '' then redis.call('INCRBY', KEYS[5], ARGV[10]) end
-if ARGV[12] == '1' then write_lease(KEYS[6], KEYS[7], ARGV, 13) end
+write_lease(KEYS[6], KEYS[7], ARGV, 12)
 return {1, rpm, tpm, spent}
 """
 )
 
 # KEYS[in flight, tpm, lease, lease index, budget]
-# ARGV[call id, '1' to give the slot back, token correction, budget correction, row or '']
-# -> the lease's settlement (SETTLE_LEASE), or -2 without a lease
+# ARGV[call id, '1' to give the slot back, token correction, budget correction, row]
+# -> the lease's settlement (SETTLE_LEASE)
 _SETTLE = (
     SETTLE_LEASE
     + """
@@ -110,13 +110,7 @@ if ARGV[2] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 if ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('INCRBY', KEYS[2], ARGV[3])
 end
-if ARGV[5] ~= '' then
-  return settle_lease(KEYS[3], KEYS[4], KEYS[5], ARGV[4], ARGV[5], ARGV[1])
-end
-if ARGV[4] ~= '0' and redis.call('EXISTS', KEYS[5]) == 1 then
-  redis.call('INCRBY', KEYS[5], ARGV[4])
-end
-return -2
+return settle_lease(KEYS[3], KEYS[4], KEYS[5], ARGV[4], ARGV[5], ARGV[1])
 """
 )
 
@@ -219,7 +213,7 @@ class Ask:
     budget_key: str | None
     cost: int
     budget_limit: int | None
-    lease: Lease | None
+    lease: Lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +228,7 @@ class Answer:
 class Settlement:
     keys: list[str]
     args: list[str | int]
-    lease: Lease | None
+    lease: Lease
 
 
 class SharedAdmission:
@@ -294,10 +288,8 @@ class SharedAdmission:
             _limit(ask.tpm),
             ask.cost,
             _limit(ask.budget_limit),
-            "1" if lease is not None else "0",
+            *lease.args(self.leases.seconds),
         ]
-        if lease is not None:
-            args += lease.args(self.leases.seconds)
         sent = self._admit.submit(keys, args)
         try:
             raw = await asyncio.shield(sent)
@@ -308,8 +300,7 @@ class SharedAdmission:
         if outcome == ADMITTED:
             if ask.cap is not None:
                 self.in_flight.held(ask.key_id, ask.call_id)
-            if lease is not None:
-                self.leases.taken(lease)
+            self.leases.taken(lease)
             requests += await self._counted("rpm", ask, 1, requests, ask.rpm)
             tokens += await self._counted("tpm", ask, ask.tokens, tokens, ask.tpm)
         return Answer(outcome, requests, tokens, spent)
@@ -336,9 +327,8 @@ class SharedAdmission:
         slot: bool,
         window: int | None,
         token_delta: int,
-        budget_key: str | None,
         budget_delta: int,
-        lease: Lease | None,
+        lease: Lease,
         row: dict[str, object],
     ) -> Settlement:
         """A call's corrections, noted on this replica, ready for `settle`."""
@@ -349,10 +339,7 @@ class SharedAdmission:
             self.counter.corrected(f"tpm:{key_id}", window, token_delta)
         else:
             token_delta = 0
-        encoded = ""
-        lease_keys = [self.leases.key(call_id), self.leases.index, budget_key or self.version_key]
-        if lease is not None:
-            lease_keys, encoded = self.leases.settling(lease, budget_delta, dict(row))
+        lease_keys, encoded = self.leases.settling(lease, budget_delta, dict(row))
         keys = [self.in_flight.key(key_id), tpm_key, *lease_keys]
         args = [call_id, "1" if holds_slot else "0", token_delta, budget_delta, encoded]
         return Settlement(keys, args, lease)
@@ -366,11 +353,9 @@ class SharedAdmission:
         lease = settlement.lease
         try:
             done = int(await self._settle.submit(settlement.keys, settlement.args))
-            if lease is not None:
-                await self.leases.settled(lease, done)
+            await self.leases.settled(lease, done)
         except (RedisError, OSError) as exc:
-            if lease is not None:
-                self.leases.abandon(lease)
+            self.leases.abandon(lease)
             log.warning("could not correct limits after a call", extra={"error": repr(exc)})
 
 

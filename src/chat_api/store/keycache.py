@@ -125,10 +125,6 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
-    def version_key(self) -> str:
-        return self._version.key
-
     def cached(self, digest: str) -> tuple[KeyRecord, bytes] | None:
         """A key already in the cache, with the shared version to check it against; no I/O.
 
@@ -147,18 +143,18 @@ class KeyCache:
 
     async def recheck(self, key_id: str) -> KeyRecord | None:
         """The key read again, after admission found that the key set changed."""
-        version = await self._version.current()
-        if version != self._seen:
-            self._entries.clear()
-            self._seen = version
+        self._adopt(await self._version.current())
         return await self._keys.get(key_id)
+
+    def _adopt(self, version: Version) -> None:
+        if version != self._seen:
+            self._entries.clear()  # something changed (or Redis came or went): start over
+            self._seen = version
 
     async def find(self, secret: str, digest: str) -> KeyRecord | None:
         """The key whose secret this is (its SHA-256 is `digest`), usable or not; None if none."""
         version = await self._version.current()
-        if version != self._seen:
-            self._entries.clear()  # something changed (or Redis came or went): start over
-            self._seen = version
+        self._adopt(version)
         entry = self._entries.get(digest)
         if entry is not None:
             age = time.monotonic() - entry.read_at
