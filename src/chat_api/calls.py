@@ -8,7 +8,10 @@ admitted → `CallResult` (the ledger row, filled in as the call goes).
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -109,6 +112,28 @@ class StreamStats:
 UNSEEN_TOKENS = 16
 
 
+_call_ids: tuple[str, Iterator[int]] = ("", iter(()))
+
+
+def _new_process() -> None:
+    global _call_ids
+    _call_ids = (secrets.token_hex(10), itertools.count())
+
+
+_new_process()
+os.register_at_fork(after_in_child=_new_process)  # a forked worker must not repeat its parent's
+
+
+def new_call_id() -> str:
+    """A call's id, unique across replicas and restarts (the ledger keeps one row per id).
+
+    A random 80-bit prefix per process, then a counter: no system call per
+    call, and two processes never share a prefix in practice.
+    """
+    prefix, count = _call_ids
+    return f"call_{prefix}{next(count):x}"
+
+
 @dataclass(slots=True)
 class CallResult:
     """Everything the ledger keeps about one call that reached the upstream."""
@@ -120,7 +145,7 @@ class CallResult:
     priced: ModelInfo  # the model, with the prices the call is billed at
     streamed: bool
     prompt_bound: int
-    call_id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    call_id: str = field(default_factory=new_call_id)
     outcome: str = "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0

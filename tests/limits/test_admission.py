@@ -30,13 +30,6 @@ MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4", "o1-mini")
 
 
 @pytest.fixture
-def upstream() -> Iterator[tuple[BillingUpstream, str]]:
-    fake = BillingUpstream()
-    with ServerThread(fake) as server:
-        yield fake, server.url + "/v1"
-
-
-@pytest.fixture
 def start(upstream: tuple[BillingUpstream, str], tmp_path: Path) -> Iterator[Any]:
     fake, url = upstream
     started: list[ServerThread] = []

@@ -22,6 +22,7 @@ import httpx
 import redis
 
 from tests.conftest import GatewayFactory
+from tests.fakes.billing_upstream import Behaviour, BillingUpstream
 from tests.fakes.openai_server import FakeOpenAI
 from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, make_key
 
@@ -41,9 +42,16 @@ def _call(url: str, secret: str, path: str, body: dict[str, Any]) -> int:
 
 
 def _replicas(
-    gateway_factory: GatewayFactory, postgres_url: str, redis_url: str, prefix: str, count: int
+    gateway_factory: GatewayFactory,
+    postgres_url: str,
+    redis_url: str,
+    prefix: str,
+    count: int,
+    upstream: tuple[BillingUpstream, str] | None = None,
 ) -> list[Any]:
     shared = {"redis_url": redis_url, "redis_prefix": prefix, "database_url": postgres_url}
+    if upstream is not None:  # the fake that bills as OpenAI does, for the money assertions
+        shared |= {"openai_base_url": upstream[1], "openai_api_key": upstream[0].api_key}
     return [gateway_factory(master_key=MASTER, **shared) for _ in range(count)]
 
 
@@ -150,10 +158,85 @@ def test_a_call_costs_redis_two_script_runs_and_a_refusal_takes_nothing(
     assert not client.keys("t:lease:*")
 
 
-def test_many_calls_settling_together_hold_the_budget_and_leave_one_row_each(
-    postgres_url: str, shared_redis: RedisPlace, gateway_factory: GatewayFactory, fake: FakeOpenAI
+def test_calls_at_the_same_time_share_script_runs(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+    upstream: tuple[BillingUpstream, str],
 ) -> None:
-    one, two = _replicas(gateway_factory, postgres_url, shared_redis.url, shared_redis.prefix, 2)
+    fake = upstream[0]
+    fake.behaviour = Behaviour(write=5)
+    (gateway,) = _replicas(gateway_factory, postgres_url, private_redis.url, "t:", 1, upstream)
+    secret, key_id = make_key(gateway.url, rpm=10_000, budget_usd="1", max_in_flight=64)
+    client = redis.Redis.from_url(private_redis.url)
+    assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200  # warm
+    _quiet(client, key_id)
+    budget = f"t:budget:{key_id}:t"
+    calls, billed, counted = 64, fake.biller.total, int(client.get(budget) or 0)
+    with _Watch(private_redis.url) as watch, ThreadPoolExecutor(max_workers=16) as pool:
+        statuses = list(
+            pool.map(
+                lambda _: _call(gateway.url, secret, "/v1/chat/completions", CHAT), range(calls)
+            )
+        )
+        _quiet(client, key_id)
+    assert statuses == [200] * calls
+    # Alone, a call is two or three script runs; calls that overlap go in the same ones.
+    assert watch.sent.count("EVALSHA") < 2 * calls, watch.sent
+    # The batch is one script run, not one way to skip a limit: everything was counted.
+    spent = int(client.get(budget) or 0) - counted
+    assert spent >= int((fake.biller.total - billed) * 1_000_000) > 0
+    assert client.get(f"t:rpm:{key_id}:{int(time.time() // 60)}") is not None
+
+
+async def _batch_answers(url: str) -> list[Any]:
+    from redis.asyncio import Redis
+
+    from chat_api.limits.shared_admission import Batched
+
+    client = Redis.from_url(url)
+    try:
+        await client.hset("t:broken", "not", "a counter")
+        await client.zadd("t:inflight:k", {"call_a": 1})
+        batch = Batched(client)
+        # One step of the batch fails (its key holds the wrong kind of value): the
+        # others still run and answer, each caller gets its own answer.
+        broken = batch.submit(
+            "release", ["t:inflight:k", "t:broken", "t:x", "t:y", "t:z"], ["call_b", "1", "0"]
+        )
+        fine = batch.submit(
+            "release", ["t:inflight:k", "t:none", "t:x", "t:y", "t:z"], ["call_a", "1", "0"]
+        )
+        answers: list[Any] = list(await asyncio.gather(broken, fine, return_exceptions=True))
+        answers.append(await client.zcard("t:inflight:k"))
+        await client.script_flush()  # Redis lost its scripts (a restart): loaded again
+        answers.append(
+            await batch.submit("release", ["t:a", "t:b", "t:c", "t:d", "t:e"], ["c", "1", "0"])
+        )
+        return answers
+    finally:
+        await client.aclose()
+
+
+def test_one_failing_step_of_a_batch_fails_alone(private_redis: PrivateRedis) -> None:
+    from redis.exceptions import ResponseError
+
+    broken, fine, left, after_flush = asyncio.run(_batch_answers(private_redis.url))
+    assert isinstance(broken, ResponseError) and "WRONGTYPE" in str(broken)
+    assert fine == 1 and left == 0  # the other call's slot was given back
+    assert after_flush == 1
+
+
+def test_many_calls_settling_together_hold_the_budget_and_leave_one_row_each(
+    postgres_url: str,
+    shared_redis: RedisPlace,
+    gateway_factory: GatewayFactory,
+    upstream: tuple[BillingUpstream, str],
+) -> None:
+    fake = upstream[0]
+    fake.behaviour = Behaviour(write=5)  # answers far below their worst case
+    place = shared_redis
+    one, two = _replicas(gateway_factory, postgres_url, place.url, place.prefix, 2, upstream)
     budget = Decimal("0.0002")  # about 40 calls at what they cost, 1 at its worst case
     secret, key_id = make_key(one.url, budget_usd=str(budget), max_in_flight=64)
     body = {**CHAT, "max_tokens": 200}
@@ -173,7 +256,7 @@ def test_many_calls_settling_together_hold_the_budget_and_leave_one_row_each(
         if usage["requests"] >= statuses.count(200) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert usage["requests"] == statuses.count(200) == fake.hits  # one row per upstream call
+    assert usage["requests"] == statuses.count(200) == fake.calls  # one row per upstream call
     assert Decimal(str(usage["cost_usd"])) >= fake.biller.total
 
 

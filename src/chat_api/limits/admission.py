@@ -13,12 +13,13 @@ off, are only recorded.
 `Admission.settle` runs exactly once when an admitted call ends, whatever
 happened: it queues the ledger row (never on the response path) and the
 corrections (the real tokens and cost replace the reservation; the slot is
-given back), which a background task applies. With Redis, every admitted
+given back), applied off the response path. With Redis, every admitted
 call holds a lease until its row is committed, so a replica that dies
 loses no row (see `limits/leases.py`), and admission and the corrections
-are one Redis round trip each (`limits/shared_admission.py`); that round
-trip also checks that the key was not revoked meanwhile. While Redis is
-away, each limit is taken in turn here, with its own fallback.
+are one script step each, which calls at the same moment share one round
+trip for (`limits/shared_admission.py`); admission's step also checks
+that the key was not revoked meanwhile. While Redis is away, each limit
+is taken in turn here, with its own fallback.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from chat_api.calls import CallContext, Caller, CallResult, Prepared
+from chat_api.calls import CallContext, Caller, CallResult, Prepared, new_call_id
 from chat_api.errors import RateLimited
 from chat_api.limits.budgets import Budgets, period_bounds, utcnow
 from chat_api.limits.counters import Counter, this_minute
@@ -107,20 +107,16 @@ class _Limited:
         meter.sink(result)
         if self.shared and meter.shared is not None:
             assert self.lease is not None  # admitted in one round trip: always under a lease
-            meter.later(
-                meter.shared.settle(
-                    meter.shared.settling(
-                        key_id=self.key_id,
-                        call_id=self.call_id,
-                        slot=self.in_flight,
-                        window=self.token_window,
-                        token_delta=result.total_tokens - self.tokens_reserved,
-                        budget_delta=to_micro(result.cost) - self.micro_reserved
-                        if self.bucket
-                        else 0,
-                        lease=self.lease,
-                        row=meter.row_of(result),
-                    )
+            meter.shared.settle(
+                meter.shared.settling(
+                    key_id=self.key_id,
+                    call_id=self.call_id,
+                    slot=self.in_flight,
+                    window=self.token_window,
+                    token_delta=result.total_tokens - self.tokens_reserved,
+                    budget_delta=to_micro(result.cost) - self.micro_reserved if self.bucket else 0,
+                    lease=self.lease,
+                    row=meter.row_of(result),
                 )
             )
         else:
@@ -192,8 +188,10 @@ class KeyMeter:
 
     async def drain(self) -> None:
         """Wait for queued corrections (at shutdown, and in tests)."""
-        while self._tasks:
+        while self._tasks or (self.shared is not None and self.shared.busy):
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            if self.shared is not None:
+                await self.shared.drain()
 
     def cap_of(self, caller: Caller) -> int | None:
         """The calls in flight a key may have; None: no cap."""
@@ -224,7 +222,7 @@ class KeyMeter:
         """Only recorded; with Redis, under a lease too, so a replica's death loses no row."""
         if self.leases is None:
             return self._recorded
-        lease = Lease.of(_new_call_id(), "", ctx, prepared)
+        lease = Lease.of(new_call_id(), "", ctx, prepared)
         try:
             await self.leases.open(lease)
         except (RedisError, OSError) as exc:
@@ -242,7 +240,7 @@ class KeyMeter:
         """Every limit and the lease in one round trip (limits/shared_admission.py)."""
         assert caller.key_id is not None
         key_id = caller.key_id
-        call_id = _new_call_id()
+        call_id = new_call_id()
         lease = Lease.of(call_id, key_id, ctx, prepared)
         window, reset_in = this_minute()
         cap = self.cap_of(caller)
@@ -317,7 +315,7 @@ class KeyMeter:
         """Each limit in turn (in this process, or while Redis is away), undone on a refusal."""
         assert caller.key_id is not None
         key_id = caller.key_id
-        call_id = _new_call_id()
+        call_id = new_call_id()
         lease = Lease.of(call_id, key_id, ctx, prepared) if self.leases is not None else None
         headers: dict[str, str] = {}
         undo: list[Coroutine[Any, Any, None]] = []
@@ -475,10 +473,6 @@ def _refusal(
     if fits < 1:
         return f"{head} Send a shorter request.{when}"
     return f"{head} Set max_tokens to {fits} or less and it fits.{when}"
-
-
-def _new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
 
 
 def reset_duration(seconds: float) -> str:

@@ -98,21 +98,26 @@ return settle_lease(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
 """
 )
 
-# KEYS[index, lease...], ARGV[call id...]: 1 deleted, 0 marked written (not settled yet)
-_WRITTEN = """
-local out = {}
-for i = 2, #KEYS do
-  if redis.call('HGET', KEYS[i], 'settled') == '1' then
-    redis.call('DEL', KEYS[i])
-    redis.call('ZREM', KEYS[1], ARGV[i - 1])
-    out[#out + 1] = 1
-  else
-    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('HSET', KEYS[i], 'written', '1') end
-    out[#out + 1] = 0
+# Shared with the batch script of limits/shared_admission.py:
+# keys[index, lease...], ids[call id...] -> per lease 1 deleted, 0 marked written (not settled)
+LEASES_WRITTEN = """
+local function leases_written(keys, ids)
+  local out = {}
+  for i = 2, #keys do
+    if redis.call('HGET', keys[i], 'settled') == '1' then
+      redis.call('DEL', keys[i])
+      redis.call('ZREM', keys[1], ids[i - 1])
+      out[#out + 1] = 1
+    else
+      if redis.call('EXISTS', keys[i]) == 1 then redis.call('HSET', keys[i], 'written', '1') end
+      out[#out + 1] = 0
+    end
   end
+  return out
 end
-return out
 """
+
+_WRITTEN = LEASES_WRITTEN + "return leases_written(KEYS, ARGV)\n"
 
 # KEYS[index, lease], ARGV[now, claimed until, call id]
 _CLAIM = """
@@ -218,6 +223,8 @@ class RedisLeases:
         holds.checks.append(self.check)
         self._reaper: asyncio.Task[None] | None = None
         self.reaped = 0
+        # Set by limits/shared_admission.py: "written" goes with the next batch it sends.
+        self.batched: Callable[[list[str], list[str]], Awaitable[Any]] | None = None
 
     @property
     def seconds(self) -> float:
@@ -254,7 +261,12 @@ class RedisLeases:
         """After Redis settled a lease (`SETTLE_LEASE`'s answer)."""
         if done == -1 and await self._seen.changed():
             await self.recover()  # Redis lost it: put it back, settled
-        elif done in (2, -1):  # written already, or reaped after this replica stalled
+        else:
+            self.settled_now(lease, done)
+
+    def settled_now(self, lease: Lease, done: int) -> None:
+        """As `settled`, for an answer other than -1 when Redis did not lose its data."""
+        if done in (2, -1):  # written already, or reaped after this replica stalled
             self._gone(lease.call_id)
 
     # --- after Redis lost its data ------------------------------------------------
@@ -318,10 +330,12 @@ class RedisLeases:
         mine = [call_id for call_id in call_ids if call_id in self.held]
         if not mine:
             return
+        keys = [self.index, *(self.key(call_id) for call_id in mine)]
         try:
-            flags = await self._written(
-                keys=[self.index, *(self.key(call_id) for call_id in mine)], args=mine
-            )
+            if self.batched is not None:
+                flags = await self.batched(keys, mine)
+            else:
+                flags = await self._written(keys=keys, args=mine)
         except (RedisError, OSError):
             for call_id in mine:  # not renewed any more: the reaper deletes them
                 self._gone(call_id)

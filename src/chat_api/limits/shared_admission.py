@@ -1,10 +1,10 @@
-"""Admission and settlement for replicas that share Redis: one round trip each.
+"""Admission and settlement for replicas that share Redis: one script step each.
 
 Every request with a client key is checked against its key's requests and
 tokens a minute, its calls in flight and its budget, and takes a lease
 (limits/leases.py). Done one limit at a time, that is five round trips to
-Redis before the call starts and three after; here it is one script
-before (`admit`) and one after (`settle`):
+Redis before the call starts and three after; here it is one step of a
+script before (`admit`) and one after (`settle`):
 
 - `_ADMIT` first checks that the key set did not change since the key was
   cached (store/keycache.py: a revoked key must be refused on every
@@ -14,9 +14,15 @@ before (`admit`) and one after (`settle`):
   cost reserved, the lease written). A refusal takes nothing, so there is
   nothing to undo.
 - `_SETTLE` gives the slot back, corrects the tokens counted, and settles
-  the lease with the budget's correction and the exact ledger row. The
-  calls that ended while one batch was on its way go together in the next
-  (one pipelined round trip), off the response path.
+  the lease with the budget's correction and the exact ledger row, off the
+  response path.
+
+Steps do not each cost a round trip: every step this replica asks for
+while a script run is on its way (admissions, settlements, the ledger's
+"rows written") goes in the next run, as one `EVALSHA` with one JSON
+argument (`Batched`). Alone, a call is two small runs; with eight calls
+at a time, about one run for two calls (measured: 0.49 `EVALSHA` a call).
+Each step is atomic, as the whole run is, and a step that fails fails alone.
 
 The same Redis keys are used as by each limit's own class
 (limits/counters.py, in_flight.py, budgets.py, leases.py), which keep their
@@ -29,18 +35,27 @@ answer 503.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import orjson
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, ResponseError
 
 from chat_api import clock
 from chat_api.limits.budgets import RedisBudgets
 from chat_api.limits.counters import RedisCounter
 from chat_api.limits.in_flight import RedisInFlight
-from chat_api.limits.leases import SETTLE_LEASE, WRITE_LEASE, Lease, RedisLeases
+from chat_api.limits.leases import (
+    LEASES_WRITTEN,
+    SETTLE_LEASE,
+    WRITE_LEASE,
+    Lease,
+    RedisLeases,
+)
 
 log = logging.getLogger("chat_api.limits")
 
@@ -52,104 +67,135 @@ TPM_FULL = 4
 BUDGET_SHORT = 5
 BUDGET_UNKNOWN = 6  # no running total in Redis yet: seed it from the ledger, then try again
 
-# KEYS[version, rpm, in flight, tpm, budget, lease, lease index]
-# ARGV[1 expected version or '', 2 rpm limit or '', 3 slot cap or '', 4 now, 5 hold until,
-#      6 call id, 7 slot ttl, 8 tokens, 9 tpm limit or '', 10 cost, 11 budget limit or '',
-#      12.. lease arguments]
+# K[version, rpm, in flight, tpm, budget, lease, lease index]
+# A[1 expected version or '', 2 rpm limit or '', 3 slot cap or '', 4 now, 5 hold until,
+#   6 call id, 7 slot ttl, 8 tokens, 9 tpm limit or '', 10 cost, 11 budget limit or '',
+#   12.. lease arguments]
 # -> {outcome, requests counted, tokens counted, budget total before this call}
-_ADMIT = (
-    WRITE_LEASE
-    + """
-if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0, 0, 0, 0} end
-local rpm = 0
-if ARGV[2] ~= '' then
-  rpm = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if rpm + 1 > tonumber(ARGV[2]) then return {2, rpm, 0, 0} end
+_ADMIT = """
+local function admit(K, A)
+  if A[1] ~= '' and redis.call('GET', K[1]) ~= A[1] then return {0, 0, 0, 0} end
+  local rpm = 0
+  if A[2] ~= '' then
+    rpm = tonumber(redis.call('GET', K[2]) or '0')
+    if rpm + 1 > tonumber(A[2]) then return {2, rpm, 0, 0} end
+  end
+  if A[3] ~= '' then
+    redis.call('ZREMRANGEBYSCORE', K[3], '-inf', A[4])
+    if redis.call('ZCARD', K[3]) >= tonumber(A[3]) then return {3, rpm, 0, 0} end
+  end
+  local tpm = 0
+  if A[9] ~= '' then
+    tpm = tonumber(redis.call('GET', K[4]) or '0')
+    if tpm >= tonumber(A[9]) then return {4, rpm, tpm, 0} end
+  end
+  local spent = 0
+  if A[11] ~= '' then
+    local total = redis.call('GET', K[5])
+    if not total then return {6, rpm, tpm, 0} end
+    spent = tonumber(total)
+    if spent + tonumber(A[10]) > tonumber(A[11]) then return {5, rpm, tpm, spent} end
+  end
+  if A[2] ~= '' then
+    rpm = redis.call('INCR', K[2])
+    if rpm == 1 then redis.call('EXPIRE', K[2], 120) end
+  end
+  if A[3] ~= '' then
+    redis.call('ZADD', K[3], A[5], A[6])
+    redis.call('EXPIRE', K[3], A[7])
+  end
+  if A[9] ~= '' then
+    tpm = redis.call('INCRBY', K[4], A[8])
+    if tpm == tonumber(A[8]) then redis.call('EXPIRE', K[4], 120) end
+  end
+  if A[11] ~= '' then redis.call('INCRBY', K[5], A[10]) end
+  write_lease(K[6], K[7], A, 12)
+  return {1, rpm, tpm, spent}
 end
-if ARGV[3] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
-  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then return {3, rpm, 0, 0} end
-end
-local tpm = 0
-if ARGV[9] ~= '' then
-  tpm = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if tpm >= tonumber(ARGV[9]) then return {4, rpm, tpm, 0} end
-end
-local spent = 0
-if ARGV[11] ~= '' then
-  local total = redis.call('GET', KEYS[5])
-  if not total then return {6, rpm, tpm, 0} end
-  spent = tonumber(total)
-  if spent + tonumber(ARGV[10]) > tonumber(ARGV[11]) then return {5, rpm, tpm, spent} end
-end
-if ARGV[2] ~= '' then
-  rpm = redis.call('INCR', KEYS[2])
-  if rpm == 1 then redis.call('EXPIRE', KEYS[2], 120) end
-end
-if ARGV[3] ~= '' then
-  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
-  redis.call('EXPIRE', KEYS[3], ARGV[7])
-end
-if ARGV[9] ~= '' then
-  tpm = redis.call('INCRBY', KEYS[4], ARGV[8])
-  if tpm == tonumber(ARGV[8]) then redis.call('EXPIRE', KEYS[4], 120) end
-end
-if ARGV[11] ~= '' then redis.call('INCRBY', KEYS[5], ARGV[10]) end
-write_lease(KEYS[6], KEYS[7], ARGV, 12)
-return {1, rpm, tpm, spent}
 """
-)
 
-# KEYS[in flight, tpm, lease, lease index, budget]
-# ARGV[call id, '1' to give the slot back, token correction, budget correction, row]
+# K[in flight, tpm, lease, lease index, budget]
+# A[call id, '1' to give the slot back, token correction, budget correction, row]
 # -> the lease's settlement (SETTLE_LEASE)
-_SETTLE = (
-    SETTLE_LEASE
-    + """
-if ARGV[2] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
-if ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('INCRBY', KEYS[2], ARGV[3])
+_SETTLE = """
+local function settle(K, A)
+  if A[2] == '1' then redis.call('ZREM', K[1], A[1]) end
+  if A[3] ~= '0' and redis.call('EXISTS', K[2]) == 1 then
+    redis.call('INCRBY', K[2], A[3])
+  end
+  return settle_lease(K[3], K[4], K[5], A[4], A[5], A[1])
 end
-return settle_lease(KEYS[3], KEYS[4], KEYS[5], ARGV[4], ARGV[5], ARGV[1])
 """
-)
 
-
-# KEYS[in flight, tpm, budget, lease, lease index], ARGV[call id, tokens, cost]
+# K[in flight, tpm, budget, lease, lease index], A[call id, tokens, cost]
 # Undoes an admission nobody is left to use (the client left while it was on its way).
 _RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('DECRBY', KEYS[2], ARGV[2]) end
-if ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('DECRBY', KEYS[3], ARGV[3])
+local function release(K, A)
+  redis.call('ZREM', K[1], A[1])
+  if redis.call('EXISTS', K[2]) == 1 then redis.call('DECRBY', K[2], A[2]) end
+  if A[3] ~= '0' and redis.call('EXISTS', K[3]) == 1 then
+    redis.call('DECRBY', K[3], A[3])
+  end
+  redis.call('DEL', K[4])
+  redis.call('ZREM', K[5], A[1])
+  return 1
 end
-redis.call('DEL', KEYS[4])
-redis.call('ZREM', KEYS[5], ARGV[1])
-return 1
 """
 
+# ARGV[1]: a JSON list of [operation, keys, arguments] (all strings) -> a JSON list of
+# their answers, in order; one that failed is {"err": why}, and the others still ran.
+_BATCH = (
+    WRITE_LEASE
+    + SETTLE_LEASE
+    + LEASES_WRITTEN
+    + _ADMIT
+    + _SETTLE
+    + _RELEASE
+    + """
+local run = {admit = admit, settle = settle, release = release, written = leases_written}
+local out = {}
+for i, op in ipairs(cjson.decode(ARGV[1])) do
+  local ok, answer = pcall(run[op[1]], op[2], op[3])
+  if not ok then
+    answer = {err = type(answer) == 'table' and answer.err or tostring(answer)}
+  end
+  out[i] = answer
+end
+return cjson.encode(out)
+"""
+)
 
-_Queued = tuple[list[str], list[Any], "asyncio.Future[Any]"]
+Op = Literal["admit", "settle", "release", "written"]
+Orphaned = Callable[[Any], None]
+_Queued = tuple[Op, list[str], list[str], "asyncio.Future[Any]", Orphaned | None]
 
 
-class Coalesced:
-    """One script run for many calls: those that ask while a round trip is on its way go
-    together in the next one, pipelined. With one call at a time it is a plain EVALSHA;
-    with many, Redis and this process each do one read and one write per batch.
+class Batched:
+    """One script run for every call that asks while a run is on its way.
+
+    Admissions, settlements and the ledger's "rows written" of every call
+    on this replica share one queue: whatever was asked while the last run
+    was on its way goes as one `EVALSHA` with one argument (a JSON list),
+    and comes back as one string. With one call at a time that is one
+    small round trip per step; with many, Redis and this process each
+    parse one command and one answer per batch, not one per call and step.
     """
 
-    def __init__(self, redis: Redis, script: str) -> None:
+    def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._text = script
-        self._script = redis.register_script(script)
+        self._sha = redis.register_script(_BATCH).sha
         self._queue: list[_Queued] = []
         self._busy = False
         self._flusher: asyncio.Task[None] | None = None
 
-    def submit(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def submit(
+        self, op: Op, keys: list[str], args: list[str], orphaned: Orphaned | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one step; its answer comes on the future. `orphaned` gets the answer of
+        a step whose future was cancelled meanwhile (its caller left): it ran anyway."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((keys, args, future))
+        self._queue.append((op, keys, args, future, orphaned))
         if not self._busy:
             self._busy = True
             self._flusher = loop.create_task(self._flush())
@@ -164,37 +210,32 @@ class Coalesced:
                 except Exception as exc:
                     answers = [exc] * len(batch)
                 except BaseException:  # cancelled (the loop is closing): nobody waits forever
-                    for _, _, future in batch + self._queue:
+                    for *_, future, _ in batch + self._queue:
                         future.cancel()
                     self._queue = []
                     raise
-                for (_, _, future), answer in zip(batch, answers, strict=True):
+                for (*_, future, orphaned), answer in zip(batch, answers, strict=True):
                     if future.done():
+                        if future.cancelled() and orphaned is not None:
+                            orphaned(answer)
                         continue
                     if isinstance(answer, Exception):
                         future.set_exception(answer)
+                    elif isinstance(answer, dict):
+                        future.set_exception(ResponseError(answer.get("err", "script error")))
                     else:
                         future.set_result(answer)
         finally:
             self._busy = False
 
-    async def _send(
-        self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
-    ) -> list[Any]:
-        if len(batch) == 1:
-            keys, args, _ = batch[0]
-            return [await self._script(keys, args)]
-        # EVALSHA by hand: redis-py's pipelined scripts ask SCRIPT EXISTS first, a round
-        # trip more. A Redis that lost its scripts (restarted) gets it loaded, then again.
-        answers: list[Any] = []
-        for _ in range(2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
-                answers = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(answer, NoScriptError) for answer in answers):
-                break
-            await self._redis.script_load(self._text)
+    async def _send(self, batch: list[_Queued]) -> list[Any]:
+        payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
+        try:
+            raw = await self._redis.evalsha(self._sha, 0, payload)
+        except NoScriptError:  # a Redis that lost its scripts (restarted): load it, again
+            await self._redis.script_load(_BATCH)
+            raw = await self._redis.evalsha(self._sha, 0, payload)
+        answers: list[Any] = orjson.loads(raw)
         return answers
 
 
@@ -227,7 +268,7 @@ class Answer:
 @dataclass(frozen=True, slots=True)
 class Settlement:
     keys: list[str]
-    args: list[str | int]
+    args: list[str]
     lease: Lease
 
 
@@ -244,9 +285,9 @@ class SharedAdmission:
         budgets: RedisBudgets,
         leases: RedisLeases,
     ) -> None:
-        self._admit = Coalesced(redis, _ADMIT)
-        self._settle = Coalesced(redis, _SETTLE)
-        self._release = Coalesced(redis, _RELEASE)
+        self._batch = Batched(redis)
+        self._settling: set[asyncio.Future[Any]] = set()
+        leases.batched = lambda keys, ids: self._batch.submit("written", keys, ids)
         self.version_key = version_key
         self.counter = counter
         self.in_flight = in_flight
@@ -290,12 +331,14 @@ class SharedAdmission:
             _limit(ask.budget_limit),
             *lease.args(self.leases.seconds),
         ]
-        sent = self._admit.submit(keys, args)
+        unused = functools.partial(self._unused, ask, keys)
+        sent = self._batch.submit("admit", keys, _texts(args), unused)
         try:
-            raw = await asyncio.shield(sent)
+            raw = await sent
         except asyncio.CancelledError:
-            sent.add_done_callback(lambda done: self._unused(done, ask, keys))
-            raise
+            if sent.done() and not sent.cancelled() and sent.exception() is None:
+                unused(sent.result())  # answered at the moment the client left
+            raise  # else the batch hands `unused` the answer when it comes
         outcome, requests, tokens, spent = (int(v) for v in raw)
         if outcome == ADMITTED:
             if ask.cap is not None:
@@ -305,13 +348,13 @@ class SharedAdmission:
             tokens += await self._counted("tpm", ask, ask.tokens, tokens, ask.tpm)
         return Answer(outcome, requests, tokens, spent)
 
-    def _unused(self, sent: asyncio.Future[Any], ask: Ask, keys: list[str]) -> None:
+    def _unused(self, ask: Ask, keys: list[str], answer: Any) -> None:
         """The client left while `_ADMIT` was on its way: give back what it took, if it did."""
-        if sent.cancelled() or sent.exception() is not None or int(sent.result()[0]) != ADMITTED:
+        if isinstance(answer, Exception | dict) or int(answer[0]) != ADMITTED:
             return
         tokens = ask.tokens if ask.tpm is not None else 0
         undo = [keys[2], keys[3], keys[4], keys[5], keys[6]]
-        released = self._release.submit(undo, [ask.call_id, tokens, ask.cost])
+        released = self._batch.submit("release", undo, _texts([ask.call_id, tokens, ask.cost]))
         released.add_done_callback(_quiet)
 
     async def _counted(self, kind: str, ask: Ask, amount: int, used: int, limit: int | None) -> int:
@@ -341,22 +384,43 @@ class SharedAdmission:
             token_delta = 0
         lease_keys, encoded = self.leases.settling(lease, budget_delta, dict(row))
         keys = [self.in_flight.key(key_id), tpm_key, *lease_keys]
-        args = [call_id, "1" if holds_slot else "0", token_delta, budget_delta, encoded]
+        args = [call_id, "1" if holds_slot else "0", str(token_delta), str(budget_delta), encoded]
         return Settlement(keys, args, lease)
 
-    async def settle(self, settlement: Settlement) -> None:
-        """Run `_SETTLE` (with the other calls that ended meanwhile, in one round trip).
+    def settle(self, settlement: Settlement) -> None:
+        """Send `_SETTLE` with the next batch, off the response path (`drain` waits for it).
 
         A call whose settlement failed has its lease given up to the reaper,
         which settles it at its reservation (errs on the operator's side).
         """
-        lease = settlement.lease
-        try:
-            done = int(await self._settle.submit(settlement.keys, settlement.args))
-            await self.leases.settled(lease, done)
-        except (RedisError, OSError) as exc:
+        sent = self._batch.submit("settle", settlement.keys, settlement.args)
+        self._settling.add(sent)
+        sent.add_done_callback(functools.partial(self._settled, settlement.lease))
+
+    def _settled(self, lease: Lease, sent: asyncio.Future[Any]) -> None:
+        self._settling.discard(sent)
+        error = None if sent.cancelled() else sent.exception()
+        if sent.cancelled() or error is not None:
             self.leases.abandon(lease)
-            log.warning("could not correct limits after a call", extra={"error": repr(exc)})
+            if error is not None:
+                log.warning("could not correct limits after a call", extra={"error": repr(error)})
+            return
+        done = int(sent.result())
+        if done == -1:  # no such lease: Redis may have lost its data, which takes a look
+            task = asyncio.get_running_loop().create_task(self.leases.settled(lease, done))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+        else:
+            self.leases.settled_now(lease, done)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._settling)
+
+    async def drain(self) -> None:
+        """Wait for the settlements on their way (at shutdown, and in tests)."""
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:
@@ -368,3 +432,8 @@ def _quiet(future: asyncio.Future[Any]) -> None:
 
 def _limit(value: int | None) -> str | int:
     return "" if value is None else value
+
+
+def _texts(args: list[Any]) -> list[str]:
+    """Arguments as Redis would have received them: the scripts compare strings."""
+    return [a if isinstance(a, str) else repr(a) if isinstance(a, float) else str(a) for a in args]
