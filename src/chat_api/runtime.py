@@ -121,6 +121,7 @@ async def open_runtime(
             budgets=budgets,
             leases=leases,
         )
+        stack.push_async_callback(shared.close)  # after the last settlements, before Redis
 
     def record(result: CallResult) -> None:
         ledger.add(result)

@@ -195,10 +195,10 @@ async def _batch_answers(url: str) -> list[Any]:
     from chat_api.limits.shared_admission import Batched
 
     client = Redis.from_url(url)
+    batch = Batched(client)
     try:
         await client.hset("t:broken", "not", "a counter")
         await client.zadd("t:inflight:k", {"call_a": 1})
-        batch = Batched(client)
         # One step of the batch fails (its key holds the wrong kind of value): the
         # others still run and answer, each caller gets its own answer.
         broken = batch.submit(
@@ -215,6 +215,7 @@ async def _batch_answers(url: str) -> list[Any]:
         )
         return answers
     finally:
+        await batch.close()
         await client.aclose()
 
 

@@ -278,15 +278,16 @@ class KeyMeter:
         if outcome == KEY_SET_CHANGED:
             raise _KeySetChanged()
         headers: dict[str, str] = {}
+        reset = reset_duration(reset_in)  # the same minute for both limits
         if caller.rpm is not None:
-            headers.update(_rate_headers("requests", caller.rpm, answer.requests, reset_in))
+            headers.update(_rate_headers("requests", caller.rpm, answer.requests, reset))
         if outcome == RPM_FULL:
             raise _requests_refusal(caller, reset_in, headers)
         if outcome == IN_FLIGHT_FULL:
             assert cap is not None
             raise _in_flight_refusal(cap, headers)
         if caller.tpm is not None:
-            headers.update(_rate_headers("tokens", caller.tpm, answer.tokens, reset_in))
+            headers.update(_rate_headers("tokens", caller.tpm, answer.tokens, reset))
         if outcome == TPM_FULL:
             raise _tokens_refusal(caller, reset_in, headers)
         if outcome in (BUDGET_SHORT, BUDGET_UNKNOWN):
@@ -322,7 +323,8 @@ class KeyMeter:
         try:
             if caller.rpm is not None:
                 hit = await self.counter.hit(f"rpm:{key_id}", 1, caller.rpm)
-                headers.update(_rate_headers("requests", caller.rpm, hit.used, hit.reset_in))
+                reset = reset_duration(hit.reset_in)
+                headers.update(_rate_headers("requests", caller.rpm, hit.used, reset))
                 if not hit.allowed:
                     raise _requests_refusal(caller, hit.reset_in, headers)
                 undo.append(self.counter.add(f"rpm:{key_id}", hit.window, -1))
@@ -335,7 +337,8 @@ class KeyMeter:
             tokens = prepared.worst_tokens
             if caller.tpm is not None:
                 hit = await self.counter.hit(f"tpm:{key_id}", tokens, caller.tpm, whole=False)
-                headers.update(_rate_headers("tokens", caller.tpm, hit.used, hit.reset_in))
+                reset = reset_duration(hit.reset_in)
+                headers.update(_rate_headers("tokens", caller.tpm, hit.used, reset))
                 if not hit.allowed:
                     raise _tokens_refusal(caller, hit.reset_in, headers)
                 token_window = hit.window
@@ -490,11 +493,12 @@ def reset_duration(seconds: float) -> str:
     return text
 
 
-def _rate_headers(kind: str, limit: int, used: int, reset_in: float) -> dict[str, str]:
+def _rate_headers(kind: str, limit: int, used: int, reset: str) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers; `reset` as `reset_duration` writes it."""
     return {
         f"x-ratelimit-limit-{kind}": str(limit),
         f"x-ratelimit-remaining-{kind}": str(max(0, limit - used)),
-        f"x-ratelimit-reset-{kind}": reset_duration(reset_in),
+        f"x-ratelimit-reset-{kind}": reset,
     }
 
 

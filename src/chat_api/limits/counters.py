@@ -121,7 +121,9 @@ class RedisCounter:
     async def counted(self, name: str, window: int, amount: int, used: int) -> int:
         """After Redis counted `amount` (to `used`) in a combined script; what was put back."""
         slot = (name, window)
-        back = await self._put_back(self.key(name, window), slot, fresh=used == amount)
+        back = 0
+        if used == amount or slot in self._owed:  # else Redis holds all this replica counted
+            back = await self._put_back(self.key(name, window), slot, fresh=used == amount)
         self._count(slot, amount)
         return back
 

@@ -48,6 +48,7 @@ from chat_api.store.ledger import decode_row, encode_row
 log = logging.getLogger("chat_api.limits")
 
 LEASE_TTL = 7 * 86_400  # the hash outlives every replica stopping for a while
+_LEASE_TTL = str(LEASE_TTL)
 BUDGET_TTL = 60 * 60 * 24 * 40
 REAPED_OUTCOME = "replica_lost"
 
@@ -163,14 +164,14 @@ class Lease:
         }
         return cls(call_id, key_id, fields)
 
-    def args(self, seconds: float) -> list[str | float | int]:
+    def args(self, seconds: float) -> list[str]:
         """ARGV for `WRITE_LEASE`: until, ttl, call id, then the hash's fields.
 
         The estimate is one field (`estimate`, JSON): one argument to send
         instead of eighteen, on every call's admission.
         """
         estimate = orjson.dumps(self.fields).decode()
-        return [clock.now() + seconds, LEASE_TTL, self.call_id, "estimate", estimate]
+        return [repr(clock.now() + seconds), _LEASE_TTL, self.call_id, "estimate", estimate]
 
 
 def estimated_row(call_id: str, fields: dict[str, str]) -> dict[str, Any]:

@@ -43,7 +43,10 @@ from typing import Any, Literal
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat_api import clock
 from chat_api.limits.budgets import RedisBudgets
@@ -89,12 +92,11 @@ local function admit(K, A)
     tpm = tonumber(redis.call('GET', K[4]) or '0')
     if tpm >= tonumber(A[9]) then return {4, rpm, tpm, 0} end
   end
-  local spent = 0
+  local spent = '0'  -- as Redis keeps it: JSON would round a number past 14 digits
   if A[11] ~= '' then
-    local total = redis.call('GET', K[5])
-    if not total then return {6, rpm, tpm, 0} end
-    spent = tonumber(total)
-    if spent + tonumber(A[10]) > tonumber(A[11]) then return {5, rpm, tpm, spent} end
+    spent = redis.call('GET', K[5])
+    if not spent then return {6, rpm, tpm, '0'} end
+    if tonumber(spent) + tonumber(A[10]) > tonumber(A[11]) then return {5, rpm, tpm, spent} end
   end
   if A[2] ~= '' then
     rpm = redis.call('INCR', K[2])
@@ -179,6 +181,13 @@ class Batched:
     and comes back as one string. With one call at a time that is one
     small round trip per step; with many, Redis and this process each
     parse one command and one answer per batch, not one per call and step.
+
+    The runs go over a connection of their own, made with the client's
+    settings (address, password, database, TLS), one at a time: one timeout
+    for the whole exchange instead of the client's task and timer for every
+    write and read, about 50 µs of CPU less per run. As with the client, a
+    run that fails on a connection that went stale is tried once more on a
+    new one.
     """
 
     def __init__(self, redis: Redis) -> None:
@@ -187,6 +196,9 @@ class Batched:
         self._queue: list[_Queued] = []
         self._busy = False
         self._flusher: asyncio.Task[None] | None = None
+        pool = redis.connection_pool
+        self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
+        self._line: AbstractConnection | None = None
 
     def submit(
         self, op: Op, keys: list[str], args: list[str], orphaned: Orphaned | None = None
@@ -231,12 +243,48 @@ class Batched:
     async def _send(self, batch: list[_Queued]) -> list[Any]:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
         try:
-            raw = await self._redis.evalsha(self._sha, 0, payload)
+            raw = await self._run(payload)
         except NoScriptError:  # a Redis that lost its scripts (restarted): load it, again
             await self._redis.script_load(_BATCH)
-            raw = await self._redis.evalsha(self._sha, 0, payload)
+            raw = await self._run(payload)
         answers: list[Any] = orjson.loads(raw)
         return answers
+
+    async def _run(self, payload: bytes) -> Any:
+        reused = self._line is not None
+        try:
+            return await self._exchange(payload)
+        except (RedisConnectionError, OSError):
+            if not reused:
+                raise
+        return await self._exchange(payload)  # the connection had gone stale: once more, anew
+
+    async def _exchange(self, payload: bytes) -> Any:
+        line = self._line
+        if line is None:
+            pool = self._redis.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": None}  # ours, below
+            line = self._line = pool.connection_class(**kwargs)
+        try:
+            async with asyncio.timeout(self._timeout):
+                if not line.is_connected:
+                    await line.connect()  # type: ignore[no-untyped-call]
+                command = line.pack_command("EVALSHA", self._sha, 0, payload)
+                await line.send_packed_command(command, check_health=False)
+                return await line.read_response()
+        except ResponseError:
+            raise  # Redis answered: the connection is fine
+        except TimeoutError:
+            await self.close()
+            raise RedisTimeoutError("Redis did not answer a script run in time") from None
+        except BaseException:  # lost, or cancelled mid-exchange: what is left on it is unknown
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        line, self._line = self._line, None
+        if line is not None:
+            await line.disconnect(nowait=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,35 +365,39 @@ class SharedAdmission:
             self.leases.key(ask.call_id),
             self.leases.index,
         ]
-        args: list[str | int | float] = [
+        args = [  # strings, as Redis would have received them: the scripts compare strings
             ask.version.decode() if ask.version is not None else "",
             _limit(ask.rpm),
             _limit(ask.cap),
-            now,
-            now + hold,
+            repr(now),
+            repr(now + hold),
             ask.call_id,
-            int(hold * 2) + 1,
-            ask.tokens,
+            str(int(hold * 2) + 1),
+            str(ask.tokens),
             _limit(ask.tpm),
-            ask.cost,
+            str(ask.cost),
             _limit(ask.budget_limit),
             *lease.args(self.leases.seconds),
         ]
         unused = functools.partial(self._unused, ask, keys)
-        sent = self._batch.submit("admit", keys, _texts(args), unused)
+        sent = self._batch.submit("admit", keys, args, unused)
         try:
             raw = await sent
         except asyncio.CancelledError:
             if sent.done() and not sent.cancelled() and sent.exception() is None:
                 unused(sent.result())  # answered at the moment the client left
             raise  # else the batch hands `unused` the answer when it comes
-        outcome, requests, tokens, spent = (int(v) for v in raw)
+        outcome, requests, tokens, spent = map(int, raw)
         if outcome == ADMITTED:
             if ask.cap is not None:
                 self.in_flight.held(ask.key_id, ask.call_id)
             self.leases.taken(lease)
-            requests += await self._counted("rpm", ask, 1, requests, ask.rpm)
-            tokens += await self._counted("tpm", ask, ask.tokens, tokens, ask.tpm)
+            if ask.rpm is not None:
+                requests += await self.counter.counted(f"rpm:{ask.key_id}", ask.window, 1, requests)
+            if ask.tpm is not None:
+                tokens += await self.counter.counted(
+                    f"tpm:{ask.key_id}", ask.window, ask.tokens, tokens
+                )
         return Answer(outcome, requests, tokens, spent)
 
     def _unused(self, ask: Ask, keys: list[str], answer: Any) -> None:
@@ -354,13 +406,8 @@ class SharedAdmission:
             return
         tokens = ask.tokens if ask.tpm is not None else 0
         undo = [keys[2], keys[3], keys[4], keys[5], keys[6]]
-        released = self._batch.submit("release", undo, _texts([ask.call_id, tokens, ask.cost]))
+        released = self._batch.submit("release", undo, [ask.call_id, str(tokens), str(ask.cost)])
         released.add_done_callback(_quiet)
-
-    async def _counted(self, kind: str, ask: Ask, amount: int, used: int, limit: int | None) -> int:
-        if limit is None:
-            return 0
-        return await self.counter.counted(f"{kind}:{ask.key_id}", ask.window, amount, used)
 
     def settling(
         self,
@@ -413,6 +460,9 @@ class SharedAdmission:
         else:
             self.leases.settled_now(lease, done)
 
+    async def close(self) -> None:
+        await self._batch.close()
+
     @property
     def busy(self) -> bool:
         return bool(self._settling)
@@ -430,10 +480,5 @@ def _quiet(future: asyncio.Future[Any]) -> None:
         )
 
 
-def _limit(value: int | None) -> str | int:
-    return "" if value is None else value
-
-
-def _texts(args: list[Any]) -> list[str]:
-    """Arguments as Redis would have received them: the scripts compare strings."""
-    return [a if isinstance(a, str) else repr(a) if isinstance(a, float) else str(a) for a in args]
+def _limit(value: int | None) -> str:
+    return "" if value is None else str(value)
