@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from tests.conftest import GatewayFactory
@@ -188,7 +189,8 @@ def test_calls_at_the_same_time_share_script_runs(
     # The batch is one script run, not one way to skip a limit: everything was counted.
     spent = int(client.get(budget) or 0) - counted
     assert spent >= int((fake.biller.total - billed) * 1_000_000) > 0
-    assert client.get(f"t:rpm:{key_id}:{int(time.time() // 60)}") is not None
+    counted = sum(int(v or 0) for v in client.mget(client.keys(f"t:rpm:{key_id}:*")))
+    assert counted >= calls  # every request counted (in whichever minutes they fell)
 
 
 async def _batch_answers(url: str) -> list[Any]:
@@ -200,17 +202,24 @@ async def _batch_answers(url: str) -> list[Any]:
     batch = Batched(client)
     try:
         await client.hset("t:broken", "not", "a counter")
-        await client.zadd("t:inflight:k", {"call_a": 1})
+        await client.zadd("t:inflight:k", {"call_a": 1, "call_b": 1})
+        await client.set("t:tpm", 100)
+        for call in ("call_a", "call_b"):  # both admitted: their leases are there
+            await client.hset(f"t:lease:{call}", "estimate", "{}")
         # One step of the batch fails (its key holds the wrong kind of value): the
         # others still run and answer, each caller gets its own answer.
         broken = batch.submit(
-            "release", ["t:inflight:k", "t:broken", "t:x", "t:y", "t:z"], ["call_b", "1", "0"]
+            "release",
+            ["t:inflight:k", "t:broken", "t:x", "t:lease:call_b", "t:z"],
+            ["call_b", "1", "0"],
         )
-        fine = batch.submit(
-            "release", ["t:inflight:k", "t:none", "t:x", "t:y", "t:z"], ["call_a", "1", "0"]
-        )
+        release_a = ["t:inflight:k", "t:tpm", "t:x", "t:lease:call_a", "t:z"], ["call_a", "30", "0"]
+        fine = batch.submit("release", *release_a)
         answers: list[Any] = list(await asyncio.gather(broken, fine, return_exceptions=True))
-        answers.append(await client.zcard("t:inflight:k"))
+        answers.append(await client.zscore("t:inflight:k", "call_a"))
+        # Undoing twice undoes once: the tokens given back are not given back again.
+        answers.append(await batch.submit("release", *release_a))
+        answers.append(int(await client.get("t:tpm") or 0))
         await client.script_flush()  # Redis lost its scripts (a restart): loaded again
         answers.append(
             await batch.submit("release", ["t:a", "t:b", "t:c", "t:d", "t:e"], ["c", "1", "0"])
@@ -224,10 +233,11 @@ async def _batch_answers(url: str) -> list[Any]:
 def test_one_failing_step_of_a_batch_fails_alone(private_redis: PrivateRedis) -> None:
     from redis.exceptions import ResponseError
 
-    broken, fine, left, after_flush = asyncio.run(_batch_answers(private_redis.url))
+    broken, fine, slot, again, tokens, after_flush = asyncio.run(_batch_answers(private_redis.url))
     assert isinstance(broken, ResponseError) and "WRONGTYPE" in str(broken)
-    assert fine == 1 and left == 0  # the other call's slot was given back
-    assert after_flush == 1
+    assert fine == 1 and slot is None  # the other call's slot was given back
+    assert again == 0 and tokens == 70  # 100 - 30, once
+    assert after_flush == 0  # nothing was admitted under that id: nothing to undo
 
 
 async def _runs_for_steps(url: str) -> tuple[int, int, list[Any]]:
@@ -273,7 +283,7 @@ async def _runs_for_steps(url: str) -> tuple[int, int, list[Any]]:
 def test_the_steps_after_a_call_ride_with_the_next_admission(private_redis: PrivateRedis) -> None:
     together, alone, answers = asyncio.run(_runs_for_steps(private_redis.url))
     assert together == 1 and alone == 1
-    assert answers == [1, [1, 0, 0, "0"], 1]
+    assert answers == [0, [1, 0, 0, "0"], 0]  # the releases had nothing to undo
 
 
 def test_many_calls_settling_together_hold_the_budget_and_leave_one_row_each(
@@ -344,3 +354,47 @@ def test_a_client_that_leaves_while_admission_is_on_its_way_leaves_nothing_reser
     _quiet(client, key_id)  # every slot back, every lease gone (none left for the reaper)
     assert int(client.get(budget) or 0) == settled_total  # nothing reserved is left behind
     assert fake.hits == hits  # and none of them reached OpenAI
+
+
+@pytest.mark.slow
+def test_an_admission_whose_answer_is_lost_leaves_nothing_reserved(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+    upstream: tuple[BillingUpstream, str],
+) -> None:
+    """Redis runs the scripts past the gateway's 2 s timeout: the answers never come back.
+
+    The calls go the step way meanwhile (still counted, still within budget);
+    an admission that did run once Redis went on is undone, so no worst case
+    stays reserved and no lease is left for the reaper to bill.
+    """
+    fake = upstream[0]
+    fake.behaviour = Behaviour(write=5)
+    (gateway,) = _replicas(gateway_factory, postgres_url, private_redis.url, "t:", 1, upstream)
+    secret, key_id = make_key(gateway.url, budget_usd="1", max_in_flight=100)
+    assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+    client = redis.Redis.from_url(private_redis.url)
+    budget = f"t:budget:{key_id}:t"
+    _quiet(client, key_id)
+    before, billed = int(client.get(budget) or 0), fake.biller.total
+
+    # A script that keeps Redis busy for about 3 s: what the gateway sends meanwhile is read,
+    # and run, once it is done; by then the gateway gave up waiting for the answers.
+    busy = "local t = redis.call('TIME') while redis.call('TIME')[1] - t[1] < 3 do end return 1"
+    started = time.time()
+    time.sleep(max(0.0, 1 - (started % 1)))  # at the start of a second: 2 to 3 s busy
+    hold = threading.Thread(target=lambda: redis.Redis.from_url(private_redis.url).eval(busy, 0))
+    hold.start()
+    time.sleep(0.05)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(
+            pool.map(lambda _: _call(gateway.url, secret, "/v1/chat/completions", CHAT), range(8))
+        )
+    hold.join()
+    assert set(statuses) <= {200, 503}, statuses
+    time.sleep(0.3)
+    _quiet(client, key_id)  # every slot back, every lease gone: none left for the reaper
+    spent = int(client.get(budget) or 0) - before
+    served = int((fake.biller.total - billed) * 1_000_000)
+    assert served <= spent <= served + len(statuses)  # what was billed, rounded up; no more

@@ -45,7 +45,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat_api import clock
@@ -118,28 +118,34 @@ end
 
 # K[in flight, tpm, lease, lease index, budget]
 # A[call id, '1' to give the slot back, token correction, budget correction, row]
-# -> the lease's settlement (SETTLE_LEASE)
+# -> the lease's settlement (SETTLE_LEASE); 0 (settled already): nothing done twice
 _SETTLE = """
 local function settle(K, A)
   if A[2] == '1' then redis.call('ZREM', K[1], A[1]) end
-  if A[3] ~= '0' and redis.call('EXISTS', K[2]) == 1 then
-    redis.call('INCRBY', K[2], A[3])
+  local done = settle_lease(K[3], K[4], K[5], A[4], A[5], A[1])
+  if done ~= 0 and A[3] ~= '0' and redis.call('EXISTS', K[2]) == 1 then
+    redis.call('INCRBY', K[2], A[3])  -- once: a lease settled already was corrected then
   end
-  return settle_lease(K[3], K[4], K[5], A[4], A[5], A[1])
+  return done
 end
 """
 
 # K[in flight, tpm, budget, lease, lease index], A[call id, tokens, cost]
-# Undoes an admission nobody is left to use (the client left while it was on its way).
+# Undoes an admission nobody is left to use: the client left while it was on its way, or
+# its answer was lost. Only if the admission ran and was not undone yet (its lease is
+# there and unsettled): 1 undone, 0 nothing to undo.
 _RELEASE = """
 local function release(K, A)
+  if redis.call('EXISTS', K[4]) == 0 or redis.call('HGET', K[4], 'settled') == '1' then
+    return 0
+  end
+  redis.call('DEL', K[4])
+  redis.call('ZREM', K[5], A[1])
   redis.call('ZREM', K[1], A[1])
   if redis.call('EXISTS', K[2]) == 1 then redis.call('DECRBY', K[2], A[2]) end
   if A[3] ~= '0' and redis.call('EXISTS', K[3]) == 1 then
     redis.call('DECRBY', K[3], A[3])
   end
-  redis.call('DEL', K[4])
-  redis.call('ZREM', K[5], A[1])
   return 1
 end
 """
@@ -167,6 +173,8 @@ return cjson.encode(out)
 """
 )
 
+# A run that failed this way may have run in Redis: what it took is undone if it did.
+_LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 AFTER_WAITS = 0.001  # what comes after a call waits this long for an admission to go with
 
 Op = Literal["admit", "settle", "release", "written"]
@@ -189,9 +197,11 @@ class Batched:
     The runs go over a connection of their own, made with the client's
     settings (address, password, database, TLS), one at a time: one timeout
     for the whole exchange instead of the client's task and timer for every
-    write and read, about 50 µs of CPU less per run. As with the client, a
-    run that fails on a connection that went stale is tried once more on a
-    new one.
+    write and read, about 50 µs of CPU less per run. A connection that went
+    stale (closed by Redis or a proxy) is noticed before a run is sent and
+    replaced. A run is never sent twice: once it is on its way, a failure
+    is its callers' (it may have run), and an admission lost that way is
+    undone if it did run.
     """
 
     def __init__(self, redis: Redis) -> None:
@@ -204,6 +214,7 @@ class Batched:
         self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
         self._line: AbstractConnection | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def submit(
         self, op: Op, keys: list[str], args: list[str], orphaned: Orphaned | None = None
@@ -231,8 +242,14 @@ class Batched:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
+                # An admission whose caller left before it was sent: nothing taken yet.
+                batch = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
+                if not batch:
+                    continue
                 try:
-                    answers = await self._send(batch)
+                    answers: list[Any] = await self._send(batch)
+                    if not isinstance(answers, list) or len(answers) != len(batch):
+                        raise ResponseError("the batch script answered out of step")
                 except Exception as exc:
                     answers = [exc] * len(batch)
                 except BaseException:  # cancelled (the loop is closing): nobody waits forever
@@ -241,16 +258,18 @@ class Batched:
                     self._queue = []
                     raise
                 for (*_, future, orphaned), answer in zip(batch, answers, strict=True):
-                    if future.done():
-                        if future.cancelled() and orphaned is not None:
+                    if isinstance(answer, dict):
+                        answer = ResponseError(answer.get("err", "script error"))
+                    if not future.done():
+                        if isinstance(answer, Exception):
+                            future.set_exception(answer)
+                        else:
+                            future.set_result(answer)
+                    elif future.cancelled() and orphaned is not None:
+                        try:
                             orphaned(answer)
-                        continue
-                    if isinstance(answer, Exception):
-                        future.set_exception(answer)
-                    elif isinstance(answer, dict):
-                        future.set_exception(ResponseError(answer.get("err", "script error")))
-                    else:
-                        future.set_result(answer)
+                        except Exception as exc:  # a callback's failure must not stall the rest
+                            log.warning("could not undo a step", extra={"error": repr(exc)})
         finally:
             self._busy = False
 
@@ -265,16 +284,17 @@ class Batched:
         return answers
 
     async def _run(self, payload: bytes) -> Any:
-        reused = self._line is not None
-        try:
-            return await self._exchange(payload)
-        except (RedisConnectionError, OSError):
-            if not reused:
-                raise
-        return await self._exchange(payload)  # the connection had gone stale: once more, anew
+        """One EVALSHA; a connection that went stale is replaced before the run is sent.
 
-    async def _exchange(self, payload: bytes) -> Any:
+        Never sent twice: once it is on its way, a failure is the caller's
+        (the script may have run), as a timeout is.
+        """
+        if self._closed:
+            raise RedisConnectionError("closing")
         line = self._line
+        if line is not None and line.is_connected and await line.can_read():
+            await self.close_line()  # closed by Redis (a restart, a proxy) or out of step
+            line = None
         if line is None:
             pool = self._redis.connection_pool
             kwargs = {**pool.connection_kwargs, "socket_timeout": None}  # ours, below
@@ -289,16 +309,26 @@ class Batched:
         except ResponseError:
             raise  # Redis answered: the connection is fine
         except TimeoutError:
-            await self.close()
+            await self.close_line()
             raise RedisTimeoutError("Redis did not answer a script run in time") from None
         except BaseException:  # lost, or cancelled mid-exchange: what is left on it is unknown
-            await self.close()
+            await self.close_line()
             raise
 
-    async def close(self) -> None:
+    async def close_line(self) -> None:
         line, self._line = self._line, None
         if line is not None:
             await line.disconnect(nowait=True)
+
+    async def close(self) -> None:
+        """At shutdown, after the last steps were answered (`SharedAdmission.drain`)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher], timeout=self._timeout)
+        await self.close_line()
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,9 +428,15 @@ class SharedAdmission:
         try:
             raw = await sent
         except asyncio.CancelledError:
-            if sent.done() and not sent.cancelled() and sent.exception() is None:
-                unused(sent.result())  # answered at the moment the client left
+            if sent.done() and not sent.cancelled():  # answered as the client left
+                error = sent.exception()
+                unused(error if error is not None else sent.result())
             raise  # else the batch hands `unused` the answer when it comes
+        except _LOST:
+            # Lost on its way back: it may have run. Undone if it did (a release of an
+            # admission that never ran does nothing); the caller falls back meanwhile.
+            self._release(ask, keys)
+            raise
         outcome, requests, tokens, spent = map(int, raw)
         if outcome == ADMITTED:
             if ask.cap is not None:
@@ -416,12 +452,25 @@ class SharedAdmission:
 
     def _unused(self, ask: Ask, keys: list[str], answer: Any) -> None:
         """The client left while `_ADMIT` was on its way: give back what it took, if it did."""
-        if isinstance(answer, Exception | dict) or int(answer[0]) != ADMITTED:
-            return
+        if isinstance(answer, _LOST) or (
+            not isinstance(answer, Exception) and int(answer[0]) == ADMITTED
+        ):
+            self._release(ask, keys)
+
+    def _release(self, ask: Ask, keys: list[str]) -> None:
         tokens = ask.tokens if ask.tpm is not None else 0
         undo = [keys[2], keys[3], keys[4], keys[5], keys[6]]
         released = self._batch.submit("release", undo, [ask.call_id, str(tokens), str(ask.cost)])
-        released.add_done_callback(_quiet)
+        self._settling.add(released)  # `drain` waits for it too
+        released.add_done_callback(self._released)
+
+    def _released(self, future: asyncio.Future[Any]) -> None:
+        self._settling.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            # Left to the reaper, which settles it at its reservation (the operator's side).
+            log.warning(
+                "could not give back an unused admission", extra={"error": repr(future.exception())}
+            )
 
     def settling(
         self,
@@ -468,11 +517,18 @@ class SharedAdmission:
             return
         done = int(sent.result())
         if done == -1:  # no such lease: Redis may have lost its data, which takes a look
-            task = asyncio.get_running_loop().create_task(self.leases.settled(lease, done))
+            task = asyncio.get_running_loop().create_task(self._lease_lost(lease, done))
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
         else:
             self.leases.settled_now(lease, done)
+
+    async def _lease_lost(self, lease: Lease, done: int) -> None:
+        try:
+            await self.leases.settled(lease, done)
+        except (RedisError, OSError) as exc:
+            self.leases.abandon(lease)
+            log.warning("could not correct limits after a call", extra={"error": repr(exc)})
 
     async def close(self) -> None:
         await self._batch.close()
@@ -485,13 +541,6 @@ class SharedAdmission:
         """Wait for the settlements on their way (at shutdown, and in tests)."""
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
-
-
-def _quiet(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning(
-            "could not give back an unused admission", extra={"error": repr(future.exception())}
-        )
 
 
 def _limit(value: int | None) -> str:
