@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -398,3 +399,35 @@ def test_an_admission_whose_answer_is_lost_leaves_nothing_reserved(
     spent = int(client.get(budget) or 0) - before
     served = int((fake.biller.total - billed) * 1_000_000)
     assert served <= spent <= served + len(statuses)  # what was billed, rounded up; no more
+
+
+@pytest.mark.slow
+def test_a_burst_on_a_key_nobody_has_seen_is_not_taken_for_redis_being_away(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """250 calls at once on one replica, the key's budget counter not started yet.
+
+    They share one start of the counter from the ledger, and whatever wants more
+    Redis connections than the pool holds waits for one: before, the 101st got
+    "too many connections", which read as "Redis unreachable" and sent the
+    budgets of every key to 503 for a second.
+    """
+    (gateway,) = _replicas(gateway_factory, postgres_url, private_redis.url, "t:", 1)
+    secret, _ = make_key(gateway.url, budget_usd="100", max_in_flight=1000)
+    count = 250
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=60, headers=auth(secret)) as http:
+            calls = [
+                http.post(gateway.url + "/v1/chat/completions", json=CHAT) for _ in range(count)
+            ]
+            return [response.status_code for response in await asyncio.gather(*calls)]
+
+    caplog.set_level(logging.WARNING, "chat_api")
+    statuses = asyncio.run(burst())
+    assert statuses == [200] * count, {s: statuses.count(s) for s in set(statuses)}
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
