@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +321,47 @@ def _keys_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
             )
         )
         rows += _latency_rows("keys_conc8_v1", results["keys_conc8_v1"], None)
+    rows += _keys_round_rows(results)
     return rows
+
+
+def _keys_round_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
+    """The medians of the interleaved keys-off / keys-on rounds (scenarios.py)."""
+    off = [results[n]["gateway"] for n in results if re.fullmatch(r"keys_r\d+_off_conc8_v1", n)]
+    on = [results[n]["gateway"] for n in results if re.fullmatch(r"keys_r\d+_conc8_v1", n)]
+    if not off or not on:
+        return []
+
+    def cpu_us(runs: list[dict[str, Any]]) -> float:
+        return statistics.median(r["cpu_s"] / max(1, r["completed"]) * 1e6 for r in runs)
+
+    def rps(runs: list[dict[str, Any]]) -> float:
+        return statistics.median(r["rps"] for r in runs)
+
+    rounds = f"median of {min(len(off), len(on))} rounds taken in turn"
+    off_cpu, on_cpu, off_rps, on_rps = cpu_us(off), cpu_us(on), rps(off), rps(on)
+    return [
+        _row(
+            "keys_rounds",
+            f"gateway CPU per request (µs), {rounds}",
+            _f(off_cpu, 0),
+            _f(on_cpu, 0),
+            _signed(on_cpu - off_cpu, 0),
+            "",
+            None,
+            on_cpu,
+        ),
+        _row(
+            "keys_rounds",
+            f"requests/s, 8 clients, {rounds}",
+            _f(off_rps),
+            _f(on_rps),
+            f"{on_rps / off_rps:.0%} of keys off",
+            "",
+            None,
+            on_rps,
+        ),
+    ]
 
 
 def table(rows: list[Row]) -> str:

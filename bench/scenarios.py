@@ -58,6 +58,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "open": (500, 20.0, 1.5),
         "workers2": True,
         "fresh": True,
+        "keys_rounds": 5,
     },
     "quick": {
         "seq": 1500,
@@ -70,6 +71,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "open": (500, 5.0, 1.5),
         "workers2": True,
         "fresh": True,
+        "keys_rounds": 3,
     },
     "smoke": {
         "seq": 30,
@@ -82,6 +84,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "open": (50, 1.0, 0.05),
         "workers2": False,
         "fresh": False,  # one gateway start only: it takes seconds
+        "keys_rounds": 1,
     },
 }
 
@@ -250,12 +253,24 @@ class Bench:
             closed["warmup"] = p["seq_warmup"]
             keyed = {"key": self.key}
             self._pair("keys_seq_v1", {**closed, "body": V1_BODY}, keyed)
-            self._pair("keys_conc8_v1", self._conc8(), keyed)
+            direct = self._pair("keys_conc8_v1", self._conc8(), keyed)["direct"]
+            self._keys_rounds(env, direct)
         finally:
             self.stop()
             redis.stop()
             self.key = None
         self.fresh_gateway()  # keys off again for the scenarios after this one
+
+    def _keys_rounds(self, env: dict[str, str], direct: dict[str, Any]) -> None:
+        """Keys off, then on, each on a fresh gateway, a few times: this machine's speed
+        moves between runs, so one pair may mislead; the medians of rounds taken in turn
+        much less (report.py: the `keys_rounds` rows, with the gateway's CPU per request).
+        """
+        for i in range(1, self.profile["keys_rounds"] + 1):
+            self.fresh_gateway()
+            self._pair(f"keys_r{i}_off_conc8_v1", self._conc8(), direct=direct)
+            self.fresh_gateway(env=env)
+            self._pair(f"keys_r{i}_conc8_v1", self._conc8(), {"key": self.key}, direct=direct)
 
     def streams(self) -> None:
         """Each size on `/v1/chat/completions` and on `/chat/stream`, against one direct run.
