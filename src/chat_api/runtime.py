@@ -106,6 +106,7 @@ async def open_runtime(
             write_rows=ledger.write_now,
             reap_every=settings.reaper_interval,
             epoch=epoch,
+            replicas=replicas,
         )
         leases.start()
         stack.push_async_callback(leases.close)

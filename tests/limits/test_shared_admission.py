@@ -261,11 +261,11 @@ async def _runs_for_steps(url: str) -> tuple[int, int, list[Any]]:
         after = batch.submit("release", ["t:a", "t:b", "t:c", "t:d", "t:e"], ["c1", "1", "0"])
         now = time.time()
         lease = [repr(now + 30), "60", "call_1", "estimate", "{}"]
-        keys = ["t:v", "t:r", "t:i", "t:t", "t:v", "t:lease:call_1", "t:leases"]
+        keys = ["t:v", "t:r", "t:i", "t:t", "t:v", "t:lease:call_1", "t:leases", "t:epoch"]
         admitted = batch.submit(
             "admit",
             keys,
-            ["", "", "", repr(now), repr(now + 1), "call_1", "3", "1", "", "0", "", *lease],
+            ["", "", "", repr(now), repr(now + 1), "call_1", "3", "1", "", "0", "", "", *lease],
         )
         answers: list[Any] = list(await asyncio.gather(after, admitted))
         together = await runs() - before

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from chat_api.calls import CallContext, Caller, CallResult, Prepared, new_call_id
@@ -43,6 +44,7 @@ from chat_api.limits.leases import Lease, RedisLeases
 from chat_api.limits.shared_admission import (
     BUDGET_SHORT,
     BUDGET_UNKNOWN,
+    EPOCH_CHANGED,
     IN_FLIGHT_FULL,
     KEY_SET_CHANGED,
     RPM_FULL,
@@ -271,6 +273,13 @@ class KeyMeter:
             lease=lease,
         )
         answer = await shared.admit(ask)
+        if answer.outcome == EPOCH_CHANGED:
+            # Redis lost its data: this replica's calls in flight go back (their leases,
+            # their reservations) before it admits one more against what is left.
+            await shared.leases.check()
+            answer = await shared.admit(ask)
+            if answer.outcome == EPOCH_CHANGED:
+                raise RedisConnectionError("Redis lost its data again")  # the step way
         if answer.outcome == BUDGET_UNKNOWN and budget_key is not None and seed is not None:
             await shared.budgets.seed(budget_key, seed)
             answer = await shared.admit(ask)

@@ -181,6 +181,8 @@ class RedisBudgets:
             keys += [self.leases.key(lease.call_id), self.leases.index]
             args += lease.args(self.leases.seconds)
         try:
+            if self.leases is not None:  # Redis lost its data: this replica's calls go back first
+                await self.leases.check()
             for _ in range(2):
                 taken, used = await self._reserve(keys=keys, args=args)
                 if int(taken) >= 0:

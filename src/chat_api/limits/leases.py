@@ -207,6 +207,7 @@ class RedisLeases:
         write_rows: WriteRows,
         reap_every: float,
         epoch: Epoch,
+        replicas: int = 1,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
@@ -220,9 +221,11 @@ class RedisLeases:
         self._claim = redis.register_script(_CLAIM)
         self.held: dict[str, Lease] = {}
         self.epoch = epoch
+        self.replicas = replicas
         self._seen = Seen(epoch)
         holds.checks.append(self.check)
         self._reaper: asyncio.Task[None] | None = None
+        self._checking: asyncio.Future[None] | None = None
         self.reaped = 0
         # Set by limits/shared_admission.py: "written" goes with the next batch it sends.
         self.batched: Callable[[list[str], list[str]], Awaitable[Any]] | None = None
@@ -272,8 +275,21 @@ class RedisLeases:
 
     # --- after Redis lost its data ------------------------------------------------
 
+    @property
+    def epoch_seen(self) -> str:
+        """The epoch this replica put its calls back in ("": not known yet)."""
+        return self._seen.value or ""
+
     async def check(self) -> None:
-        """Put this replica's calls back if Redis lost its data since the last look."""
+        """Put this replica's calls back if Redis lost its data since the last look.
+
+        Calls at the same moment share one look (and one putting back).
+        """
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._check())
+        await asyncio.shield(self._checking)
+
+    async def _check(self) -> None:
         if await self._seen.changed():
             await self.recover()
 
@@ -293,6 +309,10 @@ class RedisLeases:
         rebuilt: dict[str, bool] = {}  # budget counter -> rebuilt here, from committed rows
         for lease in list(self.held.values()):
             if lease.budget_key and lease.budget_key not in rebuilt and lease.seed is not None:
+                if self.replicas > 1 and self._seen.value is not None:
+                    # Not before the others had time to notice too: a counter rebuilt now
+                    # would let calls in against it before their calls in flight are back.
+                    await self.epoch.settle_in(self._seen.value)
                 value = await lease.seed()
                 rebuilt[lease.budget_key] = bool(
                     await self._redis.set(lease.budget_key, value, nx=True, ex=BUDGET_TTL)

@@ -69,14 +69,16 @@ IN_FLIGHT_FULL = 3
 TPM_FULL = 4
 BUDGET_SHORT = 5
 BUDGET_UNKNOWN = 6  # no running total in Redis yet: seed it from the ledger, then try again
+EPOCH_CHANGED = 7  # Redis lost its data since this replica last looked: put its calls back first
 
-# K[version, rpm, in flight, tpm, budget, lease, lease index]
+# K[version, rpm, in flight, tpm, budget, lease, lease index, epoch]
 # A[1 expected version or '', 2 rpm limit or '', 3 slot cap or '', 4 now, 5 hold until,
 #   6 call id, 7 slot ttl, 8 tokens, 9 tpm limit or '', 10 cost, 11 budget limit or '',
-#   12.. lease arguments]
+#   12 the epoch this replica knows or '', 13.. lease arguments]
 # -> {outcome, requests counted, tokens counted, budget total before this call}
 _ADMIT = """
 local function admit(K, A)
+  if A[12] ~= '' and redis.call('GET', K[8]) ~= A[12] then return {7, 0, 0, '0'} end
   if A[1] ~= '' and redis.call('GET', K[1]) ~= A[1] then return {0, 0, 0, 0} end
   local rpm = 0
   if A[2] ~= '' then
@@ -111,7 +113,7 @@ local function admit(K, A)
     if tpm == tonumber(A[8]) then redis.call('EXPIRE', K[4], 120) end
   end
   if A[11] ~= '' then redis.call('INCRBY', K[5], A[10]) end
-  write_lease(K[6], K[7], A, 12)
+  write_lease(K[6], K[7], A, 13)
   return {1, rpm, tpm, spent}
 end
 """
@@ -408,6 +410,7 @@ class SharedAdmission:
             ask.budget_key or self.version_key,
             self.leases.key(ask.call_id),
             self.leases.index,
+            self.leases.epoch.key,
         ]
         args = [  # strings, as Redis would have received them: the scripts compare strings
             ask.version.decode() if ask.version is not None else "",
@@ -421,6 +424,7 @@ class SharedAdmission:
             _limit(ask.tpm),
             str(ask.cost),
             _limit(ask.budget_limit),
+            self.leases.epoch_seen,
             *lease.args(self.leases.seconds),
         ]
         unused = functools.partial(self._unused, ask, keys)
