@@ -19,7 +19,6 @@ reached it fails closed (503), because money is not guessed.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -31,6 +30,7 @@ from redis.exceptions import RedisError
 from chat_api.clock import utcnow as utcnow
 from chat_api.errors import ServiceUnavailable
 from chat_api.limits.leases import WRITE_LEASE
+from chat_api.limits.shared_work import SharedWork
 
 if TYPE_CHECKING:
     from chat_api.limits.leases import Lease, RedisLeases
@@ -134,18 +134,14 @@ class RedisBudgets:
         self._reserve = redis.register_script(_RESERVE)
         self.leases = leases
         self._replicas = replicas
-        self._seeding: dict[str, asyncio.Future[None]] = {}
+        self._seeding = SharedWork()
 
     def key(self, key_id: str, bucket: str) -> str:
         return f"{self._prefix}budget:{key_id}:{bucket}"
 
     async def seed(self, key: str, seed: Seed) -> None:
         """Start a missing budget counter from the ledger; calls at the same moment share it."""
-        running = self._seeding.get(key)
-        if running is None:
-            running = self._seeding[key] = asyncio.ensure_future(self._seed(key, seed))
-            running.add_done_callback(lambda _: self._seeding.pop(key, None))
-        await asyncio.shield(running)
+        await self._seeding.run(key, lambda: self._seed(key, seed))
 
     async def _seed(self, key: str, seed: Seed) -> None:
         if self.leases is not None:  # Redis may have lost its data: not "nothing spent"

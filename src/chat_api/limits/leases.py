@@ -43,6 +43,7 @@ from chat_api import clock
 from chat_api.calls import CallContext, Prepared
 from chat_api.limits.epoch import Epoch, Seen
 from chat_api.limits.in_flight import Holds
+from chat_api.limits.shared_work import SharedWork
 from chat_api.store.ledger import decode_row, encode_row
 
 log = logging.getLogger("chat_api.limits")
@@ -225,7 +226,7 @@ class RedisLeases:
         self._seen = Seen(epoch)
         holds.checks.append(self.check)
         self._reaper: asyncio.Task[None] | None = None
-        self._checking: asyncio.Future[None] | None = None
+        self._checking = SharedWork()
         self.reaped = 0
         # Set by limits/shared_admission.py: "written" goes with the next batch it sends.
         self.batched: Callable[[list[str], list[str]], Awaitable[Any]] | None = None
@@ -285,9 +286,7 @@ class RedisLeases:
 
         Calls at the same moment share one look (and one putting back).
         """
-        if self._checking is None or self._checking.done():
-            self._checking = asyncio.ensure_future(self._check())
-        await asyncio.shield(self._checking)
+        await self._checking.run("epoch", self._check)
 
     async def _check(self) -> None:
         if await self._seen.changed():
