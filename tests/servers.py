@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -9,6 +10,7 @@ import traceback
 from typing import Any
 
 import uvicorn
+from uvicorn._compat import asyncio_run
 
 
 class ServerThread:
@@ -27,8 +29,17 @@ class ServerThread:
             **config,
         }
         self.server = uvicorn.Server(uvicorn.Config(app, **options))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.port = 0
+        self.left: list[str] = []  # tasks still running once the app had shut down
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            await self.server.serve()
+            here = asyncio.current_task()
+            self.left = sorted(t.get_name() for t in asyncio.all_tasks() if t is not here)
+
+        asyncio_run(serve(), loop_factory=self.server.config.get_loop_factory())
 
     @property
     def url(self) -> str:
@@ -51,6 +62,9 @@ class ServerThread:
             frame = sys._current_frames().get(self.thread.ident or 0)
             where = "".join(traceback.format_stack(frame)) if frame else "?"
             raise RuntimeError(f"the test server did not stop within 30 s; it was at:\n{where}")
+        # A task that outlives the app's shutdown may reach Redis or the database after
+        # they closed (and open a connection nothing closes).
+        assert not self.left, f"tasks still running after the server shut down: {self.left}"
 
     def __enter__(self) -> ServerThread:
         return self.start()

@@ -97,6 +97,7 @@ async def open_runtime(
         stack.push_async_callback(redis.aclose)
         prefix, replicas = settings.redis_prefix, settings.replicas
         holds = Holds(redis, seconds=settings.lease_seconds)
+        stack.push_async_callback(holds.close)  # after the last settlements, before Redis
         # Long enough for every replica's renewer to notice that Redis lost its data.
         epoch = Epoch(redis, prefix=prefix, grace=holds.check_every * 1.5 + 0.5)
         leases = RedisLeases(

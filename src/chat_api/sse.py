@@ -222,7 +222,7 @@ class KeepAlive:
 
     One task looks over the open streams four times per keepalive interval
     (at most every second) and pings those quiet for nearly `keepalive`
-    seconds (at most one look early, never late); it stops when the last
+    seconds (at most one look early, never late); it stops as the last
     stream ends. A timer per stream instead cost about 1.4 KiB each with
     thousands of streams open.
     """
@@ -245,6 +245,9 @@ class KeepAlive:
 
     def discard(self, stream: EventStreamResponse) -> None:
         self.streams.pop(stream, None)
+        if not self.streams and self.task is not None:
+            self.task.cancel()  # the last stream ended: nothing to wait a tick for
+            self.task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -262,7 +265,8 @@ class KeepAlive:
                         stream.pinging = loop.create_task(stream.ping())  # a slow one waits alone
                 await asyncio.sleep(tick)
         finally:
-            self.task = None  # a finished task holds its loop, which keys this object
+            if self.task is asyncio.current_task():
+                self.task = None  # a finished task holds its loop, which keys this object
 
 
 _KEEPALIVES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KeepAlive] = (

@@ -45,6 +45,7 @@ class Holds:
         self.seconds = seconds
         self._held: dict[tuple[str, str], None] = {}  # (sorted set, member)
         self._renewer: asyncio.Task[None] | None = None
+        self._closed = False
         self.checks: list[Callable[[], Awaitable[None]]] = []
 
     @property
@@ -61,11 +62,19 @@ class Holds:
 
     def keep(self, zset: str, member: str) -> None:
         self._held[(zset, member)] = None
-        if self._renewer is None or self._renewer.done():
+        if not self._closed and (self._renewer is None or self._renewer.done()):
             self._renewer = asyncio.get_running_loop().create_task(self._renew(), name="holds")
 
     def drop(self, zset: str, member: str) -> None:
         self._held.pop((zset, member), None)
+
+    async def close(self) -> None:
+        """Stop renewing (at shutdown, before Redis closes): what is left runs out."""
+        self._closed = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
 
     async def restore(self) -> None:
         """Put every hold back (Redis lost its data)."""
