@@ -53,6 +53,10 @@ from chat_api.limits.shared_admission import (
     SharedAdmission,
 )
 
+# What an unlimited call (the master key's, or any with keys off) is admitted as: no limit,
+# no slot, only its lease (its ledger row names no key, as the caller's own does).
+_UNLIMITED = Caller(key_id="", name="unlimited")
+
 log = logging.getLogger("chat_api.limits")
 
 MICRO = Decimal(1_000_000)
@@ -221,9 +225,20 @@ class KeyMeter:
         return await self._admit_steps(ctx, caller, prepared)
 
     async def _unlimited(self, ctx: CallContext, prepared: Prepared) -> Admission:
-        """Only recorded; with Redis, under a lease too, so a replica's death loses no row."""
+        """Only recorded; with Redis, under a lease too, so a replica's death loses no row.
+
+        The lease goes in the shared script runs, as a client key's admission
+        does (its Redis round trip shared with the calls of that moment, the
+        epoch checked); while Redis is counted as away, on its own.
+        """
         if self.leases is None:
             return self._recorded
+        shared = self.shared
+        if shared is not None and shared.ready:
+            try:
+                return await self._admit_shared(ctx, _UNLIMITED, prepared, shared)
+            except (RedisError, OSError) as exc:
+                shared.counter.went_down(exc)
         lease = Lease.of(new_call_id(), "", ctx, prepared)
         try:
             await self.leases.open(lease)
@@ -239,13 +254,16 @@ class KeyMeter:
     async def _admit_shared(
         self, ctx: CallContext, caller: Caller, prepared: Prepared, shared: SharedAdmission
     ) -> Admission:
-        """Every limit and the lease in one round trip (limits/shared_admission.py)."""
+        """Every limit and the lease in one round trip (limits/shared_admission.py).
+
+        `_UNLIMITED` (the master key, or keys off): only the lease.
+        """
         assert caller.key_id is not None
         key_id = caller.key_id
         call_id = new_call_id()
         lease = Lease.of(call_id, key_id, ctx, prepared)
         window, reset_in = this_minute()
-        cap = self.cap_of(caller)
+        cap = self.cap_of(caller) if caller is not _UNLIMITED else None
         tokens = prepared.worst_tokens
         bucket: str | None = None
         budget_key: str | None = None
