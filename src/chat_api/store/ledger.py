@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
@@ -33,6 +34,7 @@ from chat_api.store.schema import usage
 log = logging.getLogger("chat_api.ledger")
 
 MAX_PENDING = 200_000  # rows held while the database is away (~60 MB)
+DROPS_SAID_EVERY = 10.0  # seconds: a full backlog is one log line now and then, not one a call
 STORED = Decimal("0.00000001")  # the ledger keeps dollars to 8 decimals
 
 
@@ -110,6 +112,7 @@ class Ledger:
         self._reading: dict[tuple[str, datetime | None], asyncio.Future[Decimal]] = {}
         self.written = 0
         self.dropped = 0
+        self._drops_said: tuple[float, int] | None = None  # when, and how many had gone then
         self.on_written: Callable[[list[str]], None] = lambda call_ids: None
 
     @property
@@ -120,10 +123,25 @@ class Ledger:
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(0)
             self.dropped += 1
-            log.error("ledger backlog full: dropped the oldest row")
+            self._say_dropped()
         self._pending.append(row_of(result))
         if len(self._pending) >= self._batch:
             self._wake.set()
+
+    def _say_dropped(self, *, now_written: bool = False) -> None:
+        """Log rows dropped: the first at once, then every `DROPS_SAID_EVERY` seconds at
+        most, and what is left unsaid once the rows are written again."""
+        now, said = time.monotonic(), self._drops_said
+        if now_written:
+            if said is None or said[1] == self.dropped:
+                return
+        elif said is not None and now - said[0] < DROPS_SAID_EVERY:
+            return
+        since = self.dropped - (said[1] if said is not None else 0)
+        self._drops_said = (now, self.dropped)
+        log.error(
+            "ledger backlog full: dropped the oldest %d row(s) (%d in all)", since, self.dropped
+        )
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
@@ -137,6 +155,7 @@ class Ledger:
             try:
                 await self.flush()
                 failures = 0
+                self._say_dropped(now_written=True)
             except Exception as exc:
                 failures += 1
                 log.warning(
