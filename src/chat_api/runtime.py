@@ -41,7 +41,7 @@ from chat_api.store.keycache import KeyCache, KeySetVersion
 from chat_api.store.keys import KeyStore
 from chat_api.store.ledger import Ledger, row_of
 from chat_api.store.owners import OwnerStore
-from chat_api.store.shared import open_redis
+from chat_api.store.shared import Reachability, open_redis
 
 log = logging.getLogger("chat_api")
 
@@ -95,6 +95,8 @@ async def open_runtime(
     if settings.redis_url:
         redis = open_redis(settings.redis_url)
         stack.push_async_callback(redis.aclose)
+        reach = Reachability(redis)  # one "Redis is away" for everything below
+        stack.push_async_callback(reach.close)
         prefix, replicas = settings.redis_prefix, settings.replicas
         holds = Holds(redis, seconds=settings.lease_seconds)
         stack.push_async_callback(holds.close)  # after the last settlements, before Redis
@@ -111,10 +113,10 @@ async def open_runtime(
         )
         leases.start()
         stack.push_async_callback(leases.close)
-        counter = RedisCounter(redis, prefix=prefix, replicas=replicas)
-        budgets = RedisBudgets(redis, prefix=prefix, leases=leases, replicas=replicas)
-        in_flight = RedisInFlight(redis, prefix=prefix, replicas=replicas, holds=holds)
-        version = KeySetVersion(redis, prefix=prefix)
+        counter = RedisCounter(redis, prefix=prefix, replicas=replicas, reach=reach)
+        budgets = RedisBudgets(redis, prefix=prefix, leases=leases, replicas=replicas, reach=reach)
+        in_flight = RedisInFlight(redis, prefix=prefix, replicas=replicas, holds=holds, reach=reach)
+        version = KeySetVersion(redis, prefix=prefix, reach=reach)
         shared = SharedAdmission(
             redis,
             version_key=version.key,

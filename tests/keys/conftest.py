@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -107,6 +109,16 @@ class PrivateRedis:
             if time.monotonic() > deadline:
                 raise RuntimeError("the private redis-server did not start")
             time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def hung(self) -> Iterator[None]:
+        """Redis stops answering without closing anything (SIGSTOP), as a hung host does."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -12,6 +12,7 @@ from tests.clock import Clock
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import FakeOpenAI, Plan
 from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, make_key
+from tests.servers import ServerThread
 
 
 def _chat(base_url: str, key: str, **extra: object) -> httpx.Response:
@@ -87,9 +88,11 @@ def test_two_replicas_sharing_redis_hold_one_limit(
     assert statuses.count(429) == 6
 
 
-def test_redis_gone_falls_back_to_each_replicas_share_and_budgets_fail_closed(
+def _one_of_two_replicas(
     gateway_factory: GatewayFactory, private_redis: PrivateRedis, moved_clock: Clock
-) -> None:
+) -> tuple[ServerThread, str, str]:
+    """A replica (of two) on a Redis the test may stop, a key with rpm 6 and a budgeted one
+    that has made a call; at the start of a minute."""
     server = gateway_factory(
         master_key=MASTER,
         redis_url=private_redis.url,
@@ -100,6 +103,13 @@ def test_redis_gone_falls_back_to_each_replicas_share_and_budgets_fail_closed(
     budgeted, _ = make_key(server.url, budget_usd=10)
     moved_clock.to_minute_start()
     assert _chat(server.url, budgeted).status_code == 200
+    return server, limited, budgeted
+
+
+def test_redis_gone_falls_back_to_each_replicas_share_and_budgets_fail_closed(
+    gateway_factory: GatewayFactory, private_redis: PrivateRedis, moved_clock: Clock
+) -> None:
+    server, limited, budgeted = _one_of_two_replicas(gateway_factory, private_redis, moved_clock)
     private_redis.stop()
     # requests: this replica's share of 6 with 2 replicas is 3
     statuses = [_chat(server.url, limited).status_code for _ in range(5)]
@@ -113,6 +123,41 @@ def test_redis_gone_falls_back_to_each_replicas_share_and_budgets_fail_closed(
     deadline = time.monotonic() + 5
     while _chat(server.url, budgeted).status_code != 200:
         assert time.monotonic() < deadline, "budgets did not recover within 5 s of Redis"
+        time.sleep(0.2)
+
+
+def test_a_hung_redis_costs_one_timeout_not_one_per_limit_on_every_request(
+    gateway_factory: GatewayFactory,
+    private_redis: PrivateRedis,
+    fake: FakeOpenAI,
+    moved_clock: Clock,
+) -> None:
+    """Redis that stops answering (a hung host, no reset): the first call waits out one
+    timeout (2 s), then every call falls back at once until Redis answers again. Before,
+    every call waited a timeout for each thing that asked Redis: 4 s for a master-key call,
+    8 s for a client key's."""
+    server, limited, budgeted = _one_of_two_replicas(gateway_factory, private_redis, moved_clock)
+    assert _chat(server.url, limited).status_code == 200
+
+    def timed(key: str) -> tuple[int, float]:
+        started = time.monotonic()
+        response = httpx.post(
+            server.url + "/chat", json={"message": "hi"}, headers=auth(key), timeout=30
+        )
+        return response.status_code, time.monotonic() - started
+
+    with private_redis.hung():
+        first = timed(limited)
+        assert first[0] == 200 and first[1] < 4, first  # one timeout at most
+        hits = fake.hits
+        after = [timed(key) for key in (limited, MASTER, budgeted, MASTER, limited)]
+        # this replica's share of 6 is 3: one counted before, then two more
+        assert [status for status, _ in after] == [200, 200, 503, 200, 429], after
+        assert max(seconds for _, seconds in after) < 1, after  # nobody waits on Redis
+        assert fake.hits == hits + 3  # the budget is never guessed: nothing of its reached OpenAI
+    deadline = time.monotonic() + 5
+    while _chat(server.url, budgeted).status_code != 200:
+        assert time.monotonic() < deadline, "budgets did not come back within 5 s of Redis"
         time.sleep(0.2)
 
 

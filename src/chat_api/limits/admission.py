@@ -239,6 +239,8 @@ class KeyMeter:
                 return await self._admit_shared(ctx, _UNLIMITED, prepared, shared)
             except (RedisError, OSError) as exc:
                 shared.counter.went_down(exc)
+        if shared is not None and not shared.ready:
+            return self._recorded  # Redis is away: not waited for; the row is this process's
         lease = Lease.of(new_call_id(), "", ctx, prepared)
         try:
             await self.leases.open(lease)
@@ -389,6 +391,8 @@ class KeyMeter:
 
     async def _open_lease(self, lease: Lease) -> None:
         assert self.leases is not None
+        if self.shared is not None and not self.shared.ready:
+            return  # Redis is away: limits fell back; the row is only as safe as this process
         try:
             await self.leases.open(lease)
         except (RedisError, OSError) as exc:

@@ -31,6 +31,7 @@ from chat_api.clock import utcnow as utcnow
 from chat_api.errors import ServiceUnavailable
 from chat_api.limits.leases import WRITE_LEASE
 from chat_api.limits.shared_work import SharedWork
+from chat_api.store.shared import Reachability
 
 if TYPE_CHECKING:
     from chat_api.limits.leases import Lease, RedisLeases
@@ -127,9 +128,16 @@ _UNAVAILABLE = "Budgets cannot be checked right now (the shared store is away). 
 
 class RedisBudgets:
     def __init__(
-        self, redis: Redis, *, prefix: str, leases: RedisLeases | None = None, replicas: int = 1
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        leases: RedisLeases | None = None,
+        replicas: int = 1,
+        reach: Reachability | None = None,
     ) -> None:
         self._redis = redis
+        self._reach = reach if reach is not None else Reachability(redis)
         self._prefix = prefix
         self._reserve = redis.register_script(_RESERVE)
         self.leases = leases
@@ -149,8 +157,13 @@ class RedisBudgets:
         value = await seed()
         await self._redis.set(key, value, nx=True, ex=60 * 60 * 24 * 40)
 
+    def _away(self) -> ServiceUnavailable:
+        return ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"})
+
     async def used(self, key_id: str, bucket: str, seed: Seed) -> int:
         key = self.key(key_id, bucket)
+        if self._reach.away:
+            raise self._away()  # never guessed, and not waited for either
         try:
             value = await self._redis.get(key)
             if value is None:
@@ -158,7 +171,8 @@ class RedisBudgets:
                 value = await self._redis.get(key)
             return int(value or 0)
         except (RedisError, OSError):
-            raise ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"}) from None
+            self._reach.went_down()
+            raise self._away() from None
 
     async def reserve(
         self,
@@ -176,6 +190,8 @@ class RedisBudgets:
             lease.bucket, lease.reserved, lease.budget_key = bucket, amount, key
             keys += [self.leases.key(lease.call_id), self.leases.index]
             args += lease.args(self.leases.seconds)
+        if self._reach.away:
+            raise self._away()
         try:
             if self.leases is not None:  # Redis lost its data: this replica's calls go back first
                 await self.leases.check()
@@ -187,7 +203,8 @@ class RedisBudgets:
                     return bool(taken), int(used)
                 await self.seed(key, seed)
         except (RedisError, OSError):
-            raise ServiceUnavailable(_UNAVAILABLE, headers={"Retry-After": "5"}) from None
+            self._reach.went_down()
+            raise self._away() from None
         return False, limit
 
     async def adjust(self, key_id: str, bucket: str, delta: int) -> None:

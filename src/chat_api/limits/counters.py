@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chat_api import clock
+from chat_api.store.shared import Reachability
 
 log = logging.getLogger("chat_api.limits")
 
@@ -101,19 +101,21 @@ return {1, n}
 
 
 class RedisCounter:
-    def __init__(self, redis: Redis, *, prefix: str, replicas: int) -> None:
+    def __init__(
+        self, redis: Redis, *, prefix: str, replicas: int, reach: Reachability | None = None
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._replicas = max(1, replicas)
         self._hit = redis.register_script(_HIT)
         self._local = MemoryCounter()
-        self._down_until = 0.0
+        self.reach = reach if reach is not None else Reachability(redis)
         self._mine: dict[tuple[str, int], int] = {}  # what this replica counted, per window
         self._owed: dict[tuple[str, int], int] = {}  # counted here while Redis was away
 
     @property
     def degraded(self) -> bool:
-        return time.monotonic() < self._down_until
+        return self.reach.away
 
     def key(self, name: str, window: int) -> str:
         return f"{self._prefix}{name}:{window}"
@@ -133,12 +135,11 @@ class RedisCounter:
             self._mine[(name, window)] = max(0, self._mine[(name, window)] + amount)
 
     def went_down(self, exc: Exception) -> None:
-        if not self.degraded:
+        if self.reach.went_down():
             log.warning(
                 "Redis unreachable: rate limits fall back to this replica's share",
                 extra={"error": type(exc).__name__},
             )
-        self._down_until = time.monotonic() + 1.0
 
     async def hit(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
         window, reset = _window(clock.now())

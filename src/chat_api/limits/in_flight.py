@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chat_api import clock
+from chat_api.store.shared import Reachability
 
 log = logging.getLogger("chat_api.limits")
 
@@ -153,9 +154,16 @@ return 1
 
 class RedisInFlight:
     def __init__(
-        self, redis: Redis, *, prefix: str, replicas: int, holds: Holds | None = None
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        replicas: int,
+        holds: Holds | None = None,
+        reach: Reachability | None = None,
     ) -> None:
         self._redis = redis
+        self._reach = reach if reach is not None else Reachability(redis)
         self._prefix = prefix
         self._replicas = max(1, replicas)
         self._take = redis.register_script(_TAKE)
@@ -184,6 +192,9 @@ class RedisInFlight:
         return True
 
     async def take(self, key_id: str, call_id: str, cap: int) -> bool:
+        share = max(1, math.ceil(cap / self._replicas))
+        if self._reach.away:
+            return self._local.take_now(key_id, call_id, share)
         now = clock.now()
         seconds = self._holds.seconds
         try:
@@ -192,11 +203,12 @@ class RedisInFlight:
                 args=[now, now + seconds, cap, call_id, math.ceil(seconds * 2)],
             )
         except (RedisError, OSError) as exc:
-            log.warning(
-                "Redis unreachable: calls in flight counted against this replica's share",
-                extra={"error": type(exc).__name__},
-            )
-            return self._local.take_now(key_id, call_id, max(1, math.ceil(cap / self._replicas)))
+            if self._reach.went_down():
+                log.warning(
+                    "Redis unreachable: calls in flight counted against this replica's share",
+                    extra={"error": type(exc).__name__},
+                )
+            return self._local.take_now(key_id, call_id, share)
         if not taken:
             return False
         self.held(key_id, call_id)

@@ -59,6 +59,7 @@ from chat_api.limits.leases import (
     Lease,
     RedisLeases,
 )
+from chat_api.store.shared import Reachability
 
 log = logging.getLogger("chat_api.limits")
 
@@ -206,8 +207,9 @@ class Batched:
     undone if it did run.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, reach: Reachability | None = None) -> None:
         self._redis = redis
+        self._reach = reach if reach is not None else Reachability(redis)
         self._sha = redis.register_script(_BATCH).sha
         self._queue: list[_Queued] = []
         self._busy = False
@@ -246,6 +248,14 @@ class Batched:
                 batch, self._queue = self._queue, []
                 # An admission whose caller left before it was sent: nothing taken yet.
                 batch = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
+                if self._reach.away:
+                    # Admissions queued behind a run that was lost are not sent to wait out
+                    # a timeout too: their calls fall back at once. What comes after a call
+                    # (settling, undoing) is still sent, off the response path.
+                    for q in batch:
+                        if q[0] == "admit" and not q[3].done():
+                            q[3].set_exception(RedisConnectionError("Redis is away"))
+                    batch = [q for q in batch if q[0] != "admit"]
                 if not batch:
                     continue
                 try:
@@ -312,8 +322,13 @@ class Batched:
             raise  # Redis answered: the connection is fine
         except TimeoutError:
             await self.close_line()
+            self._reach.went_down()
             raise RedisTimeoutError("Redis did not answer a script run in time") from None
-        except BaseException:  # lost, or cancelled mid-exchange: what is left on it is unknown
+        except (RedisError, OSError):  # lost: what is left on it is unknown
+            await self.close_line()
+            self._reach.went_down()
+            raise
+        except BaseException:  # cancelled mid-exchange: what is left on it is unknown
             await self.close_line()
             raise
 
@@ -379,7 +394,7 @@ class SharedAdmission:
         budgets: RedisBudgets,
         leases: RedisLeases,
     ) -> None:
-        self._batch = Batched(redis)
+        self._batch = Batched(redis, counter.reach)
         self._settling: set[asyncio.Future[Any]] = set()
         leases.batched = lambda keys, ids: self._batch.submit("written", keys, ids)
         self.version_key = version_key

@@ -42,13 +42,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from chat_api.store.keys import KeyRecord, KeyStore
+from chat_api.store.shared import Reachability
 
 log = logging.getLogger("chat_api.keys")
 
 SHORT_TTL = 1.0
 MAX_AGE = 60.0
 MAX_ENTRIES = 10_000
-RETRY_REDIS_AFTER = 1.0
 
 Version = tuple[int, bytes | None]  # (changes made in this process, the shared token)
 
@@ -60,11 +60,13 @@ def _fresh_token() -> bytes:
 class KeySetVersion:
     """The version of the whole key set: it changes whenever any key changes."""
 
-    def __init__(self, redis: Redis | None, *, prefix: str) -> None:
+    def __init__(
+        self, redis: Redis | None, *, prefix: str, reach: Reachability | None = None
+    ) -> None:
         self._redis = redis
         self.key = f"{prefix}keys:version"
         self.local = 0
-        self._down_until = 0.0
+        self._reach = reach if reach is not None else Reachability(redis)
 
     @property
     def shared(self) -> bool:
@@ -73,7 +75,7 @@ class KeySetVersion:
     async def current(self) -> Version:
         """This process's changes, and the shared token (None without Redis, or while away)."""
         redis = self._redis
-        if redis is None or time.monotonic() < self._down_until:
+        if redis is None or self._reach.away:
             return self.local, None
         try:
             token = await redis.get(self.key)
@@ -81,13 +83,12 @@ class KeySetVersion:
                 await redis.set(self.key, _fresh_token(), nx=True)
                 token = await redis.get(self.key)
         except (RedisError, OSError) as exc:
-            if time.monotonic() >= self._down_until:
+            if self._reach.went_down():
                 log.warning(
                     "Redis unreachable: cached keys are trusted for %g s at a time",
                     SHORT_TTL,
                     extra={"error": type(exc).__name__},
                 )
-            self._down_until = time.monotonic() + RETRY_REDIS_AFTER
             return self.local, None
         return self.local, token if isinstance(token, bytes) else None
 

@@ -11,18 +11,33 @@ burst that wants more than `MAX_CONNECTIONS` at once waits for one: a busy
 pool is not a Redis that is away (redis-py's default pool refuses the
 101st at once, which read as "Redis unreachable" and sent every budget
 to 503 for a second).
+
+Once a command fails, Redis counts as away for everything in this process
+at once (`Reachability`): each user falls back its own way without waiting
+out a timeout of its own, until a probe finds Redis answering again.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+log = logging.getLogger("chat_api.limits")
 
 # A burst of hundreds of calls on a small machine can keep Redis busy past half a second:
 # 2 s before a call is taken as "Redis away" (budgets then answer 503).
 SOCKET_TIMEOUT = 2.0
+
+
+# While Redis is away, it is asked (one PING) this often; requests do not wait on it.
+PROBE_EVERY = 1.0
 
 
 # Connections a replica may hold at once. A burst asks for more: the rest wait for one
@@ -40,3 +55,52 @@ def open_redis(url: str) -> Redis:
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     return Redis.from_pool(pool)  # closing the client closes its pool
+
+
+class Reachability:
+    """Whether Redis answers, as this process last found out, for all that uses it.
+
+    A hung Redis (stopped, or cut off without a reset) used to cost every
+    call one timeout per thing that asked it (admission, then each limit's
+    own fallback, the lease, the key set's version): 4 s for a master-key
+    call, 8 s for a client key's, on every request. Now the first failure
+    counts Redis as away for all of them at once, each falls back its own
+    way (rate limits to this replica's share, budgets to 503, cached keys
+    trusted a second at a time, the lease skipped), and a probe asks Redis
+    every `PROBE_EVERY` until it answers; only then do requests use it again.
+    """
+
+    def __init__(self, redis: Redis | None) -> None:
+        self._redis = redis
+        self.away = False
+        self._probe: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def went_down(self) -> bool:
+        """Count Redis as away; True when it was not already (the caller may say so)."""
+        if self.away:
+            return False
+        self.away = True
+        if self._redis is not None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._probe = loop.create_task(self._until_it_answers(), name="redis-probe")
+        return True
+
+    async def _until_it_answers(self) -> None:
+        assert self._redis is not None
+        while True:
+            await asyncio.sleep(PROBE_EVERY)
+            try:
+                await self._redis.ping()
+            except (RedisError, OSError):
+                continue
+            self.away = False
+            log.warning("Redis answers again: limits are shared again")
+            return
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
