@@ -229,17 +229,17 @@ class KeyMeter:
 
         The lease goes in the shared script runs, as a client key's admission
         does (its Redis round trip shared with the calls of that moment, the
-        epoch checked); while Redis is counted as away, on its own.
+        epoch checked); while Redis is counted as away, none is taken.
         """
         if self.leases is None:
             return self._recorded
         shared = self.shared
-        if shared is not None and shared.ready:
-            try:
-                return await self._admit_shared(ctx, _UNLIMITED, prepared, shared)
-            except (RedisError, OSError) as exc:
-                shared.counter.went_down(exc)
-        if shared is not None and not shared.ready:
+        if shared is not None:
+            if shared.ready:
+                try:
+                    return await self._admit_shared(ctx, _UNLIMITED, prepared, shared)
+                except (RedisError, OSError) as exc:
+                    shared.counter.went_down(exc)
             return self._recorded  # Redis is away: not waited for; the row is this process's
         lease = Lease.of(new_call_id(), "", ctx, prepared)
         try:

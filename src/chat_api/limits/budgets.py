@@ -134,10 +134,10 @@ class RedisBudgets:
         prefix: str,
         leases: RedisLeases | None = None,
         replicas: int = 1,
-        reach: Reachability | None = None,
+        reach: Reachability,
     ) -> None:
         self._redis = redis
-        self._reach = reach if reach is not None else Reachability(redis)
+        self._reach = reach
         self._prefix = prefix
         self._reserve = redis.register_script(_RESERVE)
         self.leases = leases

@@ -101,15 +101,13 @@ return {1, n}
 
 
 class RedisCounter:
-    def __init__(
-        self, redis: Redis, *, prefix: str, replicas: int, reach: Reachability | None = None
-    ) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, replicas: int, reach: Reachability) -> None:
         self._redis = redis
         self._prefix = prefix
         self._replicas = max(1, replicas)
         self._hit = redis.register_script(_HIT)
         self._local = MemoryCounter()
-        self.reach = reach if reach is not None else Reachability(redis)
+        self.reach = reach
         self._mine: dict[tuple[str, int], int] = {}  # what this replica counted, per window
         self._owed: dict[tuple[str, int], int] = {}  # counted here while Redis was away
 

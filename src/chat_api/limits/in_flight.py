@@ -160,10 +160,10 @@ class RedisInFlight:
         prefix: str,
         replicas: int,
         holds: Holds | None = None,
-        reach: Reachability | None = None,
+        reach: Reachability,
     ) -> None:
         self._redis = redis
-        self._reach = reach if reach is not None else Reachability(redis)
+        self._reach = reach
         self._prefix = prefix
         self._replicas = max(1, replicas)
         self._take = redis.register_script(_TAKE)

@@ -250,11 +250,12 @@ class Batched:
                 batch = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
                 if self._reach.away:
                     # Admissions queued behind a run that was lost are not sent to wait out
-                    # a timeout too: their calls fall back at once. What comes after a call
-                    # (settling, undoing) is still sent, off the response path.
+                    # a timeout too: their calls fall back at once (never sent: nothing to
+                    # undo, so not a `_LOST` error). What comes after a call (settling,
+                    # undoing) is still sent, off the response path.
                     for q in batch:
                         if q[0] == "admit" and not q[3].done():
-                            q[3].set_exception(RedisConnectionError("Redis is away"))
+                            q[3].set_exception(RedisError("Redis is away: not sent"))
                     batch = [q for q in batch if q[0] != "admit"]
                 if not batch:
                     continue
