@@ -109,6 +109,16 @@ async def _count(url: str) -> int:
         await connection.close()
 
 
+async def _request_ids(url: str) -> set[str]:
+    import asyncpg
+
+    connection = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        return {row[0] for row in await connection.fetch("SELECT request_id FROM usage")}
+    finally:
+        await connection.close()
+
+
 def _pg_rows(url: str) -> int:
     try:
         return asyncio.run(_count(url))
@@ -178,16 +188,23 @@ def test_postgres_outage_longer_than_the_queue_drops_the_oldest_and_says_so(
 ) -> None:
     monkeypatch.setattr(ledger_module, "MAX_PENDING", 10)
     server = gw(database_url=postgres_url, ledger_flush_interval=0.2)
-    assert chat(server.url).status_code == 200
+    first = chat(server.url)
+    assert first.status_code == 200
     assert wait_until(lambda: _pg_rows(postgres_url) == 1, 5)
+    during = []
     with database_away(postgres_url):
         for _ in range(15):
-            assert chat(server.url).status_code == 200
+            answer = chat(server.url)
+            assert answer.status_code == 200
+            during.append(answer.headers["x-request-id"])
         ledger = server.state.ledger
         assert ledger.backlog == 10  # bounded: memory cannot grow without end
         assert ledger.dropped == 5
-    # Said, with how many, but not once a call: a long outage under load is not a flood.
     assert wait_until(lambda: _pg_rows(postgres_url) == 11, 10)
+    # The oldest five went; the ten newest are the ones written.
+    kept = asyncio.run(_request_ids(postgres_url))
+    assert kept == {first.headers["x-request-id"], *during[5:]}
+    # Said, with how many, but not once a call: a long outage under load is not a flood.
 
     def said() -> list[str]:
         return [r.getMessage() for r in caplog.records if "ledger backlog full" in r.getMessage()]

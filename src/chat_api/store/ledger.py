@@ -16,9 +16,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -104,7 +106,7 @@ class Ledger:
         self._read_timeout = read_timeout
         self._interval = flush_interval
         self._batch = batch_size
-        self._pending: list[dict[str, Any]] = []
+        self._pending: deque[dict[str, Any]] = deque()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -121,7 +123,7 @@ class Ledger:
 
     def add(self, result: CallResult) -> None:
         if len(self._pending) >= MAX_PENDING:
-            self._pending.pop(0)
+            self._pending.popleft()
             self.dropped += 1
             self._say_dropped()
         self._pending.append(row_of(result))
@@ -183,12 +185,15 @@ class Ledger:
 
     async def _write_batch(self) -> None:
         async with self._lock:
-            batch = self._pending[: self._batch * 5]
+            batch = list(islice(self._pending, self._batch * 5))
             if not batch:
                 return
             async with self._engine.begin() as connection:
                 await insert_once(connection, batch)
-            del self._pending[: len(batch)]
+            # As many from the front: the rows dropped meanwhile (the queue full) were
+            # from the front too, so the rows taken out are the oldest not written.
+            for _ in batch:
+                self._pending.popleft()
             self.written += len(batch)
             self.on_written([row["call_id"] for row in batch if row["call_id"]])
 
