@@ -187,6 +187,11 @@ class CallResult:
             self.completion_tokens = generated + UNSEEN_TOKENS
             self.estimated = True
 
+    def use_worst(self, output_bound: int) -> None:
+        """Bill the call's worst case: sent, and no answer seen, OpenAI may still write it all."""
+        self.prompt_tokens, self.completion_tokens = self.prompt_bound, output_bound
+        self.estimated = True
+
     @property
     def model(self) -> str:
         return self.priced.name

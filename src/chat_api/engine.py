@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from chat_api.calls import CallContext, CallResult, Chunk, Prepared, StreamStats
 from chat_api.catalog import Catalog
 from chat_api.config import Settings
-from chat_api.errors import ChatAPIError, NotConfigured, UpstreamError
+from chat_api.errors import ChatAPIError, NotConfigured, UpstreamError, UpstreamTimeout
 from chat_api.limits.admission import Admission, Meter
 from chat_api.operations.base import parse_event
 from chat_api.operations.chat import ChatCompletion, as_chunks
@@ -107,7 +107,10 @@ class Engine:
             )
         except BaseException as exc:
             result.fail(exc)
-            result.use_usage(None)
+            if _may_still_be_written(exc, result):
+                result.use_worst(prepared.output_bound)
+            else:
+                result.use_usage(None)
             raise
         else:
             result.outcome = "client_closed" if result.client_left else "ok"
@@ -174,11 +177,7 @@ class Engine:
                     break
         finally:
             if usage is None:
-                result.prompt_tokens, result.completion_tokens = (
-                    prepared.prompt_bound,
-                    prepared.output_bound,
-                )
-                result.estimated = True
+                result.use_worst(prepared.output_bound)
             else:
                 result.use_usage(usage)
             admission.settle(result)
@@ -298,6 +297,17 @@ class CallStream:
             generated = max(stats.pieces, -(-stats.generated_bytes // CHARS_PER_TOKEN))
             result.use_usage(self._operation.stream_usage(stats), generated=generated)
             admission.settle(result)
+
+
+def _may_still_be_written(exc: BaseException, result: CallResult) -> bool:
+    """Whether a whole answer that ended with `exc` may still be written, and billed, by OpenAI.
+
+    It was sent and then given up on: timed out, or stopped with the server.
+    OpenAI writes a whole answer to its end whoever stopped waiting for it.
+    """
+    if isinstance(exc, UpstreamTimeout):
+        return exc.sent
+    return result.outcome == "server_stopped"
 
 
 async def _awaited(task: asyncio.Task[Completion], result: CallResult) -> Completion:

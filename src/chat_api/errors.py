@@ -248,8 +248,13 @@ class UpstreamTimeout(ChatAPIError):
     type = "upstream_timeout"
     default_code = "upstream_timeout"
 
-    def __init__(self, message: str = "OpenAI did not answer in time. Try again.") -> None:
+    def __init__(
+        self, message: str = "OpenAI did not answer in time. Try again.", *, sent: bool = True
+    ) -> None:
         super().__init__(message)
+        # The request reached OpenAI, which may still write (and bill) the whole answer;
+        # False: the connection was never made, nothing was sent.
+        self.sent = sent
 
 
 CONNECT_FAILED = "Could not reach OpenAI: the connection failed. Try again."

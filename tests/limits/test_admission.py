@@ -297,6 +297,37 @@ def test_a_whole_answer_the_client_abandons_is_recorded_at_what_was_billed(
     )
 
 
+@pytest.mark.parametrize("client", ["aiohttp", "sdk"])
+def test_a_whole_answer_that_times_out_is_sent_once_and_billed_at_its_worst_case(
+    start: Any, upstream: tuple[BillingUpstream, str], client: str
+) -> None:
+    """OpenAI writes (and bills) a whole answer after the gateway stopped waiting for it.
+
+    Before: the timeout was retried (three calls billed in full for one 504) and the
+    one row billed the prompt and 16 tokens: a key could spend 30x what the ledger saw.
+    """
+    fake, _ = upstream
+    fake.behaviour.delay = 1.5  # longer than the gateway waits
+    gateway = start(upstream_timeout=0.5, upstream_retries=2, upstream_client=client)
+    secret, key_id = make_key(gateway.url, budget_usd="5")
+    body = {"model": "gpt-4o", "max_tokens": 500, "messages": [{"role": "user", "content": "x"}]}
+    answer = httpx.post(
+        gateway.url + "/v1/chat/completions", json=body, headers=auth(secret), timeout=30
+    )
+    assert answer.status_code == 504, answer.text
+    assert answer.json()["error"]["code"] == "upstream_timeout"
+    _wait_for_rows(gateway.url, key_id, 1)
+    deadline = time.monotonic() + 5
+    while not (fake.biller.bills and fake.biller.bills[0].completion_tokens):
+        assert time.monotonic() < deadline, "the fake never finished the answer"
+        time.sleep(0.05)
+    assert fake.calls == 1  # sent once: a retry would be billed again, with no row
+    totals = _ledger(gateway.url, key_id)
+    assert totals["requests"] == 1
+    assert totals["completion_tokens"] == 500 == fake.biller.bills[0].completion_tokens
+    assert _recorded(gateway.url, key_id) >= fake.biller.total  # errs on the operator's side
+
+
 def test_a_stream_the_client_leaves_is_billed_for_prompt_and_output(
     start: Any, upstream: tuple[BillingUpstream, str]
 ) -> None:

@@ -10,6 +10,8 @@ auth, retries with exponential backoff and jitter (honouring Retry-After
 up to two minutes) on connection errors, 408/409/429 and 5xx, only before
 any byte was read, except a 429 that says the account is out of credit; a
 short connect timeout and a read timeout of `CHAT_API_UPSTREAM_TIMEOUT`.
+Unlike the SDK, a request that was sent and timed out is not sent again:
+OpenAI may be writing (and billing) its answer still.
 `CHAT_API_UPSTREAM_CLIENT=sdk` switches back to the official `AsyncOpenAI`
 client (`providers/openai_sdk.py`).
 """
@@ -165,11 +167,15 @@ class OpenAIHTTPProvider:
                     proxy=self._proxy,
                     proxy_auth=self._proxy_auth,
                 )
-            except TimeoutError:
-                if last:
-                    raise final(UpstreamTimeout(), retried=attempt > 0) from None
+            except aiohttp.ConnectionTimeoutError:
+                if last:  # never connected: nothing was sent, nothing billed
+                    raise final(UpstreamTimeout(sent=False), retried=attempt > 0) from None
                 await asyncio.sleep(_backoff(attempt, None))
                 continue
+            except TimeoutError:
+                # Sent, and no answer in time: OpenAI may still write and bill it, so it
+                # is not sent again (a second bill the ledger would never see).
+                raise final(UpstreamTimeout(), retried=attempt > 0) from None
             except CONNECTION_ERRORS as exc:
                 if last:
                     raise from_upstream(exc, retried=attempt > 0) from None

@@ -4,9 +4,11 @@ One `AsyncOpenAI` client is shared by every request. We ask it for the raw
 HTTP response (`cast_to=httpx2.Response`) so answers are relayed as the bytes
 OpenAI sent, with no model objects built per chunk; the SDK still does what
 it is good at: auth, retries with backoff before any byte is read, timeouts.
-Two things it is told: a 429 that says the account is out of credit is not
-retried (`_no_retry_without_credit`), and after its retries the client is
-told not to retry again (`final`).
+Three things it is told: a request that was sent and timed out is not sent
+again (`_SentIsFinal`: OpenAI may be billing its answer still), a 429 that
+says the account is out of credit is not retried
+(`_no_retry_without_credit`), and after its retries the client is told not
+to retry again (`final`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class OpenAISDKProvider:
             base_url=settings.openai_base_url,
             max_retries=settings.upstream_retries,
             timeout=timeout,
-            http_client=openai.DefaultAsyncHttpxClient(
+            http_client=_SentIsFinal(
                 timeout=timeout,
                 limits=limits,
                 event_hooks={"response": [_no_retry_without_credit]},
@@ -154,6 +156,21 @@ class _SDKStream(ReadingStream):
         await self._response.aclose()
 
 
+class _SentIsFinal(openai.DefaultAsyncHttpxClient):
+    """The SDK's client, except that a request sent and not answered in time is not sent again.
+
+    The SDK retries every timeout; one after the request went out may still be
+    written, and billed, by OpenAI: a retry would be a second bill that no
+    ledger row shows. The SDK passes its own errors on without retrying.
+    """
+
+    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        try:
+            return await super().send(request, **kwargs)
+        except (httpx2.ReadTimeout, httpx2.WriteTimeout) as exc:
+            raise openai.APITimeoutError(request=request) from exc
+
+
 async def _no_retry_without_credit(response: httpx2.Response) -> None:
     """Mark a 429 "insufficient_quota" as final before the SDK decides to retry it.
 
@@ -192,7 +209,9 @@ def _from_sdk(exc: BaseException) -> ChatAPIError:
         )
     request = exc.request if isinstance(exc, openai.APIConnectionError) else None
     if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
-        return final(UpstreamTimeout(), retried=_retried(request))
+        cause = exc.__cause__ if isinstance(exc, openai.APITimeoutError) else exc
+        sent = not isinstance(cause, httpx2.ConnectTimeout | httpx2.PoolTimeout)
+        return final(UpstreamTimeout(sent=sent), retried=_retried(request))
     if isinstance(exc, openai.APIConnectionError):
         return final(UpstreamError(CONNECT_FAILED), retried=_retried(request))
     return from_upstream(exc)
