@@ -105,6 +105,7 @@ class StreamStats:
     generated_bytes: int = 0
     finished: bool = False  # the upstream said the answer is complete
     first_token_at: float | None = None
+    pending: str | None = None  # a background answer's id: it goes on upstream if cut off
 
 
 # A stream cut short: tokens the upstream may have written after the last one

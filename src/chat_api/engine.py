@@ -30,7 +30,7 @@ from chat_api.catalog import Catalog
 from chat_api.config import Settings
 from chat_api.errors import ChatAPIError, NotConfigured, UpstreamError, UpstreamTimeout
 from chat_api.limits.admission import Admission, Meter
-from chat_api.operations.base import parse_event
+from chat_api.operations.base import Operation, parse_event
 from chat_api.operations.chat import ChatCompletion, as_chunks
 from chat_api.operations.embeddings import Embedding
 from chat_api.operations.responses import Compaction, Response, is_final
@@ -119,7 +119,7 @@ class Engine:
             if pending is not None:
                 # Background mode: the reservation is held until the answer is final.
                 settle_now = False
-                self._watch(provider, prepared, result, admission, pending)
+                self._watch(provider, operation, prepared.output_bound, result, admission, pending)
                 return completion
             # No usage in the answer (some compatible servers): its size, a token per 4 bytes.
             written = -(-len(completion.raw) // CHARS_PER_TOKEN)
@@ -134,13 +134,17 @@ class Engine:
     def _watch(
         self,
         provider: Provider,
-        prepared: Prepared,
+        operation: Operation,
+        output_bound: int,
         result: CallResult,
         admission: Admission,
         response_id: str,
     ) -> None:
+        """Settle a background answer once the upstream says it is final (its own task)."""
         task = asyncio.get_running_loop().create_task(
-            self._settle_when_final(provider, prepared, result, admission, response_id)
+            self._settle_when_final(
+                provider, operation, output_bound, result, admission, response_id
+            )
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -148,7 +152,8 @@ class Engine:
     async def _settle_when_final(
         self,
         provider: Provider,
-        prepared: Prepared,
+        operation: Operation,
+        output_bound: int,
         result: CallResult,
         admission: Admission,
         response_id: str,
@@ -173,11 +178,11 @@ class Engine:
                 except ChatAPIError:
                     continue  # away for a moment: ask again
                 if is_final(answer.data):
-                    usage = prepared.operation.usage(answer.data)
+                    usage = operation.usage(answer.data)
                     break
         finally:
             if usage is None:
-                result.use_worst(prepared.output_bound)
+                result.use_worst(output_bound)
             else:
                 result.use_usage(usage)
             admission.settle(result)
@@ -227,6 +232,8 @@ class CallStream:
     ) -> None:
         self._engine = engine
         self._operation = prepared.operation
+        self._output_bound = prepared.output_bound
+        self._provider: Provider | None = None
         self._wants_usage = prepared.client_wants_usage
         self._result = result
         self._admission: Admission | None = admission
@@ -242,6 +249,7 @@ class CallStream:
     async def open(self, provider: Provider) -> None:
         body, self._body = self._body, None  # not held while it streams: the whole conversation
         assert body is not None
+        self._provider = provider
         self._upstream = await provider.open_stream(
             self._operation.upstream_path, body, self._result.request_id
         )
@@ -294,9 +302,21 @@ class CallStream:
                 result.first_token = stats.first_token_at - self._started
             if not self._ended and self._upstream is not None:
                 result.outcome = "client_closed"  # closed from outside before its end
-            generated = max(stats.pieces, -(-stats.generated_bytes // CHARS_PER_TOKEN))
-            result.use_usage(self._operation.stream_usage(stats), generated=generated)
-            admission.settle(result)
+            if stats.pending is not None and not stats.finished and self._provider is not None:
+                # A background answer goes on upstream without its stream (and is billed
+                # in full): settled once the upstream says it is final, as a whole one is.
+                engine._watch(
+                    self._provider,
+                    self._operation,
+                    self._output_bound,
+                    result,
+                    admission,
+                    stats.pending,
+                )
+            else:
+                generated = max(stats.pieces, -(-stats.generated_bytes // CHARS_PER_TOKEN))
+                result.use_usage(self._operation.stream_usage(stats), generated=generated)
+                admission.settle(result)
 
 
 def _may_still_be_written(exc: BaseException, result: CallResult) -> bool:

@@ -131,6 +131,37 @@ def test_a_background_response_holds_its_reservation_until_it_is_final(
     assert Decimal(str(usage["spent_usd"])) == pytest.approx(bill.cost, abs=Decimal("0.00001"))
 
 
+def test_a_background_stream_the_client_leaves_is_billed_at_what_the_upstream_finished(
+    keyed: ServerThread, fake: FakeOpenAI
+) -> None:
+    """A background answer goes on upstream when its stream is dropped, and is billed in full.
+
+    Before, the stream was settled as it was cut: what had been relayed so far
+    (a few tokens), while the upstream wrote and billed the whole answer.
+    """
+    key, key_id = make_key(keyed.url, budget_usd="5")
+    client = _client(keyed, key)
+    fake.biller.clear()
+    fake.queue(Plan(text="word " * 400, chunk_interval=0.002))
+    with client.responses.create(
+        model=MODEL, input="Write a story", background=True, stream=True
+    ) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                break  # the client leaves with one word of four hundred
+    # Settled once the upstream says it is final, at what it billed.
+    _wait_for(lambda: _ledger(keyed, key_id)["requests"] == 1)
+    bill = fake.biller.bills[-1]
+    _wait_for(lambda: bill.completion_tokens >= 400)  # the upstream wrote it all
+    totals = _ledger(keyed, key_id)
+    assert (totals["prompt_tokens"], totals["completion_tokens"]) == (
+        bill.prompt_tokens,
+        bill.completion_tokens,
+    )
+    usage = httpx.get(keyed.url + "/usage", headers=auth(key)).json()["budget"]
+    assert Decimal(str(usage["spent_usd"])) == pytest.approx(bill.cost, abs=Decimal("0.00001"))
+
+
 def test_a_budget_refuses_a_response_that_cannot_fit_and_priced_tools(
     keyed: ServerThread, fake: FakeOpenAI
 ) -> None:

@@ -94,6 +94,10 @@ class Response(Operation):
             stats.finished = True
         elif kind == "error":
             stats.finished = True  # the upstream ended the response: relayed as it is
+        elif kind == "response.created":
+            response = data.get("response")
+            if isinstance(response, dict):
+                stats.pending = self.pending(response)
         else:
             delta = data.get("delta")
             if isinstance(delta, str) and delta:
