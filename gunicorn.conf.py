@@ -20,7 +20,10 @@ wsgi_app = "chat_api.app:serve_app()"  # each worker serves this app alone
 # leaves X-Forwarded-For to the gateway, which believes it only from the proxies in
 # CHAT_API_TRUSTED_PROXIES: gunicorn's `forwarded_allow_ips` is not used.
 worker_class = "chat_api.worker.Worker"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Two workers; one when client keys are on without Redis, which several would need to
+# share budgets and limits (`on_starting` refuses several then).
+_ONE_IS_ENOUGH = os.environ.get("CHAT_API_MASTER_KEY") and not os.environ.get("CHAT_API_REDIS_URL")
+workers = int(os.environ.get("WEB_CONCURRENCY", "1" if _ONE_IS_ENOUGH else "2"))
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:5000")
 timeout = 120
 graceful_timeout = 30
@@ -31,9 +34,10 @@ accesslog = None
 def on_starting(server: object) -> None:
     """Check the settings once, before any worker starts, and set up our log lines."""
     from chat_api import logs
-    from chat_api.cli import load_settings
+    from chat_api.cli import check_workers, load_settings
 
     settings = load_settings()  # a bad value stops here with one plain line
+    check_workers(settings, workers)  # several, with client keys: only with Redis
     logs.configure(settings.log_level, settings.log_format)
 
 

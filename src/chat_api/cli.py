@@ -41,6 +41,19 @@ def load_settings(**overrides: object) -> Settings:
         raise SystemExit(f"chat-api: {settings_error_line(exc)}") from None
 
 
+def check_workers(settings: Settings, workers: int) -> None:
+    """Several workers with client keys need Redis: without it each would hold its own budgets.
+
+    Each worker would let a key spend its whole budget (measured: two workers, 1.8 times
+    the budget), and its own rate limits. One worker holds thousands of open streams.
+    """
+    if workers > 1 and settings.keys_enabled and not settings.redis_url:
+        raise SystemExit(
+            f"chat-api: {workers} workers cannot share client keys' budgets and limits "
+            "without Redis: set CHAT_API_REDIS_URL, or run one worker."
+        )
+
+
 def _stopped(signum: int, frame: object) -> None:
     """Uvicorn stops gracefully, then raises the signal again: that is a clean exit."""
     raise SystemExit(0)
@@ -114,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
     hint = base_url_hint(settings.openai_base_url)
     if hint is not None:
         log.warning(hint)
+    check_workers(settings, args.workers)
     _check_port(host, port)
     options: dict[str, Any] = {
         "host": host,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 from collections.abc import Callable
@@ -202,3 +203,33 @@ def test_the_usage_table_shows_dollars_in_full() -> None:
     rows = [{"cost_usd": 1.35e-05}, {"cost_usd": 0.0}, {"cost_usd": 2.5}, {"cost_usd": 12.0}]
     lines = table(rows, ["cost_usd"]).splitlines()[2:]
     assert lines == ["0.0000135", "0", "2.5", "12"]
+
+
+def test_several_workers_with_client_keys_need_redis(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each worker would hold its own budgets: a key could spend them all (1.8x, two workers)."""
+    monkeypatch.setenv("CHAT_API_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/cli.db")
+    monkeypatch.setenv("CHAT_API_MASTER_KEY", MASTER)
+    monkeypatch.delenv("CHAT_API_REDIS_URL", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["serve", "--workers", "2", "--port", "0"])
+    assert stopped.value.code == (
+        "chat-api: 2 workers cannot share client keys' budgets and limits without Redis: "
+        "set CHAT_API_REDIS_URL, or run one worker."
+    )
+    # gunicorn.conf.py: one worker by default then, and several refused before any starts.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # it sets these if missing
+    monkeypatch.setenv("CHAT_API_HOST", "127.0.0.1")
+    config_file = str(Path(__file__).resolve().parents[2] / "gunicorn.conf.py")
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    assert runpy.run_path(config_file)["workers"] == 1
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    config = runpy.run_path(config_file)
+    with pytest.raises(SystemExit) as stopped:
+        config["on_starting"](None)
+    assert "3 workers cannot share" in str(stopped.value.code)
+    monkeypatch.setenv("CHAT_API_REDIS_URL", "redis://127.0.0.1:6379/0")  # shared: fine
+    cli.check_workers(cli.load_settings(), 3)
+    monkeypatch.delenv("WEB_CONCURRENCY")
+    assert runpy.run_path(config_file)["workers"] == 2
