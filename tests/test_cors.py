@@ -151,3 +151,115 @@ def test_every_answer_varies_by_origin_once(
         assert [v.lower() for v in response.headers.get_list("vary")] == ["origin"], path
         allowed = response.headers.get("access-control-allow-origin")
         assert allowed == (ALLOWED if origin == ALLOWED else None), path
+
+
+V1_BODY = '{"messages": [{"role": "user", "content": "hi"}]}'
+
+
+def test_with_keys_off_a_name_rebound_to_the_gateway_is_refused(
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
+) -> None:
+    """DNS rebinding: evil.example resolves to 127.0.0.1, so its page is "same-origin"."""
+    server = shared_gateways.get()
+    rebound = f"evil.example:{server.port}"
+    cases = [
+        ("POST", "/v1/chat/completions", {"Origin": f"http://{rebound}"}),
+        ("POST", "/chat", {"Origin": f"http://{rebound}", "Sec-Fetch-Site": "same-origin"}),
+        ("POST", "/chat", {"Origin": "null", "Sec-Fetch-Site": "same-origin"}),
+        # A same-origin GET carries no Origin, but reads what a keys-off gateway shows.
+        ("GET", "/usage", {"Sec-Fetch-Site": "same-origin"}),
+        ("GET", "/", {"Sec-Fetch-Site": "none"}),
+    ]
+    for method, path, headers in cases:
+        response = httpx.request(
+            method,
+            server.url + path,
+            content=V1_BODY if path.startswith("/v1") else '{"message": "hi"}',
+            headers={**headers, "Host": rebound, "Content-Type": "text/plain"},
+        )
+        assert response.status_code == 403, (path, headers)
+        error = response.json()["error"]
+        if path.startswith("/v1"):
+            assert error["code"] == "cross_origin_not_allowed"
+        else:
+            assert "other websites" in error
+        assert "access-control-allow-origin" not in response.headers
+    assert fake.hits == 0
+
+
+def test_with_keys_off_the_page_works_on_loopback_names_and_addresses(
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
+) -> None:
+    server = shared_gateways.get()
+    port = server.port
+    for host in ("127.0.0.1", "localhost", "[::1]", "chat.localhost", "LocalHost"):
+        own = f"{host}:{port}"
+        page = httpx.get(server.url + "/", headers={"Host": own, "Sec-Fetch-Site": "none"})
+        assert page.status_code == 200, host
+        assert page.headers["content-type"].startswith("text/html")
+        script = httpx.get(
+            server.url + "/static/app.js",
+            headers={"Host": own, "Origin": f"http://{own}", "Sec-Fetch-Site": "same-origin"},
+        )
+        assert script.status_code == 200, host
+        chat = httpx.post(
+            server.url + "/chat",
+            json={"message": "hi"},
+            headers={"Host": own, "Origin": f"http://{own}", "Sec-Fetch-Site": "same-origin"},
+        )
+        assert chat.status_code == 200, host
+    assert fake.hits == 5
+
+
+def test_with_keys_off_callers_without_a_browser_may_use_any_host(
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
+) -> None:
+    """curl and the SDKs send neither Origin nor Sec-Fetch-Site: the Host is theirs to pick."""
+    server = shared_gateways.get()
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=V1_BODY,
+        headers={"Host": "gateway.internal:8080", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 200
+    assert fake.hits == 1
+
+
+def test_with_keys_off_the_page_works_on_names_the_operator_gave(
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
+) -> None:
+    """A host named in CHAT_API_CORS_ORIGINS (any port) or CHAT_API_HOST is the gateway's."""
+    server = shared_gateways.get(cors_origins=("http://chat.lan:8080",), host="gateway.lan")
+    for name in ("chat.lan", "gateway.lan"):
+        own = f"{name}:{server.port}"
+        response = httpx.post(
+            server.url + "/chat",
+            json={"message": "hi"},
+            headers={"Host": own, "Origin": f"http://{own}"},
+        )
+        assert response.status_code == 200, name
+    other = f"other.lan:{server.port}"
+    refused = httpx.post(
+        server.url + "/chat",
+        json={"message": "hi"},
+        headers={"Host": other, "Origin": f"http://{other}"},
+    )
+    assert refused.status_code == 403
+    assert fake.hits == 2
+
+
+def test_with_keys_on_the_page_may_be_served_on_any_name(
+    shared_gateways: GatewayPool[ServerThread], fake: FakeOpenAI
+) -> None:
+    """A page without a key cannot spend anything: its own origin is not refused."""
+    server = shared_gateways.get(
+        master_key="cors-test-master-key-0123456789", cors_origins=(ALLOWED,)
+    )
+    own = f"chat.example.org:{server.port}"
+    response = httpx.post(
+        server.url + "/chat",
+        json={"message": "hi"},
+        headers={"Host": own, "Origin": f"http://{own}"},
+    )
+    assert response.status_code == 401
+    assert fake.hits == 0

@@ -13,6 +13,8 @@ from chat_api.app import create_app
 from chat_api.config import Settings
 from chat_api.fastlane import hot
 from chat_api.routes.deps import CallerDep
+from tests.fakes.openai_server import FakeOpenAI
+from tests.servers import ServerThread
 
 
 @pytest.fixture
@@ -93,3 +95,37 @@ def test_middleware_added_to_the_app_stops_startup(demo_settings: Settings) -> N
         app.build_middleware_stack()
     with pytest.raises(RuntimeError), TestClient(app):
         pass  # starting it fails the same way
+
+
+def test_a_trailing_slash_is_a_404_in_the_paths_dialect_not_a_redirect(
+    shared_gateway: ServerThread, fake: FakeOpenAI
+) -> None:
+    """No 307 with a Location built from the Host header: the contract's 404, as for any path."""
+    cases = [
+        ("POST", "/v1/chat/completions/"),
+        ("POST", "/v1/responses/"),
+        ("GET", "/v1/models/"),
+        ("POST", "/chat/"),
+        ("POST", "/chat/stream/"),
+        ("GET", "/health/"),
+        ("GET", "/admin/keys/"),
+        ("GET", "/static"),
+    ]
+    for method, path in cases:
+        body = {"message": "hi", "messages": [{"role": "user", "content": "hi"}]}
+        response = httpx.request(
+            method,
+            shared_gateway.url + path,
+            json=body if method == "POST" else None,
+            headers={"Host": "evil.example"},
+            follow_redirects=False,
+        )
+        assert response.status_code == 404, path
+        assert "location" not in response.headers, path
+        error = response.json()["error"]
+        if path.startswith("/v1/"):
+            assert error["code"] == "unknown_url", path
+            assert "/v1/chat/completions, /v1/responses" in error["message"]
+        else:
+            assert error == f"There is nothing at {path}.", path
+    assert fake.hits == 0

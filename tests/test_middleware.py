@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,9 @@ import httpx
 import openai
 import pytest
 
+from chat_api.app import create_app
+from chat_api.serving import MAX_HEADER_BYTES, GuardedHttpToolsProtocol
+from tests.conftest import gateway_settings
 from tests.fakes.openai_server import FakeOpenAI
 from tests.servers import ServerThread
 
@@ -171,3 +175,43 @@ def test_unfinished_huge_headers_are_cut_off_and_cost_no_memory(tmp_path: Path) 
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _answer(port: int, *parts: bytes) -> tuple[bytes, bytes]:
+    """Send `parts` (a pause between them), read until the server closes: head and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        received = b""
+        try:
+            for part in parts:
+                sock.sendall(part)
+                time.sleep(0.05)
+        except OSError:
+            pass  # cut off while sending: the answer is still there to read
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-chunk", "request-line-first"])
+def test_headers_too_large_get_a_json_431_in_the_paths_dialect(
+    fake: FakeOpenAI, upstream_url: str, tmp_path: Path, split: bool
+) -> None:
+    settings = gateway_settings(fake, upstream_url, tmp_path)
+    big = b"X-Big: " + b"a" * (MAX_HEADER_BYTES + 1000) + b"\r\n\r\n"
+    with ServerThread(create_app(settings), http=GuardedHttpToolsProtocol) as server:
+        for target in (b"/v1/chat/completions?x=1", b"/chat"):
+            line = b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            parts = (line, big) if split else (line + big,)
+            head, body = _answer(server.port, *parts)
+            assert head.startswith(b"HTTP/1.1 431 "), head
+            assert b"content-type: application/json" in head.lower()
+            error = json.loads(body)["error"]
+            if target.startswith(b"/v1"):
+                assert error["code"] == "request_headers_too_large"
+                assert error["type"] == "invalid_request_error"
+                assert "65536-byte limit" in error["message"]
+            else:
+                assert "65536-byte limit" in error
+    assert fake.hits == 0

@@ -41,6 +41,7 @@ from chat_api.middleware import (
     CrossOrigin,
     GatewayMiddleware,
     is_openai_dialect,
+    own_host_names,
     parse_networks,
 )
 from chat_api.redact import remember
@@ -127,6 +128,9 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
         default_response_class=Response,
         docs_url=None,  # served from the package below, not from a CDN
         redoc_url=None,
+        # `/v1/chat/completions/` is a 404 like any unknown path, not a 307 to a
+        # `Location` built from the request's Host header.
+        redirect_slashes=False,
     )
     app.hot_handlers = _add_error_handlers(app, metrics)
     observe = RequestObserver(metrics)
@@ -141,6 +145,10 @@ def create_app(settings: Settings | None = None, *, own_process: bool = False) -
         )
         return CrossOrigin(
             gateway,
+            # Keys off: a browser may call only on a name the gateway is known by.
+            own_hosts=None
+            if settings.keys_enabled
+            else own_host_names(settings.allowed_origins, settings.host),
             allow_origins=list(settings.allowed_origins),
             allow_credentials=False,  # keys travel in headers, never in cookies
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],

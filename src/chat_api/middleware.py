@@ -22,6 +22,8 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -115,7 +117,21 @@ class CrossOrigin(CORSMiddleware):
     `CHAT_API_CORS_ORIGINS` is refused before anything runs: a browser would
     hide the answer from that page, but a simple POST (no preflight) would
     still have been answered, and paid for.
+
+    `own_hosts` (keys off): the names the gateway's own page may be opened on,
+    besides loopback names and IP addresses (`own_host_names`). A website whose
+    name its DNS turns into 127.0.0.1 (DNS rebinding) is, to the browser, the
+    origin it asks: `Origin`, `Host` and `Sec-Fetch-Site` all say same-origin.
+    Only its name gives it away, so a browser's request (one with `Origin` or
+    `Sec-Fetch-Site`, even a GET) to a name the gateway is not known by is
+    refused. With keys on (`None`) a page cannot call without a key anyway.
     """
+
+    def __init__(
+        self, app: ASGIApp, *, own_hosts: frozenset[str] | None = None, **cors: Any
+    ) -> None:
+        super().__init__(app, **cors)
+        self.own_hosts = own_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         origin = sec_fetch_site = host = None
@@ -127,6 +143,8 @@ class CrossOrigin(CORSMiddleware):
             elif name == b"host":
                 host = value
         if origin is None:
+            if sec_fetch_site is not None and not self._own(host):
+                scope[CROSS_ORIGIN] = REFUSED  # a browser, on a name not the gateway's
             await self.app(scope, receive, send)
             return
         preflight = scope["method"] == "OPTIONS" and any(
@@ -137,8 +155,23 @@ class CrossOrigin(CORSMiddleware):
             await super().__call__(scope, receive, send)
             return
         same = sec_fetch_site == b"same-origin" or _same_origin(origin, host)
+        # "null" names no host: the request's own Host must then be the gateway's.
+        same = same and self._own(host) and (origin == b"null" or self._own(origin))
         scope[CROSS_ORIGIN] = SAME if same else REFUSED
         await self.app(scope, receive, send)
+
+    def _own(self, url: bytes | None) -> bool:
+        """Whether `url` (an origin, or a `Host` value) names the gateway itself."""
+        if self.own_hosts is None:
+            return True
+        if url is None:
+            return False
+        text = url.decode("latin-1")
+        try:
+            name = urlsplit(text if "://" in text else "//" + text).hostname
+        except ValueError:  # "[::1" and the like
+            return False
+        return name is not None and _known_host(name, self.own_hosts)
 
 
 def _same_origin(origin: bytes, host: bytes | None) -> bool:
@@ -151,6 +184,32 @@ def _same_origin(origin: bytes, host: bytes | None) -> bool:
     if default is not None:
         netloc, host = netloc.removesuffix(default), host.removesuffix(default)
     return bool(netloc) and netloc == host
+
+
+def own_host_names(origins: Sequence[str], bind_host: str) -> frozenset[str]:
+    """The names, besides loopback and IP addresses, the gateway's page may be opened on.
+
+    The one it listens on (`CHAT_API_HOST`, when a name) and those of the
+    origins in `CHAT_API_CORS_ORIGINS`: names the operator gave.
+    """
+    names = {urlsplit(origin).hostname for origin in origins if origin != "*"}
+    names.add(bind_host.strip("[]").lower())
+    return frozenset(name for name in names if name)
+
+
+def _known_host(name: str, own: frozenset[str]) -> bool:
+    """Whether `name` is a loopback name, an IP address, or one of `own`.
+
+    An address has no DNS to rebind: the browser reached this very server at
+    it (bound to 0.0.0.0, behind Docker or NAT, it may be any of several).
+    """
+    if name == "localhost" or name.endswith(".localhost") or name in own:
+        return True
+    try:
+        ipaddress.ip_address(name.partition("%")[0])  # fe80::1%eth0
+    except ValueError:
+        return False
+    return True
 
 
 def cors_summary(origins: Sequence[str], keys_enabled: bool) -> str:

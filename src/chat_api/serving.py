@@ -9,8 +9,10 @@ Nor does uvicorn's httptools protocol bound their size (its
 `h11_max_incomplete_event_size` applies to the h11 protocol only): 100
 connections sending 2 MB of headers each and never finishing grew the
 process from 219 to 410 MiB. Here a request whose headers pass
-`MAX_HEADER_BYTES` is answered 431 and its connection closed. Request bodies
-have their own deadline and limit in the middleware.
+`MAX_HEADER_BYTES` is answered 431 and its connection closed, with the JSON
+error body of every other error (OpenAI's shape when the request line
+already named a `/v1` path). Request bodies have their own deadline and limit
+in the middleware.
 
 `SERVER_OPTIONS` are the uvicorn settings every way of serving the app uses
 (`chat-api serve`, its workers and gunicorn's): uvloop, this protocol, and no
@@ -25,16 +27,37 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from chat_api.errors import BadRequest
+from chat_api.middleware import is_openai_dialect
+
 HEADER_TIMEOUT = 10.0
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; nginx allows 32 KiB by default
 
-_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"content-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 33\r\n"
-    b"connection: close\r\n\r\n"
-    b"The request headers are too large"
-)
+
+def _too_large(openai_dialect: bool) -> bytes:
+    error = BadRequest(
+        f"The request headers are larger than the {MAX_HEADER_BYTES}-byte limit. "
+        "Send fewer or shorter headers.",
+        code="request_headers_too_large",
+    )
+    body = error.body(openai_dialect)
+    head = (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+_TOO_LARGE = {dialect: _too_large(dialect) for dialect in (False, True)}
+
+
+def _target(url: bytes, data: bytes) -> str:
+    """The request's path as far as it is known: what the parser read, else this first chunk."""
+    if not url:  # the headers' first chunk alone is too large: it holds the request line
+        url = data.partition(b" ")[2].partition(b" ")[0]
+    return url.partition(b"?")[0].decode("latin-1")
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -51,7 +74,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._disarm()
                 if not self.transport.is_closing():
-                    self.transport.write(_TOO_LARGE)
+                    path = _target(getattr(self, "url", b""), data)  # set per request by uvicorn
+                    self.transport.write(_TOO_LARGE[is_openai_dialect(path)])
                     self.transport.close()
                 return
         super().data_received(data)
