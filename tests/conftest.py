@@ -55,6 +55,7 @@ def fake(fake_server: tuple[FakeOpenAI, ServerThread]) -> Iterator[FakeOpenAI]:
     upstream = fake_server[0]
     upstream.plans.clear()
     upstream.received.clear()
+    upstream.arrived.clear()
     upstream.biller.clear()
     yield upstream
     upstream.plans.clear()

@@ -71,6 +71,96 @@ def test_key_shapes_are_scrubbed_known_or_not() -> None:
         assert redact.redact(text) == text
 
 
+def test_a_client_keys_secret_part_alone_counts_as_a_secret_in_ids() -> None:
+    body = "Zx9-_q" * 7 + "w"  # 43 URL-safe characters, as store/keys.py makes them
+    assert redact.contains_secret(body) and redact.contains_secret(f"trace:{body}")
+    # Ids of other lengths are ids: a UUID, a W3C traceparent, OpenAI's request ids.
+    for honest in (
+        "0f8c1c2e-7b5a-4c1d-9e3f-2a6b8d4c0e1f",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "req_" + "a1" * 16,
+        body + "x",
+    ):
+        assert not redact.contains_secret(honest), honest
+
+
+def _sse(kind: str | None, payload: dict[str, Any]) -> bytes:
+    head = f"event: {kind}\n".encode() if kind else b""
+    return head + b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _owners_table(tmp_path: Path) -> str:
+    with sqlite3.connect(tmp_path / "gateway.db") as db:
+        return repr(db.execute("SELECT * FROM owners").fetchall())
+
+
+def test_the_key_echoed_into_answers_ids_and_responses_events_never_reaches_the_client(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    server = gateway_factory(master_key=MASTER)
+    client_key, _ = make_key(server.url)
+    key = fake.api_key
+    usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+    leaky_response = {"id": f"resp_{key}", "object": "response", "status": "completed"}
+    events = [
+        _sse("response.created", {"type": "response.created", "response": leaky_response}),
+        # OpenAI's error event has its message, code and param at the top.
+        _sse("error", {"type": "error", "code": key, "message": f"boom {key}", "param": key}),
+        _sse(
+            "response.failed",
+            {
+                "type": "response.failed",
+                "response": {
+                    **leaky_response,
+                    "status": "failed",
+                    "usage": usage,
+                    "error": {"code": "server_error", "message": f"failed {GROQ_KEY}"},
+                },
+            },
+        ),
+    ]
+    chunk = {
+        "id": f"chatcmpl-{key}",
+        "object": "chat.completion.chunk",
+        "system_fingerprint": key,
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+    }
+    whole_chat = {
+        **chunk,
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    seen: list[str] = []
+    with httpx.Client(base_url=server.url, headers=auth(client_key), timeout=10) as http:
+        fake.queue(Plan(raw_chunks=events))
+        streamed = http.post("/v1/responses", json={"input": "hi", "stream": True})
+        fake.queue(Plan(raw_chunks=[_sse(None, chunk), b"data: [DONE]\n\n"]))
+        chat_stream = http.post(V1, json={"messages": MESSAGES, "stream": True})
+        fake.queue(Plan(raw_body=json.dumps(whole_chat).encode()))
+        chat = http.post(V1, json={"messages": MESSAGES})
+        fake.queue(Plan(raw_body=json.dumps({**leaky_response, "usage": usage}).encode()))
+        response = http.post("/v1/responses", json={"input": "hi"})
+        conversation = json.dumps({"id": f"conv_{key}", "object": "conversation"}).encode()
+        fake.queue(Plan(endpoint="conversations.create", raw_body=conversation))
+        created = http.post("/v1/conversations", json={})
+        honest = http.post("/v1/responses", json={"input": "hi"})  # its owner is recorded
+        for answer in (streamed, chat_stream, chat, response, created, honest):
+            assert answer.status_code == 200, answer.text
+            seen.append(_all_text(answer))
+    # Every event is still there, whole and parseable, its key scrubbed.
+    data = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data:")]
+    assert [event["type"] for event in data] == ["response.created", "error", "response.failed"]
+    assert data[1]["message"].startswith("boom ") and "redacted" in data[1]["code"]
+    assert chat.json()["choices"][0]["message"]["content"] == "ok"
+    assert "data: [DONE]" in chat_stream.text
+    text, owners = "\n".join(seen), _owners_table(tmp_path)
+    assert honest.json()["id"] in owners
+    for secret in (key, GROQ_KEY):
+        assert secret_part(secret) not in text
+        assert secret_part(secret) not in owners
+
+
 def _error_echoing(secret: str) -> dict[str, Any]:
     return {
         "error": {
@@ -168,7 +258,14 @@ def test_a_secret_sent_as_the_request_id_is_replaced_everywhere(
     caplog.set_level(logging.DEBUG)
     server = gateway_factory(master_key=MASTER)
     client_key, _ = make_key(server.url)
-    sneaky_ids = [MASTER, fake.api_key, client_key, base64.b64encode(MASTER.encode()).decode()]
+    sneaky_ids = [
+        MASTER,
+        fake.api_key,
+        client_key,
+        client_key.removeprefix("cak_"),  # its secret part alone is the key all the same
+        f"trace.{client_key.removeprefix('cak_')}",
+        base64.b64encode(MASTER.encode()).decode(),
+    ]
     for sneaky in sneaky_ids:
         for path, body in (("/chat", {"message": "hi"}), (V1, {"messages": MESSAGES})):
             response = httpx.post(
@@ -192,3 +289,23 @@ def test_a_secret_sent_as_the_request_id_is_replaced_everywhere(
         assert sneaky not in stored
         assert sneaky not in logged
         assert all(sneaky not in r.headers.get("x-request-id", "") for r in fake.received)
+
+
+def test_a_key_the_client_sends_where_a_name_goes_is_not_echoed_in_the_error(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    server = gateway_factory(master_key=MASTER)
+    client_key, _ = make_key(server.url)
+    with httpx.Client(base_url=server.url, headers=auth(client_key), timeout=10) as http:
+        answers = [
+            http.post("/chat", json={"message": "hi", "model": MASTER}),
+            http.post("/chat", json={"message": "hi", client_key: 1}),  # "Unknown field '…'"
+            http.post(V1, json={"messages": MESSAGES, "model": client_key}),
+            http.post("/v1/embeddings", json={"input": "a", "model": fake.api_key}),
+            http.get(f"/v1/models/{client_key}"),
+        ]
+    for answer in answers:
+        assert answer.status_code in (400, 404), answer.text
+        for secret in (MASTER, client_key, fake.api_key):
+            assert secret_part(secret) not in answer.text
+    assert "Unknown field" in answers[1].text and "is not available" in answers[0].text

@@ -12,6 +12,10 @@ Two lines of defence, in this order:
    `cak_` token is scrubbed). Base64 runs are decoded and checked for the same
    shapes, so a key base64-encoded into a header or a message is found too.
 
+What the upstream sends is relayed as it sent it (`relayable`): looked through
+for the remembered secrets as they are, one `in` each (the hot path), and
+rewritten with every string scrubbed only when one is there.
+
 The remembered secrets are process-wide, as the log handlers that use them
 are: every app built in the process adds its own, and nothing is forgotten.
 """
@@ -22,7 +26,10 @@ import base64
 import binascii
 import json
 import re
+from typing import Any
 from urllib.parse import quote, quote_plus
+
+import orjson
 
 REDACTED = "[redacted]"
 
@@ -36,6 +43,9 @@ _STRONG_SHAPES = (
 )
 _AZURE_SHAPE = r"(?<![A-Za-z0-9])[0-9a-fA-F]{32}(?![A-Za-z0-9])"
 _STRONG = re.compile(_STRONG_SHAPES)
+# A client key's secret part without its `cak_` (store/keys.py: 43 URL-safe characters).
+# Only ids we pass on are checked for it: in free text such runs are too common to scrub.
+_KEY_BODY = re.compile(r"(?<![A-Za-z0-9_\-])[A-Za-z0-9_\-]{43}(?![A-Za-z0-9_\-])")
 _ANY_SHAPE = re.compile(f"{_STRONG_SHAPES}|{_AZURE_SHAPE}")
 # Long runs of base64 (either alphabet): where an encoded key would hide.
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_\-]{24,4096}={0,2}")
@@ -48,11 +58,13 @@ class _Known:
     def __init__(self) -> None:
         self.forms: list[str] = []
         self.secrets: set[str] = set()
+        self.raw: tuple[bytes, ...] = ()  # each secret as it is, for `relayable`
 
     def add(self, secret: str) -> None:
         if len(secret) < _MIN_SECRET or secret in self.secrets:
             return
         self.secrets.add(secret)
+        self.raw = (*self.raw, secret.encode("utf-8", "surrogatepass"))
         forms = set(self.forms) | _forms_of(secret)
         self.forms = sorted(forms, key=len, reverse=True)
 
@@ -133,8 +145,41 @@ def redact(text: str) -> str:
 def contains_secret(text: str) -> bool:
     """Whether `text` carries a known secret or an OpenAI/Groq/client key (for ids we pass on).
 
-    Unlike `redact`, 32 hex digits alone do not count: that is what request ids look like.
+    A client key's 43 characters without their `cak_` count too. Unlike `redact`, 32 hex
+    digits alone do not count: that is what request ids look like.
     """
     if any(form in text for form in _KNOWN.forms) or _STRONG.search(text):
         return True
+    if _KEY_BODY.search(text):
+        return True
     return any(_hides_a_key(m.group(0), _STRONG) for m in _BASE64_RUN.finditer(text))
+
+
+def redact_json(value: Any) -> Any:
+    """Parsed JSON with `redact` applied to every string in it, names included."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(str(name)): redact_json(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [redact_json(item) for item in value]
+    return value
+
+
+def relayable(raw: bytes, data: Any, *, scrub: bool = False) -> tuple[bytes, Any]:
+    """An answer or event to relay as the upstream sent it (`raw`, and its parse), made safe.
+
+    Returned as it is unless it holds a remembered secret as it is (an upstream that
+    echoes the key into an id, a fingerprint, a message), or `scrub` (an error, whose
+    message, param and code are scrubbed by shape too, as the upstream's error bodies
+    are): then every string goes through `redact`, and the bytes are written anew.
+    Strings are scrubbed one by one, so the answer stays valid JSON.
+    """
+    if not scrub:
+        for secret in _KNOWN.raw:  # one `in` a secret: every stream event passes here
+            if secret in raw:
+                break
+        else:
+            return raw, data
+    data = redact_json(data)
+    return orjson.dumps(data), data

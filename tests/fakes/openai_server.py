@@ -56,6 +56,7 @@ class Plan:
     malformed_after_chunks: int | None = None  # send broken JSON after N chunks
     omit_done: bool = False
     raw_chunks: list[bytes] | None = None  # send these bytes as the body, as they are
+    raw_body: bytes | None = None  # a whole 200 answer's JSON body, as it is (any endpoint)
     comments_forever: bool = False  # only ': keep-alive' lines, never data
     # Sent as they are on a 200 answer, whole or streamed (bytes need not be latin-1).
     raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -86,6 +87,7 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.plans: list[Plan] = []
         self.received: list[Received] = []
+        self.arrived: list[str] = []  # every request's method and raw path, routed or not
         self.lock = threading.Lock()
         self.api_key = "sk-test-fake-upstream-key-0123456789abcdef"
         self.biller = Biller()
@@ -145,6 +147,8 @@ class FakeOpenAI:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        self.arrived.append(f"{scope['method']} {raw_path.decode('latin-1')}")
         if scope["path"] == "/v1/models":
             await _send_json(send, 200, {"object": "list", "data": []})
             return
@@ -194,6 +198,9 @@ class FakeOpenAI:
             body = plan.error_body or _error("fake error", plan.status)
             await _send_json(send, plan.status, body, plan.headers)
             return
+        if plan.raw_body is not None:
+            await _send_raw_json(send, plan.raw_body)
+            return
         try:
             await handler(Call(name, params, record.query, record.body, plan, record, send))
         except Refusal as refusal:
@@ -213,6 +220,9 @@ class FakeOpenAI:
             )
             return
         body = record.body
+        if plan.raw_body is not None and not body.get("stream"):
+            await _send_raw_json(send, plan.raw_body)
+            return
         model = body.get("model", "gpt-4o-mini")
         words = _words(plan.text)
         usage = plan.usage or {
@@ -397,6 +407,12 @@ async def _send_json(
             ],
         }
     )
+    await send({"type": "http.response.body", "body": raw})
+
+
+async def _send_raw_json(send: Send, raw: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": raw})
 
 

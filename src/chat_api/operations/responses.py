@@ -17,6 +17,7 @@ from chat_api.calls import Caller, Chunk, Prepared, StreamStats
 from chat_api.catalog import SAMPLING_FIELDS
 from chat_api.errors import BadRequest
 from chat_api.operations.base import Operation, positive_int, token_usage
+from chat_api.redact import redact
 from chat_api.tokens import prompt_bound
 
 # Stream events after which a response is in a final state, and its usage known.
@@ -53,8 +54,8 @@ class Response(Operation):
                 kind = tool.get("type") if isinstance(tool, dict) else None
                 if kind not in TOKEN_PRICED_TOOLS:
                     raise BadRequest(
-                        f"The tool '{kind}' is billed per call on top of tokens, so keys with "
-                        "a budget cannot use it. Use function tools.",
+                        f"The tool '{redact(str(kind))}' is billed per call on top of tokens, "
+                        "so keys with a budget cannot use it. Use function tools.",
                         param="tools",
                         code="invalid_value",
                     )

@@ -10,6 +10,8 @@ from fastapi import Depends, Request
 from chat_api.calls import CallContext, Caller
 from chat_api.engine import Engine
 from chat_api.errors import BadRequest
+from chat_api.providers.base import Completion
+from chat_api.redact import relayable
 from chat_api.runtime import Runtime
 
 
@@ -26,6 +28,18 @@ def engine_of(request: Request) -> Engine:
 def request_id_of(request: Request) -> str:
     request_id: str = request.scope["state"]["request_id"]
     return request_id
+
+
+def relayed(answer: Completion) -> Completion:
+    """A whole upstream answer as it may be relayed: scrubbed if it holds the key, or an error.
+
+    As `operations.base.parse_event` does for stream events: one `in` per remembered
+    secret when it is clean. A stored response that failed carries OpenAI's `error`.
+    """
+    raw, data = relayable(answer.raw, answer.data, scrub=bool(answer.data.get("error")))
+    if raw is answer.raw:
+        return answer
+    return Completion(raw, data, answer.upstream_request_id)
 
 
 MAX_JSON_DEPTH = 254  # what orjson can write back out: the upstream call serializes the body

@@ -18,12 +18,14 @@ from chat_api.catalog import Catalog
 from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import JSONResponse, until_disconnect
+from chat_api.redact import redact
 from chat_api.routes.deps import (
     CallerDep,
     CallingCallerDep,
     context,
     engine_of,
     read_json,
+    relayed,
     runtime_of,
 )
 from chat_api.sse import DONE, EventStreamResponse, frame
@@ -161,7 +163,7 @@ async def retrieve_model(model: str, request: Request, caller: CallerDep) -> Res
     catalog = engine.catalog
     visible = _visible(catalog, caller)
     if model not in visible:
-        raise ModelNotAllowed(model, tuple(visible))
+        raise ModelNotAllowed(redact(model), tuple(visible))  # a key sent as a name: not echoed
     created = catalog.published.get(model)
     if created is None and engine.provider is not None:
         try:
@@ -200,7 +202,7 @@ async def chat_completions(request: Request, caller: CallingCallerDep) -> Respon
             headers=ctx.headers,
             on_shutdown=_ON_SHUTDOWN,
         )
-    completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
+    completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
     headers = dict(ctx.headers)
     if completion.upstream_request_id:
         headers["X-Upstream-Request-ID"] = completion.upstream_request_id

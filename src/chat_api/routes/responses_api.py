@@ -9,10 +9,15 @@ response or conversation belongs to the key that created it, and any other
 client key asking for it — directly, as `previous_response_id` or as
 `conversation` — gets 404 as if it did not exist, before anything reaches
 the upstream. The master key, and everyone when keys are off, sees all.
+
+Ids that go into an upstream path (responses, conversations, items) must
+look like OpenAI's (`_ID`): anything else (`..`, `%2F`, `?`) would address
+another object, or another key's, and gets 404 for everyone, unsent.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -24,13 +29,16 @@ from chat_api.calls import Caller, Chunk
 from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import until_disconnect
-from chat_api.providers.base import Provider, UpstreamStream
+from chat_api.operations.base import named_safely
+from chat_api.providers.base import Completion, Provider, UpstreamStream
+from chat_api.redact import redact
 from chat_api.routes.deps import (
     CallerDep,
     CallingCallerDep,
     context,
     engine_of,
     read_json,
+    relayed,
     runtime_of,
 )
 from chat_api.routes.openai_compat import V1_ERRORS
@@ -45,6 +53,10 @@ _BODY = {
         "content": {"application/json": {"schema": {"type": "object"}}},
     }
 }
+# What OpenAI's ids are made of (`resp_68b…`, `conv_68b…`, `msg_68b…`): the only ids put
+# into an upstream path, or recorded as owned.
+_ID = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+_REFERENCE_REFUSED = "An 'item_reference' cannot be used with a client key: send the item itself."
 
 
 def _owners(request: Request) -> OwnerStore:
@@ -55,18 +67,49 @@ def _key_of(caller: Caller | None) -> str | None:
     return caller.key_id if caller is not None else None
 
 
+def _not_found(noun: str, object_id: str, param: str) -> NotFound:
+    # The id is echoed only if it looks like one, and never a key in it.
+    named = f" with id '{redact(object_id)}'" if _ID.fullmatch(object_id) else " with that id"
+    return NotFound(f"No {noun}{named} was found.", param=param, code=f"{noun}_not_found")
+
+
 async def _check_owner(request: Request, caller: Caller | None, object_id: str, kind: Kind) -> None:
-    """404, as if it did not exist, unless `caller` may see `object_id`."""
+    """404, as if it did not exist, unless `object_id` is shaped like an id and `caller`
+    may see it."""
+    param = "previous_response_id" if kind == "response" else "conversation"
+    if not _ID.fullmatch(object_id):
+        raise _not_found(kind, object_id, param)  # for everyone: it would go into a path
     if caller is None or caller.key_id is None:
         return  # keys off, or the master key: everything
     owner = await _owners(request).owner_of(object_id)
     if owner is None or owner.key_id != caller.key_id or owner.kind != kind:
-        noun = "response" if kind == "response" else "conversation"
-        raise NotFound(
-            f"No {noun} with id '{object_id}' was found.",
-            param="previous_response_id" if kind == "response" else "conversation",
-            code=f"{noun}_not_found",
-        )
+        raise _not_found(kind, object_id, param)
+
+
+def _check_item_id(item_id: str) -> None:
+    if not _ID.fullmatch(item_id):
+        raise _not_found("item", item_id, "item_id")
+
+
+def _is_reference(item: Any) -> bool:
+    """An item reference: so typed, or (OpenAI's `type` is optional on it) an id with no role."""
+    if not isinstance(item, dict):
+        return False
+    kind = item.get("type")
+    if kind is None:
+        return item.get("id") is not None and item.get("role") is None
+    return bool(kind == "item_reference")
+
+
+def _refuse_references(caller: Caller | None, items: Any, param: str) -> None:
+    """A client key sends items themselves: an item id can point into any key's objects.
+
+    The gateway does not track items one by one, so a reference cannot be checked.
+    """
+    if caller is None or caller.key_id is None or not isinstance(items, list):
+        return
+    if any(_is_reference(item) for item in items):
+        raise BadRequest(_REFERENCE_REFUSED, param=param, code="invalid_value")
 
 
 def _conversation_id(body: dict[str, Any]) -> str | None:
@@ -84,17 +127,7 @@ def _conversation_id(body: dict[str, Any]) -> str | None:
 
 async def _check_references(request: Request, caller: Caller | None, body: dict[str, Any]) -> None:
     """Stored objects a request would read: each must be the caller's own."""
-    given = body.get("input")
-    if caller is not None and caller.key_id is not None and isinstance(given, list):
-        for item in given:
-            if isinstance(item, dict) and item.get("type") == "item_reference":
-                # An item id can point into any key's stored responses: the gateway does
-                # not track items one by one, so a client key sends the item itself.
-                raise BadRequest(
-                    "An 'item_reference' cannot be used with a client key: send the item itself.",
-                    param="input",
-                    code="invalid_value",
-                )
+    _refuse_references(caller, body.get("input"), "input")
     previous = body.get("previous_response_id")
     if isinstance(previous, str):
         await _check_owner(request, caller, previous, "response")
@@ -119,8 +152,15 @@ def _provider(request: Request) -> Provider:
     return provider
 
 
-def _json(raw: bytes, headers: dict[str, str] | None = None) -> Response:
-    return Response(raw, media_type="application/json", headers=headers)
+def _json(answer: Completion, headers: dict[str, str] | None = None) -> Response:
+    return Response(answer.raw, media_type="application/json", headers=headers)
+
+
+async def _record(request: Request, answer: Completion, kind: Kind, caller: Caller | None) -> None:
+    """Note who owns the object the upstream just made (an id of another shape is not kept)."""
+    object_id = answer.data.get("id")
+    if isinstance(object_id, str) and _ID.fullmatch(object_id):
+        await _owners(request).record(object_id, kind, _key_of(caller))
 
 
 @router.post("/responses", openapi_extra=_BODY)
@@ -144,10 +184,10 @@ async def create_response(request: Request, caller: CallingCallerDep) -> Respons
             headers=ctx.headers,
             on_shutdown=_error_event(ServerStopping()),
         )
-    completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
-    if keeps and isinstance(completion.data.get("id"), str):
-        await _owners(request).record(completion.data["id"], "response", _key_of(caller))
-    return _json(completion.raw, _upstream_id(ctx.headers, completion.upstream_request_id))
+    completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
+    if keeps:
+        await _record(request, completion, "response", caller)
+    return _json(completion, _upstream_id(ctx.headers, completion.upstream_request_id))
 
 
 @router.post("/responses/compact", openapi_extra=_BODY)
@@ -158,8 +198,8 @@ async def compact_response(request: Request, caller: CallingCallerDep) -> Respon
     prepared = engine.compaction.prepare(body, caller)
     await _check_references(request, caller, body)
     ctx = context(request, "/v1/responses/compact", caller)
-    completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
-    return _json(completion.raw, _upstream_id(ctx.headers, completion.upstream_request_id))
+    completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
+    return _json(completion, _upstream_id(ctx.headers, completion.upstream_request_id))
 
 
 @router.post("/responses/input_tokens", openapi_extra=_BODY)
@@ -167,14 +207,15 @@ async def count_input_tokens(request: Request, caller: CallerDep) -> Response:
     """OpenAI's `POST /v1/responses/input_tokens`: counting costs nothing, so it is not metered."""
     engine = engine_of(request)
     body = await _json_body(request)
-    info = engine.catalog.resolve(body.get("model") if isinstance(body.get("model"), str) else None)
+    model = body.get("model")
+    info = named_safely(engine.catalog.resolve, model if isinstance(model, str) else None)
     if caller is not None:
         caller.check_model(info.name)
     await _check_references(request, caller, body)
     answer = await _provider(request).forward(
         "POST", "/responses/input_tokens", {**body, "model": info.name}, _request_id(request)
     )
-    return _json(answer.raw)
+    return _json(relayed(answer))
 
 
 @router.get("/responses/{response_id}")
@@ -193,7 +234,7 @@ async def retrieve_response(response_id: str, request: Request, caller: CallerDe
             owner=replay,
             keepalive=runtime_of(request).settings.keepalive_interval,
         )
-    return _json((await provider.forward("GET", path, None, _request_id(request))).raw)
+    return _json(relayed(await provider.forward("GET", path, None, _request_id(request))))
 
 
 @router.delete("/responses/{response_id}")
@@ -204,7 +245,7 @@ async def delete_response(response_id: str, request: Request, caller: CallerDep)
         "DELETE", f"/responses/{response_id}", None, _request_id(request)
     )
     await _owners(request).forget(response_id)
-    return _json(answer.raw)
+    return _json(relayed(answer))
 
 
 @router.post("/responses/{response_id}/cancel")
@@ -214,7 +255,7 @@ async def cancel_response(response_id: str, request: Request, caller: CallerDep)
     answer = await _provider(request).forward(
         "POST", f"/responses/{response_id}/cancel", None, _request_id(request)
     )
-    return _json(answer.raw)
+    return _json(relayed(answer))
 
 
 @router.get("/responses/{response_id}/input_items")
@@ -222,7 +263,8 @@ async def list_input_items(response_id: str, request: Request, caller: CallerDep
     """The input items of a stored response."""
     await _check_owner(request, caller, response_id, "response")
     path = _with_query(f"/responses/{response_id}/input_items", request)
-    return _json((await _provider(request).forward("GET", path, None, _request_id(request))).raw)
+    answer = await _provider(request).forward("GET", path, None, _request_id(request))
+    return _json(relayed(answer))
 
 
 # --- conversations -----------------------------------------------------------------------
@@ -232,11 +274,12 @@ async def list_input_items(response_id: str, request: Request, caller: CallerDep
 async def create_conversation(request: Request, caller: CallerDep) -> Response:
     """Create a conversation; it belongs to the key that created it."""
     body = await _json_body(request)
-    answer = await _provider(request).forward("POST", "/conversations", body, _request_id(request))
-    conversation_id = answer.data.get("id")
-    if isinstance(conversation_id, str):
-        await _owners(request).record(conversation_id, "conversation", _key_of(caller))
-    return _json(answer.raw)
+    _refuse_references(caller, body.get("items"), "items")
+    answer = relayed(
+        await _provider(request).forward("POST", "/conversations", body, _request_id(request))
+    )
+    await _record(request, answer, "conversation", caller)
+    return _json(answer)
 
 
 async def _conversation_call(
@@ -244,11 +287,13 @@ async def _conversation_call(
 ) -> Response:
     await _check_owner(request, caller, conversation_id, "conversation")
     body = await _json_body(request) if method == "POST" else None
+    if body is not None and rest == "/items":
+        _refuse_references(caller, body.get("items"), "items")
     path = _with_query(f"/conversations/{conversation_id}{rest}", request)
     answer = await _provider(request).forward(method, path, body, _request_id(request))
     if method == "DELETE" and not rest:
         await _owners(request).forget(conversation_id)
-    return _json(answer.raw)
+    return _json(relayed(answer))
 
 
 @router.get("/conversations/{conversation_id}")
@@ -296,6 +341,7 @@ async def retrieve_conversation_item(
     conversation_id: str, item_id: str, request: Request, caller: CallerDep
 ) -> Response:
     """One item of a conversation."""
+    _check_item_id(item_id)
     return await _conversation_call(request, caller, conversation_id, "GET", f"/items/{item_id}")
 
 
@@ -304,6 +350,7 @@ async def delete_conversation_item(
     conversation_id: str, item_id: str, request: Request, caller: CallerDep
 ) -> Response:
     """Delete one item of a conversation."""
+    _check_item_id(item_id)
     return await _conversation_call(request, caller, conversation_id, "DELETE", f"/items/{item_id}")
 
 
@@ -339,8 +386,8 @@ async def create_embeddings(request: Request, caller: CallingCallerDep) -> Respo
     engine = engine_of(request)
     prepared = engine.embeddings.prepare(await _json_body(request), caller)
     ctx = context(request, "/v1/embeddings", caller)
-    completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
-    return _json(completion.raw, _upstream_id(ctx.headers, completion.upstream_request_id))
+    completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
+    return _json(completion, _upstream_id(ctx.headers, completion.upstream_request_id))
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -358,7 +405,8 @@ class _Recorder:
         response = data.get("response")
         if isinstance(response, dict) and isinstance(response.get("id"), str):
             self.done = True
-            self.owners.record_soon(response["id"], "response", self.key_id)
+            if _ID.fullmatch(response["id"]):  # else not kept: see `_record`
+                self.owners.record_soon(response["id"], "response", self.key_id)
 
 
 class _Replay:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from chat_api.errors import BadRequest
+from chat_api.redact import redact
 
 
 class SimpleMessage(BaseModel):
@@ -123,9 +124,9 @@ def parse_chat_request(data: Any) -> ChatRequest:
 
 
 def describe(exc: ValidationError) -> str:
-    """The first validation problem, said plainly."""
+    """The first validation problem, said plainly (a field named like a key is not echoed)."""
     error = exc.errors()[0]
-    where = _bracket_indexes(error["loc"])
+    where = redact(_bracket_indexes(error["loc"]))
     kind = error["type"]
     if kind == "missing":
         return f"'{where}' is required."

@@ -18,7 +18,14 @@ from chat_api.calls import Chunk
 from chat_api.errors import ChatAPIError, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import JSONResponse, until_disconnect
-from chat_api.routes.deps import CallingCallerDep, context, engine_of, read_json, runtime_of
+from chat_api.routes.deps import (
+    CallingCallerDep,
+    context,
+    engine_of,
+    read_json,
+    relayed,
+    runtime_of,
+)
 from chat_api.routes.schemas import (
     ChatRequest,
     ChatResponse,
@@ -145,7 +152,7 @@ async def chat(request: Request, caller: CallingCallerDep) -> Response:
     chat_request = parse_chat_request(await read_json(request))
     prepared = engine.simple_chat.prepare(_openai_body(chat_request, stream=False), caller)
     ctx = context(request, "/chat", caller)
-    completion = await until_disconnect(request.receive, engine.complete(prepared, ctx))
+    completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
     choices = completion.data.get("choices") or [{}]
     text = (choices[0].get("message") or {}).get("content") or ""
     history = [m.model_dump() for m in chat_request.messages]
