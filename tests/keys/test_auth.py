@@ -217,6 +217,8 @@ def test_secrets_are_shown_once_and_stored_only_as_a_hash(
     [
         ({}, "'name' is required"),
         ({"name": "x", "rpm": 0}, "'rpm' is out of range"),
+        ({"name": "x", "max_in_flight": True}, "'max_in_flight'"),  # not a cap of 1
+        ({"name": "x", "rpm": "60"}, "'rpm'"),
         ({"name": "x", "models": ["gpt-99"]}, "not in CHAT_API_MODELS"),
         ({"name": "x", "budget_period": "weekly"}, "budget_period"),
         ({"name": "x", "colour": "red"}, "Unknown field 'colour'"),

@@ -273,6 +273,13 @@ BAD_REQUESTS = [
         "base_url",
         id="base-url",
     ),
+    pytest.param(
+        '{"messages": [{"role": "user", "content": "hi"}], '
+        '"stream_options": {"include_usage": "yes"}}',
+        "stream_options.include_usage",
+        "true or false",
+        id="include-usage-not-bool",
+    ),
 ]
 
 

@@ -69,7 +69,14 @@ class ChatCompletion(Operation):
             raise BadRequest(
                 "'stream_options' must be an object.", param="stream_options", code="invalid_type"
             )
-        wants_usage = bool(options and options.get("include_usage"))
+        include = (options or {}).get("include_usage")
+        if include is not None and not isinstance(include, bool):
+            raise BadRequest(
+                "'stream_options.include_usage' must be true or false.",
+                param="stream_options.include_usage",
+                code="invalid_type",
+            )
+        wants_usage = bool(include)
 
         upstream = self.catalog.adapt(info, body)
         if upstream is body:

@@ -53,13 +53,17 @@ class KeySpec(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, json_schema_extra={"pattern": r"\S"})
     models: list[str] = Field(default_factory=list, description="Allowed models; empty = all.")
+    # strict: `true` or "60" is a mistake to name, not a limit of 1 or 60.
     rpm: int | None = Field(
-        default=None, ge=1, le=1_000_000_000, description="Requests per minute."
+        default=None, ge=1, le=1_000_000_000, strict=True, description="Requests per minute."
     )
-    tpm: int | None = Field(default=None, ge=1, le=1_000_000_000, description="Tokens per minute.")
+    tpm: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, strict=True, description="Tokens per minute."
+    )
     max_in_flight: int | None = Field(
         default=None,
         ge=1,
+        strict=True,
         le=1_000_000,
         description="Calls this key may have in progress at once; none: the server's default.",
     )
