@@ -215,3 +215,25 @@ def test_headers_too_large_get_a_json_431_in_the_paths_dialect(
             else:
                 assert "65536-byte limit" in error
     assert fake.hits == 0
+
+
+def test_a_large_body_sent_with_its_headers_is_not_taken_for_large_headers(
+    fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+) -> None:
+    """Headers and the start of a 150 KB body in one write (what HTTP clients do with images).
+
+    Before: every byte read before the headers were parsed counted as headers, so
+    such requests got 431 "Request Header Fields Too Large".
+    """
+    settings = gateway_settings(fake, upstream_url, tmp_path)
+    text = "x" * 150_000  # far past the 64 KiB the headers may take
+    body = json.dumps({"messages": [{"role": "user", "content": text}]}).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    with ServerThread(create_app(settings), http=GuardedHttpToolsProtocol) as server:
+        answer, said = _answer(server.port, head + body)
+    assert answer.startswith(b"HTTP/1.1 200 "), said
+    assert fake.hits == 1

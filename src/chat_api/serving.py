@@ -70,7 +70,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._header_timer is not None:  # headers still awaited: count what they take
-            self._header_bytes += len(data)
+            # Only up to their end: a client may send a large body in the same write.
+            end = data.find(b"\r\n\r\n")
+            self._header_bytes += len(data) if end < 0 else end + 4
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._disarm()
                 if not self.transport.is_closing():
