@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.engine import RowMapping
@@ -53,17 +54,13 @@ class KeySpec(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, json_schema_extra={"pattern": r"\S"})
     models: list[str] = Field(default_factory=list, description="Allowed models; empty = all.")
-    # strict: `true` or "60" is a mistake to name, not a limit of 1 or 60.
     rpm: int | None = Field(
-        default=None, ge=1, le=1_000_000_000, strict=True, description="Requests per minute."
+        default=None, ge=1, le=1_000_000_000, description="Requests per minute."
     )
-    tpm: int | None = Field(
-        default=None, ge=1, le=1_000_000_000, strict=True, description="Tokens per minute."
-    )
+    tpm: int | None = Field(default=None, ge=1, le=1_000_000_000, description="Tokens per minute.")
     max_in_flight: int | None = Field(
         default=None,
         ge=1,
-        strict=True,
         le=1_000_000,
         description="Calls this key may have in progress at once; none: the server's default.",
     )
@@ -89,6 +86,14 @@ class KeySpec(BaseModel):
     )
     # A ceiling, or `now + timedelta(days=1e308)` overflows (a 500, found by schemathesis).
     expires_in_days: float | None = Field(default=None, gt=0, le=36_500)
+
+    @field_validator("rpm", "tpm", "max_in_flight", mode="before")
+    @classmethod
+    def _limit_is_a_number(cls, value: Any) -> Any:
+        """`true` or "60" is a mistake to name, not a limit of 1 or 60 (60.0 is a number)."""
+        if isinstance(value, bool | str):
+            raise PydanticCustomError("int_type", "Input should be a valid integer")
+        return value
 
     @field_validator("expires_at", mode="before")
     @classmethod
