@@ -21,6 +21,9 @@ from chat_api.tokens import prompt_bound
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
+TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")  # what bounds a chat answer's length
+
+
 class ChatCompletion(Operation):
     name = "chat.completion"
     upstream_path = "/chat/completions"
@@ -49,9 +52,12 @@ class ChatCompletion(Operation):
         for index, message in enumerate(messages):
             _check_message(message, index, s.max_message_chars)
         stream = self.stream_flag(body)
-        max_tokens = positive_int(body, "max_completion_tokens", s.max_tokens_limit)
-        if max_tokens is None:
-            max_tokens = positive_int(body, "max_tokens", s.max_tokens_limit)
+        given = [positive_int(body, name, s.max_tokens_limit) for name in TOKEN_FIELDS]
+        # Both set: the larger, whichever the model obeys. A null one is not sent at all: a
+        # reasoning model's `max_tokens` becomes its `max_completion_tokens`, not a null.
+        max_tokens = max((limit for limit in given if limit is not None), default=None)
+        if any(name in body and body[name] is None for name in TOKEN_FIELDS):
+            body = {k: v for k, v in body.items() if not (k in TOKEN_FIELDS and v is None)}
         choices = positive_int(body, "n", s.max_choices) or 1
         temperature = body.get("temperature")
         if temperature is not None and (
