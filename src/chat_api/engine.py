@@ -24,6 +24,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from chat_api.calls import CallContext, CallResult, Chunk, Prepared, StreamStats
 from chat_api.catalog import Catalog
@@ -70,7 +71,8 @@ class Engine:
         self.open_streams = 0
         self.streams_changed = streams_changed
         self._whole_answers: set[asyncio.Task[Completion]] = set()
-        self._background: set[asyncio.Task[None]] = set()  # background answers being watched
+        self._background: set[asyncio.Task[Any]] = set()  # background answers being watched
+        self._stopping = False  # set by `drain`: no new watch, a background answer bills now
 
     def _provider(self) -> Provider:
         if self.provider is None:
@@ -119,7 +121,7 @@ class Engine:
             if pending is not None:
                 # Background mode: the reservation is held until the answer is final.
                 settle_now = False
-                self._watch(provider, operation, prepared.output_bound, result, admission, pending)
+                self.watch(provider, operation, prepared.output_bound, result, admission, pending)
                 return completion
             # No usage in the answer (some compatible servers): its size, a token per 4 bytes.
             written = -(-len(completion.raw) // CHARS_PER_TOKEN)
@@ -131,7 +133,7 @@ class Engine:
             if settle_now:
                 admission.settle(result)
 
-    def _watch(
+    def watch(
         self,
         provider: Provider,
         operation: Operation,
@@ -140,52 +142,50 @@ class Engine:
         admission: Admission,
         response_id: str,
     ) -> None:
-        """Settle a background answer once the upstream says it is final (its own task)."""
-        task = asyncio.get_running_loop().create_task(
-            self._settle_when_final(
-                provider, operation, output_bound, result, admission, response_id
-            )
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        """Settle a background answer once the upstream says how it ended (its own task).
 
-    async def _settle_when_final(
-        self,
-        provider: Provider,
-        operation: Operation,
-        output_bound: int,
-        result: CallResult,
-        admission: Admission,
-        response_id: str,
-    ) -> None:
-        """Ask the upstream how a background answer ended (bounded), then settle it.
-
-        If it is not final within `CHAT_API_BACKGROUND_WAIT`, or the server
-        stops first, the call is billed at its reservation (the worst case).
+        If it is not final within `CHAT_API_BACKGROUND_WAIT`, or the server stops
+        first (nobody is left to ask), it is billed at its worst case. The task's
+        done callback settles, so a task cancelled before it ever ran settles too.
         """
-        usage: tuple[int, int] | None = None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.background_wait
-        interval = self.settings.background_poll_interval
-        try:
-            while loop.time() < deadline:
-                await asyncio.sleep(interval)
-                interval = min(interval * 1.5, 30.0)
-                try:
-                    answer = await provider.forward(
-                        "GET", f"/responses/{response_id}", None, result.request_id
-                    )
-                except ChatAPIError:
-                    continue  # away for a moment: ask again
-                if is_final(answer.data):
-                    usage = operation.usage(answer.data)
-                    break
-        finally:
+        if self._stopping:
+            result.use_worst(output_bound)
+            admission.settle(result)
+            return
+
+        def settle(done: asyncio.Task[tuple[int, int] | None]) -> None:
+            self._background.discard(done)
+            usage = None if done.cancelled() or done.exception() else done.result()
             if usage is None:
                 result.use_worst(output_bound)
             else:
                 result.use_usage(usage)
             admission.settle(result)
+
+        task = asyncio.get_running_loop().create_task(
+            self._final_usage(provider, operation, result.request_id, response_id)
+        )
+        self._background.add(task)
+        task.add_done_callback(settle)
+
+    async def _final_usage(
+        self, provider: Provider, operation: Operation, request_id: str, response_id: str
+    ) -> tuple[int, int] | None:
+        """Ask the upstream how a background answer ended (bounded): its usage, once final."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.background_wait
+        interval = self.settings.background_poll_interval
+        path = "/responses/" + quote(response_id, safe="")  # the upstream's id, one segment
+        while loop.time() < deadline:
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 30.0)
+            try:
+                answer = await provider.forward("GET", path, None, request_id)
+            except ChatAPIError:
+                continue  # away for a moment: ask again
+            if is_final(answer.data):
+                return operation.usage(answer.data)
+        return None
 
     async def stream(self, prepared: Prepared, ctx: CallContext) -> StreamedAnswer:
         """Open a streamed answer.
@@ -216,6 +216,7 @@ class Engine:
 
     async def drain(self, grace: float) -> None:
         """Let whole answers still being read (clients gone) finish and settle, at shutdown."""
+        self._stopping = True
         if self._whole_answers:
             await asyncio.wait(set(self._whole_answers), timeout=grace)
         for task in [*self._whole_answers, *self._background]:
@@ -233,6 +234,7 @@ class CallStream:
         self._engine = engine
         self._operation = prepared.operation
         self._output_bound = prepared.output_bound
+        self._background = prepared.body.get("background") is True
         self._provider: Provider | None = None
         self._wants_usage = prepared.client_wants_usage
         self._result = result
@@ -305,7 +307,7 @@ class CallStream:
             if stats.pending is not None and not stats.finished and self._provider is not None:
                 # A background answer goes on upstream without its stream (and is billed
                 # in full): settled once the upstream says it is final, as a whole one is.
-                engine._watch(
+                engine.watch(
                     self._provider,
                     self._operation,
                     self._output_bound,
@@ -313,6 +315,9 @@ class CallStream:
                     admission,
                     stats.pending,
                 )
+            elif self._background and not stats.finished and self._upstream is not None:
+                result.use_worst(self._output_bound)  # cut before it said its id: unknowable
+                admission.settle(result)
             else:
                 generated = max(stats.pieces, -(-stats.generated_bytes // CHARS_PER_TOKEN))
                 result.use_usage(self._operation.stream_usage(stats), generated=generated)

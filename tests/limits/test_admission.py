@@ -316,6 +316,7 @@ def test_a_whole_answer_that_times_out_is_sent_once_and_billed_at_its_worst_case
     )
     assert answer.status_code == 504, answer.text
     assert answer.json()["error"]["code"] == "upstream_timeout"
+    assert answer.headers["x-should-retry"] == "false"  # nor an SDK's own retries
     _wait_for_rows(gateway.url, key_id, 1)
     deadline = time.monotonic() + 5
     while not (fake.biller.bills and fake.biller.bills[0].completion_tokens):

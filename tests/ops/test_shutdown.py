@@ -106,6 +106,31 @@ def test_streams_past_the_grace_end_with_a_clear_error(
     assert "Traceback" not in gateway.logs()
 
 
+@pytest.mark.slow
+def test_a_background_stream_cut_at_the_end_of_the_grace_is_billed_at_its_worst_case(
+    spawn: Spawn, fake: FakeOpenAI, upstream_url: str, tmp_path: Path
+) -> None:
+    """OpenAI goes on writing a background answer; nobody is left to ask how it ended.
+
+    Before: its stream, cut after the engine had drained, started a watch that the
+    stopping loop cancelled after the ledger had closed: the call left no row.
+    """
+    gateway = spawn(_env(fake, upstream_url, tmp_path, grace=1))
+    fake.queue(Plan(text=" ".join(["long"] * 300), chunk_interval=0.1))
+    body = {"model": "gpt-4o-mini", "input": "hi", "background": True, "stream": True}
+    body["max_output_tokens"] = 500
+    reader = StreamReader(gateway, "/v1/responses", body)
+    reader.start()
+    assert reader.first.wait(5)
+    gateway.signal(signal.SIGTERM)
+    assert gateway.wait(20) == 0
+    reader.join(5)
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        rows = list(db.execute("SELECT endpoint, completion_tokens, estimated FROM usage"))
+    assert rows == [("/v1/responses", 500, 1)]  # its worst case, marked estimated
+    assert "Traceback" not in gateway.logs()
+
+
 def _ask(gateway: GatewayProcess, path: str, out: dict[str, httpx.Response]) -> None:
     body: dict[str, object] = {"message": "hi"}
     if path.startswith("/v1"):

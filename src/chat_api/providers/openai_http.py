@@ -174,8 +174,8 @@ class OpenAIHTTPProvider:
                 continue
             except TimeoutError:
                 # Sent, and no answer in time: OpenAI may still write and bill it, so it
-                # is not sent again (a second bill the ledger would never see).
-                raise final(UpstreamTimeout(), retried=attempt > 0) from None
+                # is not sent again, and the SDKs are told not to either.
+                raise final(UpstreamTimeout(), retried=True) from None
             except CONNECTION_ERRORS as exc:
                 if last:
                     raise from_upstream(exc, retried=attempt > 0) from None

@@ -211,7 +211,8 @@ def _from_sdk(exc: BaseException) -> ChatAPIError:
     if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
         cause = exc.__cause__ if isinstance(exc, openai.APITimeoutError) else exc
         sent = not isinstance(cause, httpx2.ConnectTimeout | httpx2.PoolTimeout)
-        return final(UpstreamTimeout(sent=sent), retried=_retried(request))
+        # Sent: OpenAI may still bill it, so the SDKs are told not to send it again.
+        return final(UpstreamTimeout(sent=sent), retried=sent or _retried(request))
     if isinstance(exc, openai.APIConnectionError):
         return final(UpstreamError(CONNECT_FAILED), retried=_retried(request))
     return from_upstream(exc)
