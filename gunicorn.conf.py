@@ -20,10 +20,9 @@ wsgi_app = "chat_api.app:serve_app()"  # each worker serves this app alone
 # leaves X-Forwarded-For to the gateway, which believes it only from the proxies in
 # CHAT_API_TRUSTED_PROXIES: gunicorn's `forwarded_allow_ips` is not used.
 worker_class = "chat_api.worker.Worker"
-# Two workers; one when client keys are on without Redis, which several would need to
-# share budgets and limits (`on_starting` refuses several then).
-_ONE_IS_ENOUGH = os.environ.get("CHAT_API_MASTER_KEY") and not os.environ.get("CHAT_API_REDIS_URL")
-workers = int(os.environ.get("WEB_CONCURRENCY", "1" if _ONE_IS_ENOUGH else "2"))
+# With client keys on, several workers share budgets and limits only through Redis:
+# `on_starting` refuses to start them without it.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:5000")
 timeout = 120
 graceful_timeout = 30
@@ -37,7 +36,7 @@ def on_starting(server: object) -> None:
     from chat_api.cli import check_workers, load_settings
 
     settings = load_settings()  # a bad value stops here with one plain line
-    check_workers(settings, workers)  # several, with client keys: only with Redis
+    check_workers(settings, getattr(server, "num_workers", workers))  # keys on: Redis
     logs.configure(settings.log_level, settings.log_format)
 
 

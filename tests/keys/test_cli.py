@@ -218,18 +218,16 @@ def test_several_workers_with_client_keys_need_redis(
         "chat-api: 2 workers cannot share client keys' budgets and limits without Redis: "
         "set CHAT_API_REDIS_URL, or run one worker."
     )
-    # gunicorn.conf.py: one worker by default then, and several refused before any starts.
+    # gunicorn.conf.py (2 workers, or WEB_CONCURRENCY): refused before any worker starts,
+    # with the settings as the workers would read them.
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # it sets these if missing
     monkeypatch.setenv("CHAT_API_HOST", "127.0.0.1")
     config_file = str(Path(__file__).resolve().parents[2] / "gunicorn.conf.py")
     monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
-    assert runpy.run_path(config_file)["workers"] == 1
-    monkeypatch.setenv("WEB_CONCURRENCY", "3")
     config = runpy.run_path(config_file)
+    assert config["workers"] == 2
     with pytest.raises(SystemExit) as stopped:
         config["on_starting"](None)
-    assert "3 workers cannot share" in str(stopped.value.code)
+    assert "2 workers cannot share" in str(stopped.value.code)
     monkeypatch.setenv("CHAT_API_REDIS_URL", "redis://127.0.0.1:6379/0")  # shared: fine
-    cli.check_workers(cli.load_settings(), 3)
-    monkeypatch.delenv("WEB_CONCURRENCY")
-    assert runpy.run_path(config_file)["workers"] == 2
+    cli.check_workers(cli.load_settings(), 2)
