@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -189,11 +190,15 @@ def _same_origin(origin: bytes, host: bytes | None) -> bool:
 def own_host_names(origins: Sequence[str], bind_host: str) -> frozenset[str]:
     """The names, besides loopback and IP addresses, the gateway's page may be opened on.
 
-    The one it listens on (`CHAT_API_HOST`, when a name) and those of the
-    origins in `CHAT_API_CORS_ORIGINS`: names the operator gave.
+    The one it listens on (`CHAT_API_HOST`, when a name), those of the origins
+    in `CHAT_API_CORS_ORIGINS`, and this machine's own name (as `mybox` and
+    `mybox.local`, how a LAN reaches it): names the operator or the machine
+    gave, which no website's DNS controls.
     """
     names = {urlsplit(origin).hostname for origin in origins if origin != "*"}
     names.add(bind_host.strip("[]").lower())
+    machine = socket.gethostname().lower()
+    names.update((machine, machine.partition(".")[0] + ".local"))
     return frozenset(name for name in names if name)
 
 
