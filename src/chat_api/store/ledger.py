@@ -190,8 +190,9 @@ class Ledger:
                 return
             async with self._engine.begin() as connection:
                 await insert_once(connection, batch)
-            # As many from the front: the rows dropped meanwhile (the queue full) were
-            # from the front too, so the rows taken out are the oldest not written.
+            # As many from the front as were written. Rows dropped meanwhile (the queue
+            # full) came off the front, out of this batch, so this takes that many of the
+            # oldest unwritten rows instead: the same rows a drop should have taken.
             for _ in batch:
                 self._pending.popleft()
             self.written += len(batch)
