@@ -1,47 +1,137 @@
-"""The prompt bound: never below what OpenAI can bill, never above the model's context."""
+"""The prompt bound: never below what OpenAI can bill, its text never above the model's context."""
 
 from __future__ import annotations
 
 import base64
 from typing import Any
 
-from chat_api.tokens import IMAGE_TOKENS, prompt_bound
-from tests.fakes.billing import prompt_tokens
+import pytest
+
+from chat_api.catalog import UNKNOWN_IMAGE_TOKENS, image_tokens, model_info
+from chat_api.tokens import IMAGE_MARKER_TOKENS, MAX_PDF_PAGES, prompt_bound
+from tests.fakes.billing import billed_tokens, prompt_tokens
+
+MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini", "o1", "gpt-4")
 
 
-def _body(**extra: Any) -> dict[str, Any]:
-    return {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], **extra}
+def _body(model: str = "gpt-4o", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
-def test_the_bound_covers_the_fakes_hostile_billing_for_every_part_type() -> None:
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}}
+def _image(detail: str = "high") -> dict[str, Any]:
+    url = "data:image/png;base64," + "A" * 100_000
+    return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+
+
+def _pdf(pages: int, between: bytes = b" ") -> bytes:
+    """A PDF of `pages` pages whose page objects write `between` between /Type and /Page."""
+    kids = b" ".join(b"%d 0 R" % (3 + i) for i in range(pages))
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [" + kids + b"] /Count %d >>" % pages,
+        *[b"<< /Type" + between + b"/Page /Parent 2 0 R >>" for _ in range(pages)],
+    ]
+    body = b"".join(b"%d 0 obj\n%s\nendobj\n" % (i + 1, o) for i, o in enumerate(objects))
+    return b"%PDF-1.4\n" + body + b"trailer\n<< /Root 1 0 R >>\n%%EOF\n"
+
+
+def _with_file(raw: bytes, model: str = "gpt-4o") -> dict[str, Any]:
+    data = "data:application/pdf;base64," + base64.b64encode(raw).decode()
+    part = {"type": "file", "file": {"filename": "a.pdf", "file_data": data}}
+    return _body(model, messages=[{"role": "user", "content": [part]}])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_bound_covers_the_fakes_hostile_billing_for_every_part_type(model: str) -> None:
+    window = model_info(model).context_window
     bodies = [
-        _body(),
-        _body(messages=[{"role": "user", "content": "日本語 🎉 " * 500}]),
-        _body(tools=[{"type": "function", "function": {"name": "f", "description": "d" * 9000}}]),
-        _body(response_format={"type": "json_schema", "json_schema": {"schema": {"a": "b" * 700}}}),
-        _body(messages=[{"role": "user", "content": [{"type": "text", "text": "x"}, image]}]),
+        _body(model),
+        _body(model, messages=[{"role": "user", "content": "日本語 🎉 " * 500}]),
+        _body(model, tools=[{"type": "function", "function": {"description": "d" * 9000}}]),
+        _body(model, response_format={"type": "json_schema", "json_schema": {"a": "b" * 700}}),
+        _body(model, messages=[{"role": "user", "content": [{"type": "text", "text": "x"}]}]),
+        _body(model, messages=[{"role": "user", "content": [_image(), _image("low")] * 20}]),
+        _with_file(_pdf(12, b"\n"), model),
+        # Text that fills the window, and images billed on top of it.
+        _body(model, messages=[{"role": "user", "content": ["x" * (window - 2000), _image()]}]),
     ]
     for body in bodies:
-        assert prompt_bound(body, 1_000_000) >= prompt_tokens(body)
+        if prompt_tokens(body) <= window:  # a longer prompt is refused, unbilled
+            assert prompt_bound(body, window) >= billed_tokens(body), body["messages"][0]
 
 
-def test_images_count_at_their_worst_not_by_their_base64() -> None:
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 3_000_000}}
-    body = _body(messages=[{"role": "user", "content": [image]}])
-    assert IMAGE_TOKENS <= prompt_bound(body, 1_000_000) < IMAGE_TOKENS + 100
+def test_images_count_at_their_models_worst_not_by_their_base64() -> None:
+    """gpt-4o-mini bills an image at 2,833 + 5,667 a tile: 48,169 at 8 tiles, 33 x gpt-4o's."""
+    assert image_tokens("gpt-4o-mini") == 48_169 == image_tokens("gpt-4o-mini-2024-07-18")
+    assert image_tokens("gpt-4o") == 1_445
+    assert image_tokens("gpt-4.1-mini") == 2_489  # 1,536 patches x 1.62
+    assert image_tokens("o4-mini") == 2_642  # x 1.72
+    for model in ("gpt-4o", "gpt-4o-mini"):
+        body = _body(model, messages=[{"role": "user", "content": [_image("low")]}])
+        assert prompt_bound(body, 128_000) - prompt_bound(_body(model), 128_000) < (
+            image_tokens(model) + IMAGE_MARKER_TOKENS + 100
+        )
+        assert prompt_bound(body, 128_000) >= image_tokens(model)
 
 
-def test_a_pdf_counts_its_bytes_and_an_image_a_page_and_a_file_by_id_the_whole_context() -> None:
-    pdf = b"%PDF-1.4 /Type /Pages /Type /Page /Type /Page /Type /Page"
-    part = {"type": "file", "file": {"file_data": base64.b64encode(pdf).decode()}}
-    body = _body(messages=[{"role": "user", "content": [part]}])
-    assert prompt_bound(body, 1_000_000) >= len(pdf) + 3 * IMAGE_TOKENS
+def test_a_model_not_listed_or_not_named_gets_the_largest_image_figure() -> None:
+    assert image_tokens("gpt-4o-mini") == UNKNOWN_IMAGE_TOKENS
+    assert image_tokens("gpt-4o-mini-search-preview") == UNKNOWN_IMAGE_TOKENS
+    assert image_tokens(None) == UNKNOWN_IMAGE_TOKENS
+    body = {"messages": [{"role": "user", "content": [_image()]}]}  # the default model answers
+    assert prompt_bound(body, 128_000) >= UNKNOWN_IMAGE_TOKENS
+
+
+def test_images_are_billed_on_top_of_the_context_window() -> None:
+    body = _body(
+        "gpt-4o-mini", messages=[{"role": "user", "content": ["x" * 500_000, *[_image()] * 3]}]
+    )
+    assert prompt_bound(body, 128_000) == 128_000 + 3 * (48_169 + IMAGE_MARKER_TOKENS)
+
+
+@pytest.mark.parametrize(
+    "between",
+    [b" ", b"", b"\n", b"\t", b"   ", b"\r\n", b"\x0c", b" %a comment\n ", b"%\r"],
+    ids=repr,
+)
+def test_pdf_pages_are_found_whatever_pdf_whitespace_is_between_type_and_page(
+    between: bytes,
+) -> None:
+    raw = _pdf(7, between).replace(b"/Count 7", b"/Count 1")  # the count lies: objects win
+    assert prompt_bound(_with_file(raw), 1_000_000) >= len(raw) + 7 * 1_445
+    # `/Pages` (the page tree) is not a page: 7 pages, not 8.
+    assert prompt_bound(_with_file(raw), 1_000_000) < len(raw) + 8 * 1_445
+
+
+def test_pdf_names_written_with_hex_escapes_are_pages_too() -> None:
+    raw = _pdf(5).replace(b"/Type /Page /Parent", b"/Ty#70e /P#61ge /Parent")
+    assert prompt_bound(_with_file(raw), 1_000_000) >= len(raw) + 5 * 1_445
+
+
+def test_a_pdf_counts_its_largest_page_count_when_page_objects_say_fewer() -> None:
+    raw = _pdf(2).replace(b"/Count 2", b"/Count 40")
+    assert prompt_bound(_with_file(raw), 1_000_000) >= len(raw) + 40 * 1_445
+
+
+def test_a_pdf_with_compressed_object_streams_counts_as_openais_most_pages() -> None:
+    """Page objects inside an /ObjStm are compressed: only OpenAI can count them."""
+    raw = _pdf(1) + b"9 0 obj\n<< /Type /ObjStm /N 50 /Filter /FlateDecode >>\nendobj\n"
+    page = image_tokens("gpt-4o-mini")
+    assert prompt_bound(_with_file(raw, "gpt-4o-mini"), 128_000) >= MAX_PDF_PAGES * page
+    raw = _pdf(1) + b"9 0 obj\n<< /Type /XRef /W [1 2 1] >>\nendobj\n"
+    assert prompt_bound(_with_file(raw), 128_000) >= MAX_PDF_PAGES * 1_445
+
+
+def test_a_file_sent_by_id_counts_the_whole_context_and_the_most_pages() -> None:
     by_id = {"type": "file", "file": {"file_id": "file-123"}}
     body = _body(messages=[{"role": "user", "content": [by_id]}])
-    assert prompt_bound(body, 128_000) == 128_000
+    assert prompt_bound(body, 128_000) == 128_000 + MAX_PDF_PAGES * 1_445
+    url = {"type": "input_file", "file_url": "https://example.com/a.pdf"}
+    body = {"model": "gpt-4o-mini", "input": [{"role": "user", "content": [url]}]}
+    assert prompt_bound(body, 128_000) == 128_000 + MAX_PDF_PAGES * 48_169
 
 
-def test_the_bound_never_passes_the_context_window() -> None:
+def test_text_never_passes_the_context_window_and_costs_no_image_when_there_is_none() -> None:
     body = _body(messages=[{"role": "user", "content": "x" * 500_000}])
     assert prompt_bound(body, 128_000) == 128_000
+    assert prompt_bound(_body(messages=[{"role": "user", "content": "x" * 1000}]), 128_000) < 1100

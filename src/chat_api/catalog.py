@@ -7,19 +7,24 @@ stream. `Catalog.adapt` rewrites a request so that clients never need to know.
 Money: every allow-listed model has a price (built in below, or from
 `CHAT_API_PRICES`); a model without one stops startup, so nothing is free by
 accident. Each model also knows the most it may write (`output_ceiling`) and
-read (`context_window`): a call that sets no `max_tokens` may write up to
-the ceiling, so that is what its budget reservation covers.
+read (`context_window`), and what one image can cost (`image_tokens`, billed
+on top of the context window): a call that sets no `max_tokens` may write up
+to the ceiling, so that is what its budget reservation covers. Figures go by
+exact name or dated snapshot (`gpt-4o-2024-08-06`), never by a looser prefix:
+a name not listed gets the largest figures of any model, since they only cap
+a reservation and too small would let a call cost more than it reserved.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Literal
 
 from chat_api.config import Settings
 from chat_api.errors import ModelNotAllowed
-from chat_api.prices import DEFAULT_PRICES, list_price
+from chat_api.prices import DEFAULT_PRICES, list_price, snapshot_of
 
 TokenField = Literal["max_tokens", "max_completion_tokens"]
 
@@ -48,6 +53,7 @@ class ModelInfo:
     token_field: TokenField = "max_tokens"
     output_ceiling: int = 16_384  # the most one answer (one choice) may write
     context_window: int = 128_000  # the most the model reads; a longer prompt is refused
+    image_tokens: int = 0  # one image at its worst, billed on top of the context window
     embedding: bool = False  # an embedding model: /v1/embeddings only, nothing written
     input_price: Decimal = Decimal(0)  # USD per million prompt tokens
     output_price: Decimal = Decimal(0)  # USD per million completion tokens
@@ -60,22 +66,78 @@ _REASONING_LEGACY = ModelInfo(
     "", system_role=False, streaming=False, sampling=False, token_field="max_completion_tokens"
 )
 _REASONING = ModelInfo("", sampling=False, token_field="max_completion_tokens")
+_CHAT = ModelInfo("")
+_EMBEDDING = ModelInfo("", output_ceiling=0, context_window=8_192, embedding=True)
 
-# Longest prefix wins; names not matched are ordinary chat models.
-_FAMILIES: tuple[tuple[str, ModelInfo], ...] = (
-    ("o1-preview", replace(_REASONING_LEGACY, output_ceiling=32_768)),
-    ("o1-mini", replace(_REASONING_LEGACY, output_ceiling=65_536)),
-    ("o1", replace(_REASONING, output_ceiling=100_000, context_window=200_000)),
-    ("o3", replace(_REASONING, output_ceiling=100_000, context_window=200_000)),
-    ("o4", replace(_REASONING, output_ceiling=100_000, context_window=200_000)),
-    ("gpt-5", replace(_REASONING, output_ceiling=128_000, context_window=400_000)),
-    ("gpt-4.1", ModelInfo("", output_ceiling=32_768, context_window=1_047_576)),
-    ("gpt-4-turbo", ModelInfo("", output_ceiling=4_096)),
-    ("gpt-4", ModelInfo("", output_ceiling=8_192, context_window=8_192)),
-    ("gpt-4o", ModelInfo("")),
-    ("gpt-3.5-turbo", ModelInfo("", output_ceiling=4_096, context_window=16_385)),
-    ("text-embedding", ModelInfo("", output_ceiling=0, context_window=8_192, embedding=True)),
+
+def _tiles(base: int, tile: int) -> int:
+    """An image at its worst by OpenAI's tile rule: once it fits in 2048 x 2048 px with
+    its shortest side at 768 px, at most 8 tiles of 512 px (2048 x 768), each `tile`."""
+    return base + 8 * tile
+
+
+def _patches(multiplier: str) -> int:
+    """An image at its worst on a patch-based model: 1,536 patches of 32 px, times a multiplier."""
+    return math.ceil(1_536 * Decimal(multiplier))
+
+
+# How the way a name begins decides how a request is adapted (longest prefix wins).
+_QUIRKS: tuple[tuple[str, ModelInfo], ...] = (
+    ("o1-preview", _REASONING_LEGACY),
+    ("o1-mini", _REASONING_LEGACY),
+    ("o1", _REASONING),
+    ("o3", _REASONING),
+    ("o4", _REASONING),
+    ("gpt-5", _REASONING),
+    ("text-embedding", _EMBEDDING),
 )
+
+
+def _known(quirks: ModelInfo, output: int, context: int, image: int) -> ModelInfo:
+    return replace(quirks, output_ceiling=output, context_window=context, image_tokens=image)
+
+
+# The models OpenAI documents, by exact name (a dated snapshot takes its model's figures):
+# the most one answer writes, the most the model reads, and one image at its worst
+# (OpenAI's vision guide: 85 + 170 a tile for gpt-4o, gpt-4.1, gpt-4.5 and older; 2,833 +
+# 5,667 for gpt-4o-mini, priced like gpt-4o; 75 + 150 for o1 and o3; 65 + 129 for
+# computer-use-preview; patches times 1.62, 2.46 and 1.72 for the mini, nano and o4-mini
+# models). gpt-5 is counted at 85 + 170, above its documented 70 + 140.
+_MODELS: dict[str, ModelInfo] = {
+    "gpt-4o": _known(_CHAT, 16_384, 128_000, _tiles(85, 170)),
+    "chatgpt-4o-latest": _known(_CHAT, 16_384, 128_000, _tiles(85, 170)),
+    "gpt-4o-mini": _known(_CHAT, 16_384, 128_000, _tiles(2_833, 5_667)),
+    "gpt-4-turbo": _known(_CHAT, 4_096, 128_000, _tiles(85, 170)),
+    "gpt-4": _known(_CHAT, 8_192, 8_192, _tiles(85, 170)),
+    "gpt-4.5-preview": _known(_CHAT, 16_384, 128_000, _tiles(85, 170)),
+    "gpt-3.5-turbo": _known(_CHAT, 4_096, 16_385, _tiles(85, 170)),
+    "gpt-4.1": _known(_CHAT, 32_768, 1_047_576, _tiles(85, 170)),
+    "gpt-4.1-mini": _known(_CHAT, 32_768, 1_047_576, _patches("1.62")),
+    "gpt-4.1-nano": _known(_CHAT, 32_768, 1_047_576, _patches("2.46")),
+    "computer-use-preview": _known(_CHAT, 1_024, 8_192, _tiles(65, 129)),
+    "o1-preview": _known(_REASONING_LEGACY, 32_768, 128_000, _tiles(75, 150)),
+    "o1-mini": _known(_REASONING_LEGACY, 65_536, 128_000, _tiles(75, 150)),
+    "o1": _known(_REASONING, 100_000, 200_000, _tiles(75, 150)),
+    "o1-pro": _known(_REASONING, 100_000, 200_000, _tiles(75, 150)),
+    "o3": _known(_REASONING, 100_000, 200_000, _tiles(75, 150)),
+    "o3-pro": _known(_REASONING, 100_000, 200_000, _tiles(75, 150)),
+    "o3-mini": _known(_REASONING, 100_000, 200_000, _tiles(75, 150)),
+    "o4-mini": _known(_REASONING, 100_000, 200_000, _patches("1.72")),
+    "gpt-5": _known(_REASONING, 128_000, 400_000, _tiles(85, 170)),
+    "gpt-5-mini": _known(_REASONING, 128_000, 400_000, _patches("1.62")),
+    "gpt-5-nano": _known(_REASONING, 128_000, 400_000, _patches("2.46")),
+    "gpt-5-pro": _known(_REASONING, 272_000, 400_000, _tiles(85, 170)),
+    "gpt-5-codex": _known(_REASONING, 128_000, 400_000, _tiles(85, 170)),
+    "text-embedding-3-small": _EMBEDDING,
+    "text-embedding-3-large": _EMBEDDING,
+    "text-embedding-ada-002": _EMBEDDING,
+}
+# A name not listed (`gpt-4-1106-preview`, `gpt-4-32k`, `gpt-5.2`) may read, write and
+# see as much as any model: these figures only cap its reservation, so too large is safe
+# and too small is not. CHAT_API_MODEL_CAPABILITIES narrows them.
+_UNKNOWN_OUTPUT = max(info.output_ceiling for info in _MODELS.values())
+_UNKNOWN_CONTEXT = max(info.context_window for info in _MODELS.values())
+UNKNOWN_IMAGE_TOKENS = max(info.image_tokens for info in _MODELS.values())
 
 
 # When OpenAI published each model: the `created` of its entry in OpenAI's own model list.
@@ -100,12 +162,40 @@ PUBLISHED: dict[str, int] = {
 }
 
 
-def _family(name: str) -> ModelInfo:
-    best: tuple[int, ModelInfo] | None = None
-    for prefix, info in _FAMILIES:
-        if name.startswith(prefix) and (best is None or len(prefix) > best[0]):
-            best = (len(prefix), info)
-    return best[1] if best else ModelInfo("")
+def _listed(name: str) -> ModelInfo | None:
+    known = _MODELS.get(name)
+    if known is None:
+        base = snapshot_of(name)
+        known = _MODELS.get(base) if base is not None else None
+    return known
+
+
+def model_info(name: str) -> ModelInfo:
+    """What is known of `name`: its figures, its model's for a dated snapshot, else the largest."""
+    known = _listed(name)
+    if known is not None:
+        return replace(known, name=name)
+    quirks = _CHAT
+    longest = 0
+    for prefix, info in _QUIRKS:
+        if name.startswith(prefix) and len(prefix) > longest:
+            quirks, longest = info, len(prefix)
+    return replace(
+        quirks,
+        name=name,
+        output_ceiling=0 if quirks.embedding else _UNKNOWN_OUTPUT,
+        context_window=_UNKNOWN_CONTEXT,
+        image_tokens=UNKNOWN_IMAGE_TOKENS,
+    )
+
+
+def image_tokens(name: object) -> int:
+    """The most one image (or one page of a PDF) sent to `name` can be billed.
+
+    A request that names no model is answered by the default one, whichever it is.
+    """
+    known = _listed(name) if isinstance(name, str) else None
+    return UNKNOWN_IMAGE_TOKENS if known is None else known.image_tokens
 
 
 class Catalog:
@@ -121,7 +211,7 @@ class Catalog:
         self._models: dict[str, ModelInfo] = {}
         unpriced: list[str] = []
         for name in (*self.names, *self.embedding_names):
-            info = replace(_family(name), name=name)
+            info = model_info(name)
             if name in self.embedding_names:
                 info = replace(info, embedding=True, output_ceiling=0)
             override = settings.model_capabilities.get(name)

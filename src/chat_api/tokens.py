@@ -7,10 +7,14 @@ Two kinds, never mixed up:
   covers less than one UTF-8 byte of text: counting every byte of every
   string the model reads (messages, tools, schemas, instructions, the keys
   and punctuation of the JSON they are written in) can only err on the
-  operator's side, whatever a hostile client sends. Images count at their
-  worst by OpenAI's rules, files and audio by their size, a file sent by id
-  (size unknown here) as the model's whole context. A bound never passes
-  the model's context window: OpenAI refuses a longer prompt unbilled.
+  operator's side, whatever a hostile client sends. Files and audio count by
+  their size, a file sent by id (size unknown here) as the model's whole
+  context. That text never passes the model's context window: OpenAI refuses
+  a longer prompt unbilled. Images, and the image OpenAI makes of each page
+  of a PDF, are billed on top of it, each at the model's worst by OpenAI's
+  rules (`catalog.image_tokens`: 48,169 for a gpt-4o-mini image); a PDF whose
+  pages cannot be counted here (sent by id, or with compressed object
+  streams) counts as OpenAI's most pages in one request.
 - **Estimates** (`estimate_prompt_tokens`, `tokens_for_chars`), for what a
   person reads (the demo's usage, a simple-API answer without usage): about
   four characters a token, as for English.
@@ -20,18 +24,37 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
+
+from chat_api.catalog import image_tokens
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_REPLY = 3
-# One image at its worst: OpenAI's tile rule (85 + 170 per 512 px tile, at most
-# 8 tiles once scaled into 2048 x 768) gives 1,445; patch-based models (gpt-4.1-mini,
-# o4-mini) cap at 1,536 patches. The larger, plus room for the detail marker.
-IMAGE_TOKENS = 1_600
-# A PDF is read as its text and an image of every page.
-_PDF_PAGE = b"/Type /Page"
-_PDF_PAGE_TIGHT = b"/Type/Page"
+# The tokens that mark an image's place in the prompt, on top of the image itself.
+IMAGE_MARKER_TOKENS = 16
+# OpenAI reads at most 100 pages of PDF in one request, across all its files.
+MAX_PDF_PAGES = 100
+
+
+def _pdf_name(word: bytes) -> bytes:
+    """A regex for the PDF name `/word`, each letter also as its `#xx` escape (`/Ty#70e`)."""
+    letters = b"".join(
+        b"(?:%s|#%s[%s%s])" % (bytes([c]), b"%X" % (c >> 4), b"%X" % (c & 15), b"%x" % (c & 15))
+        for c in word
+    )
+    return b"/" + letters + rb"(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])"
+
+
+# PDF whitespace and comments, which may stand between any two tokens (possessive, so
+# that a hostile run of them is read once, in linear time).
+_PDF_SPACE = rb"[\x00\t\n\x0c\r ]*+(?:%[^\r\n]*+[\r\n][\x00\t\n\x0c\r ]*+)*+"
+_PDF_PAGE = re.compile(_pdf_name(b"Type") + _PDF_SPACE + _pdf_name(b"Page"))
+_PDF_COUNT = re.compile(_pdf_name(b"Count") + _PDF_SPACE + rb"\+?0*(\d{1,9})")
+# Objects packed in compressed streams (found through an xref stream) cannot be seen here.
+_PDF_HIDDEN = re.compile(_pdf_name(b"ObjStm") + b"|" + _pdf_name(b"XRef") + b"|/XRefStm")
+
 
 # Request fields the model does not read: settings of the call, not its prompt.
 NOT_READ = frozenset(
@@ -72,8 +95,16 @@ NOT_READ = frozenset(
 )
 
 
-class _Unbounded(Exception):
-    """The request refers to something whose size cannot be known here."""
+class _Media:
+    """What a request shows the model besides text: billed past the context window.
+
+    Class attributes as defaults, so that a call without any costs no more than this.
+    """
+
+    images = 0
+    pages = 0
+    uncounted = False  # a PDF whose pages cannot be counted here
+    whole_context = False  # a file whose text cannot be measured here
 
 
 def prompt_bound(body: dict[str, Any], context_window: int) -> int:
@@ -82,51 +113,64 @@ def prompt_bound(body: dict[str, Any], context_window: int) -> int:
     total = TOKENS_PER_REPLY
     if isinstance(messages, list):
         total += TOKENS_PER_MESSAGE * len(messages)
-    try:
-        for name, value in body.items():
-            if name not in NOT_READ:
-                total += len(name) + _bound(value)
-                if total >= context_window:
-                    return context_window
-    except _Unbounded:
-        return context_window
-    return min(total, context_window)
+    media = _Media()
+    for name, value in body.items():
+        if name not in NOT_READ:
+            total += len(name) + _bound(value, media)
+    text = context_window if media.whole_context else min(total, context_window)
+    if not (media.images or media.pages or media.uncounted):
+        return text
+    pages = max(media.pages, MAX_PDF_PAGES) if media.uncounted else media.pages
+    per_image = image_tokens(body.get("model"))
+    return text + media.images * (per_image + IMAGE_MARKER_TOKENS) + pages * per_image
 
 
-def _bound(value: Any) -> int:
+def _bound(value: Any, media: _Media) -> int:
     if isinstance(value, str):
         return len(value.encode("utf-8", "surrogatepass"))
     if isinstance(value, dict):
         kind = value.get("type")
         if kind in ("image_url", "input_image"):
-            return IMAGE_TOKENS
+            media.images += 1
+            return 0
         if kind in ("file", "input_file"):
-            return _file_bound(value.get("file", value))
+            return _file_bound(value.get("file", value), media)
         if kind == "input_audio":
             audio = value.get("input_audio")
             return len(str(audio.get("data", ""))) if isinstance(audio, dict) else 0
         # Each key and a token of punctuation per entry: the JSON the model is shown.
-        return sum(len(key) + 1 + _bound(item) for key, item in value.items())
+        return sum(len(key) + 1 + _bound(item, media) for key, item in value.items())
     if isinstance(value, list):
-        return sum(1 + _bound(item) for item in value)
+        return sum(1 + _bound(item, media) for item in value)
     if value is None or isinstance(value, bool):
         return 1
     return len(str(value))
 
 
-def _file_bound(file: Any) -> int:
-    """A file's text (at most a token per byte) and, for a PDF, an image of each page."""
+def _file_bound(file: Any, media: _Media) -> int:
+    """A file's text (at most a token per byte); a PDF's pages are counted into `media`."""
     data = file.get("file_data") if isinstance(file, dict) else None
     if not isinstance(data, str):
-        raise _Unbounded  # sent by id or by URL: only the upstream knows its size
+        # Sent by id or by URL: only the upstream knows its size and its pages.
+        media.whole_context = media.uncounted = True
+        return 0
     encoded = data.partition("base64,")[2] or data
     try:
         raw = base64.b64decode(encoded, validate=False)
     except (binascii.Error, ValueError):
+        media.uncounted = True
         return len(data)
-    pages = raw.count(_PDF_PAGE) + raw.count(_PDF_PAGE_TIGHT)
-    pages -= raw.count(_PDF_PAGE + b"s") + raw.count(_PDF_PAGE_TIGHT + b"s")  # /Type /Pages
-    return len(raw) + max(0, pages) * IMAGE_TOKENS
+    media.pages += _pdf_pages(raw, media)
+    return len(raw)
+
+
+def _pdf_pages(raw: bytes, media: _Media) -> int:
+    """The most pages a PDF can have by what is visible in it: its page objects or its counts."""
+    if _PDF_HIDDEN.search(raw):
+        media.uncounted = True
+    objects = sum(1 for _ in _PDF_PAGE.finditer(raw))
+    counts = (int(count) for count in _PDF_COUNT.findall(raw))
+    return max(objects, max(counts, default=0))
 
 
 def tokens_for_chars(chars: int) -> int:

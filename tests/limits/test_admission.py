@@ -7,6 +7,7 @@ it against the budget or limit, and the gateway's ledger against it.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -190,6 +191,79 @@ def test_two_replicas_on_redis_hold_one_budget(
         assert time.monotonic() < deadline, (_recorded(first.url, key_id), fake.biller.total)
         time.sleep(0.2)
     _assert_ledger_matches(fake.biller, first.url, key_id)
+
+
+def _image() -> dict[str, Any]:
+    url = "data:image/png;base64," + "iVBORw0KGgo" * 100
+    return {"type": "image_url", "image_url": {"url": url, "detail": "high"}}
+
+
+def _pdf(pages: int, between: bytes) -> str:
+    """A PDF whose page objects write `between` (PDF whitespace) between /Type and /Page."""
+    kids = b" ".join(b"%d 0 R" % (3 + i) for i in range(pages))
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [" + kids + b"] /Count %d >>" % pages,
+        *[b"<< /Type" + between + b"/Page /Parent 2 0 R >>" for _ in range(pages)],
+    ]
+    raw = b"%PDF-1.4\n" + b"".join(
+        b"%d 0 obj\n%s\nendobj\n" % (i + 1, o) for i, o in enumerate(objects)
+    )
+    return "data:application/pdf;base64," + base64.b64encode(raw + b"%%EOF\n").decode()
+
+
+def _assert_within_budget_and_recorded(
+    fake: BillingUpstream, url: str, key_id: str, budget: Decimal, statuses: list[int]
+) -> None:
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
+    assert fake.biller.total <= budget, fake.biller.total
+    _wait_for_rows(url, key_id, statuses.count(200))
+    assert _recorded(url, key_id) >= fake.biller.total - Decimal("0.000001")
+
+
+def test_high_detail_images_to_gpt_4o_mini_are_reserved_at_what_openai_bills(
+    start: Any, upstream: tuple[BillingUpstream, str]
+) -> None:
+    """gpt-4o-mini bills an image at up to 48,169 tokens, on top of its context window.
+
+    Before: 1,600 tokens an image, inside the 128,000-token cap: 10 calls of 100 KB and
+    two images each reserved $0.0155 apiece, and six of them were billed $0.18 on a
+    $0.10 budget (80 images a call: $2.89).
+    """
+    fake, _ = upstream
+    fake.behaviour.delay = 0.2
+    gateway = start()
+    budget = Decimal("0.10")
+    secret, key_id = make_key(gateway.url, budget_usd=str(budget), max_in_flight=10)
+    content = [{"type": "text", "text": "x" * 100_000}, _image(), _image()]
+    body = {
+        "model": "gpt-4o-mini",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": content}],
+    }
+    statuses = _many(gateway.url, secret, body, 10)
+    assert all(bill.prompt_tokens > 196_000 for bill in fake.biller.bills)
+    _assert_within_budget_and_recorded(fake, gateway.url, key_id, budget, statuses)
+
+
+def test_a_pdf_with_a_newline_between_type_and_page_is_reserved_its_page_images(
+    start: Any, upstream: tuple[BillingUpstream, str]
+) -> None:
+    """Before: `/Type\\n/Page` counted no page; 8 calls were billed $0.30 on $0.10."""
+    fake, _ = upstream
+    fake.behaviour.delay = 0.2
+    gateway = start()
+    budget = Decimal("0.10")
+    secret, key_id = make_key(gateway.url, budget_usd=str(budget), max_in_flight=8)
+    part = {"type": "file", "file": {"filename": "a.pdf", "file_data": _pdf(10, b"\n")}}
+    body = {
+        "model": "gpt-4o",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "sum up"}, part]}],
+    }
+    statuses = _many(gateway.url, secret, body, 8)
+    assert all(bill.prompt_tokens > 10 * 1_445 for bill in fake.biller.bills)
+    _assert_within_budget_and_recorded(fake, gateway.url, key_id, budget, statuses)
 
 
 def test_a_call_that_cannot_fit_is_refused_before_it_starts_with_what_would_fit(
