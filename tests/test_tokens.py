@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from chat_api.catalog import UNKNOWN_IMAGE_TOKENS, image_tokens, model_info
-from chat_api.tokens import IMAGE_MARKER_TOKENS, MAX_PDF_PAGES, prompt_bound
+from chat_api.tokens import IMAGE_MARKER_TOKENS, MAX_PDF_PAGES, PDF_SCAN_BYTES, prompt_bound
 from tests.fakes.billing import billed_tokens, prompt_tokens
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini", "o1", "gpt-4")
@@ -120,6 +120,14 @@ def test_a_pdf_with_compressed_object_streams_counts_as_openais_most_pages() -> 
     assert prompt_bound(_with_file(raw, "gpt-4o-mini"), 128_000) >= MAX_PDF_PAGES * page
     raw = _pdf(1) + b"9 0 obj\n<< /Type /XRef /W [1 2 1] >>\nendobj\n"
     assert prompt_bound(_with_file(raw), 128_000) >= MAX_PDF_PAGES * 1_445
+
+
+def test_a_pdf_too_large_to_read_quickly_counts_as_openais_most_pages() -> None:
+    """Reading a hostile one costs the event loop about 55 ms a MB: past 4 MB it is not read."""
+    raw = _pdf(1) + b" " * PDF_SCAN_BYTES
+    assert prompt_bound(_with_file(raw), 10_000_000) >= len(raw) + MAX_PDF_PAGES * 1_445
+    small = _pdf(1) + b" " * (PDF_SCAN_BYTES // 2)
+    assert prompt_bound(_with_file(small), 10_000_000) < len(small) + 2 * 1_445
 
 
 def test_a_file_sent_by_id_counts_the_whole_context_and_the_most_pages() -> None:
