@@ -161,6 +161,79 @@ def test_the_key_echoed_into_answers_ids_and_responses_events_never_reaches_the_
         assert secret_part(secret) not in owners
 
 
+def test_a_failed_answers_output_is_relayed_as_it_is_only_its_error_scrubbed(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI
+) -> None:
+    """32 hex digits are a key's shape (Azure's) and a commit's, a hash's: in what the model
+    wrote they are relayed unchanged, in the upstream's error they are scrubbed."""
+    server = gateway_factory(master_key=MASTER)
+    client_key, _ = make_key(server.url)
+    written = f"The fix is commit {AZURE_KEY}."
+    usage = {"input_tokens": 1, "output_tokens": 8, "total_tokens": 9}
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": written, "annotations": []}],
+    }
+    failed = {
+        "id": "resp_failed_1",
+        "object": "response",
+        "status": "failed",
+        "output": [message],
+        "usage": usage,
+        "error": {"code": "server_error", "message": f"failed: {AZURE_KEY} {GROQ_KEY}"},
+    }
+    done = {"type": "response.output_text.done", "item_id": "msg_1", "text": written}
+    events = [
+        _sse("response.output_text.done", done),
+        _sse("error", {"type": "error", "code": GROQ_KEY, "message": f"boom {AZURE_KEY}"}),
+        _sse("response.failed", {"type": "response.failed", "response": failed}),
+    ]
+    with httpx.Client(base_url=server.url, headers=auth(client_key), timeout=10) as http:
+        fake.queue(Plan(raw_body=json.dumps(failed).encode()))
+        whole = http.post("/v1/responses", json={"input": "hi"})
+        fake.queue(Plan(endpoint="responses.retrieve", raw_body=json.dumps(failed).encode()))
+        stored = http.get("/v1/responses/resp_failed_1")  # recorded as the key's own
+        fake.queue(Plan(raw_chunks=events))
+        streamed = http.post("/v1/responses", json={"input": "hi", "stream": True})
+    data = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data:")]
+    assert [event["type"] for event in data] == [
+        "response.output_text.done",
+        "error",
+        "response.failed",
+    ]
+    assert events[0].split(b"data: ")[1].strip() in streamed.content  # byte for byte
+    for answer in (whole.json(), stored.json(), data[2]["response"]):
+        assert answer["output"][0]["content"][0]["text"] == written, answer
+        assert answer["error"]["code"] == "server_error"
+        assert answer["error"]["message"].startswith("failed: ")
+        assert AZURE_KEY not in json.dumps(answer["error"])
+        assert secret_part(GROQ_KEY) not in json.dumps(answer["error"])
+    assert data[1]["message"].startswith("boom ") and AZURE_KEY not in data[1]["message"]
+    assert secret_part(GROQ_KEY) not in data[1]["code"]
+
+
+def test_only_an_events_error_parts_are_scrubbed_unless_a_remembered_secret_is_there() -> None:
+    hexish = "0123456789abcdef" * 2
+    delta = {"type": "response.output_text.delta", "delta": hexish}
+    raw = json.dumps(delta).encode()
+    assert redact.relayable(raw, delta) == (raw, delta)  # as sent, the very bytes
+    error = {"type": "error", "message": f"bad {hexish}", "code": None, "param": None, "x": hexish}
+    _, scrubbed = redact.relayable(json.dumps(error).encode(), error)
+    assert scrubbed["x"] == hexish and hexish not in scrubbed["message"]
+    redact.remember(MASTER)
+    echoed = {**delta, "item_id": f"msg_{MASTER}"}
+    _, scrubbed = redact.relayable(json.dumps(echoed).encode(), echoed)
+    assert MASTER not in json.dumps(scrubbed) and hexish not in scrubbed["delta"]
+    # A secret's probe alone (its last 16 characters, or a key split across events) is no
+    # secret: relayed as it is.
+    tail = {**delta, "delta": MASTER[-16:]}
+    raw = json.dumps(tail).encode()
+    assert redact.relayable(raw, tail) == (raw, tail)
+
+
 def _error_echoing(secret: str) -> dict[str, Any]:
     return {
         "error": {

@@ -100,8 +100,10 @@ class ModelNotAllowed(BadRequest):
     default_code = "model_not_found"
 
     def __init__(self, model: str, allowed: tuple[str, ...]) -> None:
+        # The name is the client's: a key sent as a model is not echoed back.
         super().__init__(
-            f"The model '{model}' is not available here. Choose one of: {', '.join(allowed)}.",
+            f"The model '{redact(model)}' is not available here. "
+            f"Choose one of: {', '.join(allowed)}.",
             param="model",
         )
 

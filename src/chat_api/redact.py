@@ -13,8 +13,11 @@ Two lines of defence, in this order:
    shapes, so a key base64-encoded into a header or a message is found too.
 
 What the upstream sends is relayed as it sent it (`relayable`): looked through
-for the remembered secrets as they are, one `in` each (the hot path), and
-rewritten with every string scrubbed only when one is there.
+for the remembered secrets as they are (the hot path: one short probe each),
+and rewritten with every string scrubbed only when one is there. Otherwise
+only its error parts (an error event's message, code and param, a failed
+response's `error`) are scrubbed, by value and by shape, as error bodies are:
+model output that happens to look like a key (32 hex digits) is relayed as is.
 
 The remembered secrets are process-wide, as the log handlers that use them
 are: every app built in the process adds its own, and nothing is forgotten.
@@ -50,6 +53,12 @@ _ANY_SHAPE = re.compile(f"{_STRONG_SHAPES}|{_AZURE_SHAPE}")
 # Long runs of base64 (either alphabet): where an encoded key would hide.
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_\-]{24,4096}={0,2}")
 _MIN_SECRET = 8  # shorter "secrets" would scrub ordinary words
+# How much of each secret `relayable` looks for first. `bytes.find` on a long needle pays
+# for the whole needle before it scans (a 164-character key: ~2x the cost of 16 bytes):
+# the secret can be there only if its probe is, so the whole secret is looked for only then.
+_PROBE = 16
+# The fields of a Responses `error` event that carry the upstream's error, at its top.
+_ERROR_EVENT_FIELDS = ("message", "code", "param")
 
 
 class _Known:
@@ -58,13 +67,16 @@ class _Known:
     def __init__(self) -> None:
         self.forms: list[str] = []
         self.secrets: set[str] = set()
-        self.raw: tuple[bytes, ...] = ()  # each secret as it is, for `relayable`
+        # Each secret as it is, with its probe (its last bytes: the random part of a key,
+        # where its start, `sk-proj-`, is shared by every key), for `relayable`.
+        self.probes: tuple[tuple[bytes, bytes], ...] = ()
 
     def add(self, secret: str) -> None:
         if len(secret) < _MIN_SECRET or secret in self.secrets:
             return
         self.secrets.add(secret)
-        self.raw = (*self.raw, secret.encode("utf-8", "surrogatepass"))
+        raw = secret.encode("utf-8", "surrogatepass")
+        self.probes = (*self.probes, (raw[-_PROBE:], raw))
         forms = set(self.forms) | _forms_of(secret)
         self.forms = sorted(forms, key=len, reverse=True)
 
@@ -166,20 +178,51 @@ def redact_json(value: Any) -> Any:
     return value
 
 
-def relayable(raw: bytes, data: Any, *, scrub: bool = False) -> tuple[bytes, Any]:
+def _scrubbed_errors(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with its error parts scrubbed (`data` itself when they were clean).
+
+    A Responses `error` event has its message, code and param at its top; a
+    `response.failed` event has its response's `error`; a whole answer (or any event)
+    its own `error`. Nothing else is touched: it is the model's output, relayed unchanged.
+    """
+    kind = data.get("type")
+    scrubbed = dict(data)
+    if data.get("error") is not None:
+        scrubbed["error"] = redact_json(data["error"])
+    if kind == "error":
+        for name in _ERROR_EVENT_FIELDS:
+            if name in data:
+                scrubbed[name] = redact_json(data[name])
+    elif kind == "response.failed":
+        response = data.get("response")
+        if isinstance(response, dict) and response.get("error") is not None:
+            scrubbed["response"] = {**response, "error": redact_json(response["error"])}
+    return data if scrubbed == data else scrubbed
+
+
+def relayable(raw: bytes, data: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     """An answer or event to relay as the upstream sent it (`raw`, and its parse), made safe.
 
     Returned as it is unless it holds a remembered secret as it is (an upstream that
-    echoes the key into an id, a fingerprint, a message), or `scrub` (an error, whose
-    message, param and code are scrubbed by shape too, as the upstream's error bodies
-    are): then every string goes through `redact`, and the bytes are written anew.
-    Strings are scrubbed one by one, so the answer stays valid JSON.
+    echoes the key into an id, a fingerprint, a message: then every string goes through
+    `redact`), or its error parts (`_scrubbed_errors`) hold a key, known or by its
+    shape, as the upstream's error bodies are scrubbed. Either way the bytes are written
+    anew from the scrubbed strings, so the answer stays valid JSON.
+
+    Every stream event passes here, so the clean case is kept to a few C calls: one
+    `find` of a 16-byte probe per secret (not `in`, which first tries its operand as a
+    byte value), the whole secret looked for only where its probe is.
     """
-    if not scrub:
-        for secret in _KNOWN.raw:  # one `in` a secret: every stream event passes here
-            if secret in raw:
-                break
-        else:
-            return raw, data
-    data = redact_json(data)
-    return orjson.dumps(data), data
+    find = raw.find
+    for probe, secret in _KNOWN.probes:
+        if find(probe) >= 0 and secret in raw:
+            data = redact_json(data)
+            return orjson.dumps(data), data
+    kind = data.get("type")
+    # `!=`, not `in` a set: `type` may be any JSON, a list too.
+    if data.get("error") is None and kind != "error" and kind != "response.failed":
+        return raw, data  # a chunk, an event or an answer that is no error
+    scrubbed = _scrubbed_errors(data)
+    if scrubbed is data:
+        return raw, data
+    return orjson.dumps(scrubbed), scrubbed

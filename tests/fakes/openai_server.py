@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -126,12 +126,13 @@ class FakeOpenAI:
             return Plan()
 
     def _route(
-        self, method: str, path: str
+        self, method: str, raw_path: str
     ) -> tuple[str, Callable[[Any], Awaitable[None]], dict[str, str]] | None:
+        """Matched on the path as sent, as OpenAI does: an id's `%2F` stays in its segment."""
         for route_method, pattern, name, handler in self.routes:
-            match = pattern.fullmatch(path)
+            match = pattern.fullmatch(raw_path)
             if match and route_method == method:
-                return name, handler, match.groupdict()
+                return name, handler, {k: unquote(v) for k, v in match.groupdict().items()}
         return None
 
     # --- ASGI -----------------------------------------------------------------
@@ -147,14 +148,14 @@ class FakeOpenAI:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        self.arrived.append(f"{scope['method']} {raw_path.decode('latin-1')}")
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        self.arrived.append(f"{scope['method']} {raw_path}")
         if scope["path"] == "/v1/models":
             await _send_json(send, 200, {"object": "list", "data": []})
             return
         route = None
         if scope["path"] != "/v1/chat/completions":
-            route = self._route(scope["method"], scope["path"])
+            route = self._route(scope["method"], raw_path)
             if route is None:
                 await _send_json(send, 404, {"error": {"message": "no such path"}})
                 return

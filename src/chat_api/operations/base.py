@@ -10,13 +10,13 @@ events, and when a stream is complete.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
 from chat_api.calls import Caller, Chunk, Prepared, StreamStats
-from chat_api.errors import BadRequest, ModelNotAllowed, UpstreamError
+from chat_api.errors import BadRequest, UpstreamError
 from chat_api.redact import redact, relayable
 
 if TYPE_CHECKING:
@@ -29,8 +29,6 @@ FORBIDDEN_FIELDS = frozenset(
 )
 # service_tier values that cost more than the list price: refused for keys with a budget.
 COSTLIER_TIERS = frozenset({"priority", "scale"})
-# Responses stream events that carry the upstream's error: scrubbed as its error bodies are.
-ERROR_EVENTS = ("error", "response.failed")  # a tuple: `in` must not hash what was sent
 
 
 class Operation:
@@ -90,7 +88,7 @@ class Operation:
         model_name = body.get("model")
         if model_name is not None and not isinstance(model_name, str):
             raise BadRequest("'model' must be a string.", param="model", code="invalid_type")
-        info = named_safely(self.catalog.resolve, model_name)
+        info = self.catalog.resolve(model_name)
         if caller is not None:
             caller.check_model(info.name)
         return info
@@ -124,21 +122,12 @@ def apply_field_policy(body: dict[str, Any], policy: Mapping[str, str]) -> None:
             del body[name]
 
 
-def named_safely(resolve: Callable[[str | None], ModelInfo], name: str | None) -> ModelInfo:
-    """`resolve(name)`; a refusal that names the model names it scrubbed of keys."""
-    try:
-        return resolve(name)
-    except ModelNotAllowed as exc:
-        exc.message = redact(exc.message)  # a key sent as the model is not echoed back
-        raise
-
-
 def parse_event(raw: bytes) -> Chunk:
-    """A stream event's JSON, scrubbed of keys; an error event or broken JSON ends the answer.
+    """A stream event's JSON, made safe (`relayable`); an error event or broken JSON ends it.
 
-    Responses error events (`error`, `response.failed`) are relayed, with every string
-    scrubbed as the upstream's error bodies are; any event holding a remembered secret
-    as it is (an echoed key in an id) too.
+    Responses error events (`error`, `response.failed`) are relayed with their error
+    parts scrubbed as the upstream's error bodies are, the rest unchanged; an event
+    holding a remembered secret as it is (an echoed key in an id) with every string.
     """
     try:
         data = orjson.loads(raw)
@@ -146,7 +135,7 @@ def parse_event(raw: bytes) -> Chunk:
         raise UpstreamError("OpenAI sent a broken event; the answer stopped.") from None
     if not isinstance(data, dict):
         raise UpstreamError("OpenAI sent a broken event; the answer stopped.")
-    raw, data = relayable(raw, data, scrub=data.get("type") in ERROR_EVENTS)
+    raw, data = relayable(raw, data)
     error = data.get("error")
     if error is not None and data.get("type") in (None, "error"):
         message = error.get("message") if isinstance(error, dict) else None

@@ -10,7 +10,7 @@ from typing import Any
 
 from chat_api.calls import Caller, Chunk, Prepared, StreamStats
 from chat_api.errors import BadRequest
-from chat_api.operations.base import Operation, named_safely, token_usage
+from chat_api.operations.base import Operation, token_usage
 from chat_api.tokens import prompt_bound
 
 
@@ -27,7 +27,7 @@ class Embedding(Operation):
                 param="model",
                 code="missing_required_parameter",
             )
-        info = named_safely(self.catalog.resolve_embedding, model_name)
+        info = self.catalog.resolve_embedding(model_name)
         if caller is not None:
             caller.check_model(info.name)
         given = body.get("input")

@@ -56,6 +56,7 @@ RETRY_STATUSES = frozenset({408, 409, 429})
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
 MAX_RETRY_AFTER = 120.0
+MAX_CACHED_URLS = 64  # parsed paths kept: the operations' own, and recent ones with ids
 
 # What aiohttp raises when the upstream cannot be reached or breaks off.
 CONNECTION_ERRORS = (aiohttp.ClientError, OSError)
@@ -110,6 +111,8 @@ class OpenAIHTTPProvider:
     def _url(self, path: str) -> URL:
         url = self._urls.get(path)
         if url is None:
+            if len(self._urls) >= MAX_CACHED_URLS:  # paths with ids in them: never held long
+                self._urls.clear()
             url = self._urls[path] = URL(self._base + path)
         return url
 

@@ -31,12 +31,13 @@ def request_id_of(request: Request) -> str:
 
 
 def relayed(answer: Completion) -> Completion:
-    """A whole upstream answer as it may be relayed: scrubbed if it holds the key, or an error.
+    """A whole upstream answer as it may be relayed (`redact.relayable`), as
+    `operations.base.parse_event` does for stream events.
 
-    As `operations.base.parse_event` does for stream events: one `in` per remembered
-    secret when it is clean. A stored response that failed carries OpenAI's `error`.
+    Its `error` (a stored response that failed carries OpenAI's) is scrubbed of keys,
+    every string if it holds a remembered secret; otherwise its bytes go unchanged.
     """
-    raw, data = relayable(answer.raw, answer.data, scrub=bool(answer.data.get("error")))
+    raw, data = relayable(answer.raw, answer.data)
     if raw is answer.raw:
         return answer
     return Completion(raw, data, answer.upstream_request_id)

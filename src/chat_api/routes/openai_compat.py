@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -18,7 +19,6 @@ from chat_api.catalog import Catalog
 from chat_api.errors import BadRequest, ChatAPIError, ModelNotAllowed, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import JSONResponse, until_disconnect
-from chat_api.redact import redact
 from chat_api.routes.deps import (
     CallerDep,
     CallingCallerDep,
@@ -163,12 +163,13 @@ async def retrieve_model(model: str, request: Request, caller: CallerDep) -> Res
     catalog = engine.catalog
     visible = _visible(catalog, caller)
     if model not in visible:
-        raise ModelNotAllowed(redact(model), tuple(visible))  # a key sent as a name: not echoed
+        raise ModelNotAllowed(model, tuple(visible))
     created = catalog.published.get(model)
     if created is None and engine.provider is not None:
         try:
+            path = f"/models/{quote(model, safe='')}"  # one path segment, whatever the name
             answer = await engine.provider.forward(
-                "GET", f"/models/{model}", None, request.scope["state"]["request_id"]
+                "GET", path, None, request.scope["state"]["request_id"]
             )
         except ChatAPIError:
             answer = None

@@ -10,28 +10,33 @@ client key asking for it — directly, as `previous_response_id` or as
 `conversation` — gets 404 as if it did not exist, before anything reaches
 the upstream. The master key, and everyone when keys are off, sees all.
 
-Ids that go into an upstream path (responses, conversations, items) must
-look like OpenAI's (`_ID`): anything else (`..`, `%2F`, `?`) would address
-another object, or another key's, and gets 404 for everyone, unsent.
+Ids (in a path, or as `previous_response_id` / `conversation`) are up to
+512 printable ASCII characters, not `.` or `..` (`_is_id`): OpenAI's, and
+those of compatible proxies (LiteLLM's are `resp_` and base64, `+ / =`
+included: `_ObjectId` takes them in a gateway path). Anything else gets 404
+for everyone, unsent. Each id goes into an upstream path as one
+percent-encoded segment (`_segment`), so `..%2F`, `?` or `#` in it cannot
+address another object, another key's, or add a query.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from typing import Any, TypeGuard
+from urllib.parse import quote
 
 import orjson
 from fastapi import APIRouter, Request
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
 from chat_api.calls import Caller, Chunk
 from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import until_disconnect
-from chat_api.operations.base import named_safely
 from chat_api.providers.base import Completion, Provider, UpstreamStream
-from chat_api.redact import redact
+from chat_api.redact import REDACTED, redact
 from chat_api.routes.deps import (
     CallerDep,
     CallingCallerDep,
@@ -53,9 +58,33 @@ _BODY = {
         "content": {"application/json": {"schema": {"type": "object"}}},
     }
 }
-# What OpenAI's ids are made of (`resp_68b…`, `conv_68b…`, `msg_68b…`): the only ids put
-# into an upstream path, or recorded as owned.
-_ID = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+# What an id may be made of: printable ASCII, no space or control character. OpenAI's
+# (`resp_68b…`) are letters, digits and `_`; a LiteLLM proxy's are `resp_` + base64 of
+# ~200 characters (`+ / =`).
+_ID = re.compile(r"[!-~]{1,512}")
+
+
+class _ObjectId(Convertor[str]):
+    """An id in a gateway path, `/` included: a proxy's base64 id holds `/`, and the server
+    decodes `%2F` before routing, so `{id}` (no `/`) would miss it.
+
+    Not one of this API's own path parts (`/cancel`, `/input_items`, `/items`): those
+    belong to the route after it, so `/responses/x/cancel` is the cancel route, and a
+    method it does not take a 405 saying which it does. Not empty, and no `/` at its
+    end: a trailing slash is an unknown URL (404), as everywhere.
+    """
+
+    regex = r"[^/](?:(?!/(?:cancel|input_items|items)(?:/|$)).)*(?<!/)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+# Registered before the routes below are compiled (Starlette keeps convertors by name).
+register_url_convertor("object_id", _ObjectId())
 _REFERENCE_REFUSED = "An 'item_reference' cannot be used with a client key: send the item itself."
 
 
@@ -67,18 +96,32 @@ def _key_of(caller: Caller | None) -> str | None:
     return caller.key_id if caller is not None else None
 
 
+def _is_id(value: str) -> bool:
+    """Whether `value` may be an id: `_ID`, and not a path's `.` or `..` (never sent)."""
+    return _ID.fullmatch(value) is not None and value != "." and value != ".."
+
+
+def _segment(object_id: str) -> str:
+    """`object_id` as one segment of an upstream path: `/ ? # %` and the rest encoded."""
+    return quote(object_id, safe="")
+
+
+def _ownable(object_id: object) -> TypeGuard[str]:
+    """An id the upstream made that may be recorded (one scrubbed of a key is not)."""
+    return isinstance(object_id, str) and _is_id(object_id) and REDACTED not in object_id
+
+
 def _not_found(noun: str, object_id: str, param: str) -> NotFound:
     # The id is echoed only if it looks like one, and never a key in it.
-    named = f" with id '{redact(object_id)}'" if _ID.fullmatch(object_id) else " with that id"
+    named = f" with id '{redact(object_id)}'" if _is_id(object_id) else " with that id"
     return NotFound(f"No {noun}{named} was found.", param=param, code=f"{noun}_not_found")
 
 
 async def _check_owner(request: Request, caller: Caller | None, object_id: str, kind: Kind) -> None:
-    """404, as if it did not exist, unless `object_id` is shaped like an id and `caller`
-    may see it."""
+    """404, as if it did not exist, unless `object_id` may be an id and `caller` may see it."""
     param = "previous_response_id" if kind == "response" else "conversation"
-    if not _ID.fullmatch(object_id):
-        raise _not_found(kind, object_id, param)  # for everyone: it would go into a path
+    if not _is_id(object_id):
+        raise _not_found(kind, object_id, param)  # for everyone: it is no id
     if caller is None or caller.key_id is None:
         return  # keys off, or the master key: everything
     owner = await _owners(request).owner_of(object_id)
@@ -87,7 +130,7 @@ async def _check_owner(request: Request, caller: Caller | None, object_id: str, 
 
 
 def _check_item_id(item_id: str) -> None:
-    if not _ID.fullmatch(item_id):
+    if not _is_id(item_id):
         raise _not_found("item", item_id, "item_id")
 
 
@@ -157,9 +200,9 @@ def _json(answer: Completion, headers: dict[str, str] | None = None) -> Response
 
 
 async def _record(request: Request, answer: Completion, kind: Kind, caller: Caller | None) -> None:
-    """Note who owns the object the upstream just made (an id of another shape is not kept)."""
+    """Note who owns the object the upstream just made (see `_ownable`)."""
     object_id = answer.data.get("id")
-    if isinstance(object_id, str) and _ID.fullmatch(object_id):
+    if _ownable(object_id):
         await _owners(request).record(object_id, kind, _key_of(caller))
 
 
@@ -208,7 +251,7 @@ async def count_input_tokens(request: Request, caller: CallerDep) -> Response:
     engine = engine_of(request)
     body = await _json_body(request)
     model = body.get("model")
-    info = named_safely(engine.catalog.resolve, model if isinstance(model, str) else None)
+    info = engine.catalog.resolve(model if isinstance(model, str) else None)
     if caller is not None:
         caller.check_model(info.name)
     await _check_references(request, caller, body)
@@ -218,12 +261,36 @@ async def count_input_tokens(request: Request, caller: CallerDep) -> Response:
     return _json(relayed(answer))
 
 
-@router.get("/responses/{response_id}")
+_RESPONSE = "/responses/{response_id:object_id}"
+_CONVERSATION = "/conversations/{conversation_id:object_id}"
+_ITEM = _CONVERSATION + "/items/{item_id:object_id}"
+
+
+@router.get(_RESPONSE + "/input_items")
+async def list_input_items(response_id: str, request: Request, caller: CallerDep) -> Response:
+    """The input items of a stored response."""
+    await _check_owner(request, caller, response_id, "response")
+    path = _with_query(f"/responses/{_segment(response_id)}/input_items", request)
+    answer = await _provider(request).forward("GET", path, None, _request_id(request))
+    return _json(relayed(answer))
+
+
+@router.post(_RESPONSE + "/cancel")
+async def cancel_response(response_id: str, request: Request, caller: CallerDep) -> Response:
+    """Cancel a background response; it is settled when the upstream says it is final."""
+    await _check_owner(request, caller, response_id, "response")
+    answer = await _provider(request).forward(
+        "POST", f"/responses/{_segment(response_id)}/cancel", None, _request_id(request)
+    )
+    return _json(relayed(answer))
+
+
+@router.get(_RESPONSE)
 async def retrieve_response(response_id: str, request: Request, caller: CallerDep) -> Response:
     """A stored response; with `stream=true` (and `starting_after=N`) its events again."""
     await _check_owner(request, caller, response_id, "response")
     provider = _provider(request)
-    path = _with_query(f"/responses/{response_id}", request)
+    path = _with_query(f"/responses/{_segment(response_id)}", request)
     if request.query_params.get("stream") == "true":
         upstream = await until_disconnect(
             request.receive, provider.open_replay(path, _request_id(request))
@@ -237,33 +304,14 @@ async def retrieve_response(response_id: str, request: Request, caller: CallerDe
     return _json(relayed(await provider.forward("GET", path, None, _request_id(request))))
 
 
-@router.delete("/responses/{response_id}")
+@router.delete(_RESPONSE)
 async def delete_response(response_id: str, request: Request, caller: CallerDep) -> Response:
     """Delete a stored response (it is then forgotten here too)."""
     await _check_owner(request, caller, response_id, "response")
     answer = await _provider(request).forward(
-        "DELETE", f"/responses/{response_id}", None, _request_id(request)
+        "DELETE", f"/responses/{_segment(response_id)}", None, _request_id(request)
     )
     await _owners(request).forget(response_id)
-    return _json(relayed(answer))
-
-
-@router.post("/responses/{response_id}/cancel")
-async def cancel_response(response_id: str, request: Request, caller: CallerDep) -> Response:
-    """Cancel a background response; it is settled when the upstream says it is final."""
-    await _check_owner(request, caller, response_id, "response")
-    answer = await _provider(request).forward(
-        "POST", f"/responses/{response_id}/cancel", None, _request_id(request)
-    )
-    return _json(relayed(answer))
-
-
-@router.get("/responses/{response_id}/input_items")
-async def list_input_items(response_id: str, request: Request, caller: CallerDep) -> Response:
-    """The input items of a stored response."""
-    await _check_owner(request, caller, response_id, "response")
-    path = _with_query(f"/responses/{response_id}/input_items", request)
-    answer = await _provider(request).forward("GET", path, None, _request_id(request))
     return _json(relayed(answer))
 
 
@@ -285,42 +333,39 @@ async def create_conversation(request: Request, caller: CallerDep) -> Response:
 async def _conversation_call(
     request: Request, caller: Caller | None, conversation_id: str, method: str, rest: str = ""
 ) -> Response:
+    """`rest` is a path below the conversation, its ids already `_segment`s."""
     await _check_owner(request, caller, conversation_id, "conversation")
     body = await _json_body(request) if method == "POST" else None
     if body is not None and rest == "/items":
         _refuse_references(caller, body.get("items"), "items")
-    path = _with_query(f"/conversations/{conversation_id}{rest}", request)
+    path = _with_query(f"/conversations/{_segment(conversation_id)}{rest}", request)
     answer = await _provider(request).forward(method, path, body, _request_id(request))
     if method == "DELETE" and not rest:
         await _owners(request).forget(conversation_id)
     return _json(relayed(answer))
 
 
-@router.get("/conversations/{conversation_id}")
-async def retrieve_conversation(
-    conversation_id: str, request: Request, caller: CallerDep
+@router.get(_ITEM)
+async def retrieve_conversation_item(
+    conversation_id: str, item_id: str, request: Request, caller: CallerDep
 ) -> Response:
-    """A conversation."""
-    return await _conversation_call(request, caller, conversation_id, "GET")
+    """One item of a conversation."""
+    _check_item_id(item_id)
+    rest = f"/items/{_segment(item_id)}"
+    return await _conversation_call(request, caller, conversation_id, "GET", rest)
 
 
-@router.post("/conversations/{conversation_id}", openapi_extra=_BODY)
-async def update_conversation(
-    conversation_id: str, request: Request, caller: CallerDep
+@router.delete(_ITEM)
+async def delete_conversation_item(
+    conversation_id: str, item_id: str, request: Request, caller: CallerDep
 ) -> Response:
-    """Update a conversation's metadata."""
-    return await _conversation_call(request, caller, conversation_id, "POST")
+    """Delete one item of a conversation."""
+    _check_item_id(item_id)
+    rest = f"/items/{_segment(item_id)}"
+    return await _conversation_call(request, caller, conversation_id, "DELETE", rest)
 
 
-@router.delete("/conversations/{conversation_id}")
-async def delete_conversation(
-    conversation_id: str, request: Request, caller: CallerDep
-) -> Response:
-    """Delete a conversation."""
-    return await _conversation_call(request, caller, conversation_id, "DELETE")
-
-
-@router.get("/conversations/{conversation_id}/items")
+@router.get(_CONVERSATION + "/items")
 async def list_conversation_items(
     conversation_id: str, request: Request, caller: CallerDep
 ) -> Response:
@@ -328,7 +373,7 @@ async def list_conversation_items(
     return await _conversation_call(request, caller, conversation_id, "GET", "/items")
 
 
-@router.post("/conversations/{conversation_id}/items", openapi_extra=_BODY)
+@router.post(_CONVERSATION + "/items", openapi_extra=_BODY)
 async def create_conversation_items(
     conversation_id: str, request: Request, caller: CallerDep
 ) -> Response:
@@ -336,22 +381,28 @@ async def create_conversation_items(
     return await _conversation_call(request, caller, conversation_id, "POST", "/items")
 
 
-@router.get("/conversations/{conversation_id}/items/{item_id}")
-async def retrieve_conversation_item(
-    conversation_id: str, item_id: str, request: Request, caller: CallerDep
+@router.get(_CONVERSATION)
+async def retrieve_conversation(
+    conversation_id: str, request: Request, caller: CallerDep
 ) -> Response:
-    """One item of a conversation."""
-    _check_item_id(item_id)
-    return await _conversation_call(request, caller, conversation_id, "GET", f"/items/{item_id}")
+    """A conversation."""
+    return await _conversation_call(request, caller, conversation_id, "GET")
 
 
-@router.delete("/conversations/{conversation_id}/items/{item_id}")
-async def delete_conversation_item(
-    conversation_id: str, item_id: str, request: Request, caller: CallerDep
+@router.post(_CONVERSATION, openapi_extra=_BODY)
+async def update_conversation(
+    conversation_id: str, request: Request, caller: CallerDep
 ) -> Response:
-    """Delete one item of a conversation."""
-    _check_item_id(item_id)
-    return await _conversation_call(request, caller, conversation_id, "DELETE", f"/items/{item_id}")
+    """Update a conversation's metadata."""
+    return await _conversation_call(request, caller, conversation_id, "POST")
+
+
+@router.delete(_CONVERSATION)
+async def delete_conversation(
+    conversation_id: str, request: Request, caller: CallerDep
+) -> Response:
+    """Delete a conversation."""
+    return await _conversation_call(request, caller, conversation_id, "DELETE")
 
 
 _EMBEDDINGS_BODY = {
@@ -405,7 +456,7 @@ class _Recorder:
         response = data.get("response")
         if isinstance(response, dict) and isinstance(response.get("id"), str):
             self.done = True
-            if _ID.fullmatch(response["id"]):  # else not kept: see `_record`
+            if _ownable(response["id"]):
                 self.owners.record_soon(response["id"], "response", self.key_id)
 
 
