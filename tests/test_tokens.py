@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import zlib
 from typing import Any
 
 import pytest
@@ -128,6 +129,20 @@ def test_a_pdf_too_large_to_read_quickly_counts_as_openais_most_pages() -> None:
     assert prompt_bound(_with_file(raw), 10_000_000) >= len(raw) + MAX_PDF_PAGES * 1_445
     small = _pdf(1) + b" " * (PDF_SCAN_BYTES // 2)
     assert prompt_bound(_with_file(small), 10_000_000) < len(small) + 2 * 1_445
+
+
+def test_a_file_whose_text_is_compressed_counts_the_whole_context() -> None:
+    """A PDF's filtered content stream, or a .docx, holds far more text than its bytes."""
+    text = b"BT (" + b"many words " * 20_000 + b") Tj ET"
+    squeezed = zlib.compress(text, 9)
+    stream = b"4 0 obj\n<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(squeezed)
+    raw = _pdf(1) + stream + squeezed + b"\nendstream\nendobj\n"
+    assert len(raw) < len(text) // 50  # the file is small, its text is not
+    assert prompt_bound(_with_file(raw), 128_000) >= 128_000  # what the model can read of it
+    docx = b"PK\x03\x04" + zlib.compress(text, 9)
+    assert prompt_bound(_with_file(docx), 128_000) >= 128_000
+    plain = _pdf(1)  # nothing compressed: its bytes bound its text
+    assert prompt_bound(_with_file(plain), 128_000) < 10_000
 
 
 def test_a_file_sent_by_id_counts_the_whole_context_and_the_most_pages() -> None:

@@ -8,7 +8,8 @@ Two kinds, never mixed up:
   string the model reads (messages, tools, schemas, instructions, the keys
   and punctuation of the JSON they are written in) can only err on the
   operator's side, whatever a hostile client sends. Files and audio count by
-  their size, a file sent by id (size unknown here) as the model's whole
+  their size; a file sent by id (size unknown here), or one whose text is
+  compressed (a PDF with filtered streams, a .docx), as the model's whole
   context. That text never passes the model's context window: OpenAI refuses
   a longer prompt unbilled. Images, and the image OpenAI makes of each page
   of a PDF, are billed on top of it, each at the model's worst by OpenAI's
@@ -37,6 +38,7 @@ IMAGE_MARKER_TOKENS = 16
 # OpenAI reads at most 100 pages of PDF in one request, across all its files.
 MAX_PDF_PAGES = 100
 PDF_SCAN_BYTES = 4 * 1024 * 1024  # a larger PDF counts as MAX_PDF_PAGES, unread
+ZIP_MAGIC = b"PK\x03\x04"  # .docx, .xlsx, .pptx: compressed text
 
 
 def _pdf_name(word: bytes) -> bytes:
@@ -161,6 +163,10 @@ def _file_bound(file: Any, media: _Media) -> int:
     except (binascii.Error, ValueError):
         media.uncounted = True
         return len(data)
+    if raw.startswith(ZIP_MAGIC) or b"/Filter" in raw:
+        # Compressed (a PDF's content streams, a .docx): its text may be far more than
+        # its bytes, up to what the model reads.
+        media.whole_context = True
     media.pages += _pdf_pages(raw, media)
     return len(raw)
 
