@@ -131,6 +131,14 @@ def test_a_pdf_too_large_to_read_quickly_counts_as_openais_most_pages() -> None:
     assert prompt_bound(_with_file(small), 10_000_000) < len(small) + 2 * 1_445
 
 
+def test_pdfs_past_the_scan_limit_together_count_as_openais_most_pages() -> None:
+    """Several files under the limit each: what is read is bounded by request, not by file."""
+    raw = _pdf(1) + b" " * (PDF_SCAN_BYTES // 2)
+    part = _with_file(raw)["messages"][0]["content"][0]  # one file part, sent three times
+    body = _body(messages=[{"role": "user", "content": [part] * 3}])
+    assert prompt_bound(body, 10_000_000) >= 3 * len(raw) + MAX_PDF_PAGES * 1_445
+
+
 def test_a_file_whose_text_is_compressed_counts_the_whole_context() -> None:
     """A PDF's filtered content stream, or a .docx, holds far more text than its bytes."""
     text = b"BT (" + b"many words " * 20_000 + b") Tj ET"

@@ -37,7 +37,7 @@ TOKENS_PER_REPLY = 3
 IMAGE_MARKER_TOKENS = 16
 # OpenAI reads at most 100 pages of PDF in one request, across all its files.
 MAX_PDF_PAGES = 100
-PDF_SCAN_BYTES = 4 * 1024 * 1024  # a larger PDF counts as MAX_PDF_PAGES, unread
+PDF_SCAN_BYTES = 2 * 1024 * 1024  # files read for pages, a request; past it, MAX_PDF_PAGES
 ZIP_MAGIC = b"PK\x03\x04"  # .docx, .xlsx, .pptx: compressed text
 
 
@@ -106,6 +106,7 @@ class _Media:
 
     images = 0
     pages = 0
+    scanned = 0  # bytes of files looked through for pages, in the whole request
     uncounted = False  # a PDF whose pages cannot be counted here
     whole_context = False  # a file whose text cannot be measured here
 
@@ -174,10 +175,11 @@ def _file_bound(file: Any, media: _Media) -> int:
 def _pdf_pages(raw: bytes, media: _Media) -> int:
     """The most pages a PDF can have by what is visible in it: its page objects or its counts.
 
-    One past `PDF_SCAN_BYTES` counts as OpenAI's most pages, unread: on a hostile file
-    the scans take about 55 ms a MB of the event loop (1.3 s for 24 MB).
+    Past `PDF_SCAN_BYTES` read in the request, files count as OpenAI's most pages,
+    unread: on a hostile file the scans take about 55 ms a MB of the event loop.
     """
-    if len(raw) > PDF_SCAN_BYTES:
+    media.scanned += len(raw)
+    if media.scanned > PDF_SCAN_BYTES:
         media.uncounted = True
         return 0
     if _PDF_HIDDEN.search(raw):

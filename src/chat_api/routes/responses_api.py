@@ -97,8 +97,14 @@ def _key_of(caller: Caller | None) -> str | None:
 
 
 def _is_id(value: str) -> bool:
-    """Whether `value` may be an id: `_ID`, and not a path's `.` or `..` (never sent)."""
-    return _ID.fullmatch(value) is not None and value != "." and value != ".."
+    """Whether `value` may be an id: `_ID`, and no `.` or `..` between its `/` (never sent).
+
+    Sent encoded as one segment, `..%2F` is harmless here, but a proxy before the
+    upstream that decodes `%2F` would resolve it into another conversation.
+    """
+    if _ID.fullmatch(value) is None:
+        return False
+    return "." not in value or not any(part in (".", "..") for part in value.split("/"))
 
 
 def _segment(object_id: str) -> str:
