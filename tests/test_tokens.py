@@ -8,9 +8,16 @@ from typing import Any
 
 import pytest
 
+from chat_api import tokens
 from chat_api.catalog import UNKNOWN_IMAGE_TOKENS, image_tokens, model_info
-from chat_api.tokens import IMAGE_MARKER_TOKENS, MAX_PDF_PAGES, PDF_SCAN_BYTES, prompt_bound
+from chat_api.tokens import IMAGE_MARKER_TOKENS, MAX_PDF_PAGES, PDF_SCAN_BYTES
 from tests.fakes.billing import billed_tokens, prompt_tokens
+
+
+def prompt_bound(body: dict[str, Any], window: int) -> int:
+    """The bound as the operations ask for it: with the image figure of the model named."""
+    return tokens.prompt_bound(body, window, image_tokens(body.get("model")))
+
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini", "o1", "gpt-4")
 

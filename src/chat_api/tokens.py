@@ -13,7 +13,7 @@ Two kinds, never mixed up:
   context. That text never passes the model's context window: OpenAI refuses
   a longer prompt unbilled. Images, and the image OpenAI makes of each page
   of a PDF, are billed on top of it, each at the model's worst by OpenAI's
-  rules (`catalog.image_tokens`: 48,169 for a gpt-4o-mini image); a PDF whose
+  rules (the model's `image_tokens`: 48,169 for a gpt-4o-mini image); a PDF whose
   pages cannot be counted here (sent by id, or with compressed object
   streams) counts as OpenAI's most pages in one request.
 - **Estimates** (`estimate_prompt_tokens`, `tokens_for_chars`), for what a
@@ -27,8 +27,6 @@ import base64
 import binascii
 import re
 from typing import Any
-
-from chat_api.catalog import image_tokens
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
@@ -111,7 +109,7 @@ class _Media:
     whole_context = False  # a file whose text cannot be measured here
 
 
-def prompt_bound(body: dict[str, Any], context_window: int) -> int:
+def prompt_bound(body: dict[str, Any], context_window: int, image_tokens: int) -> int:
     """The most the upstream can bill for reading `body` (see the module docstring)."""
     messages = body.get("messages")
     total = TOKENS_PER_REPLY
@@ -125,8 +123,7 @@ def prompt_bound(body: dict[str, Any], context_window: int) -> int:
     if not (media.images or media.pages or media.uncounted):
         return text
     pages = max(media.pages, MAX_PDF_PAGES) if media.uncounted else media.pages
-    per_image = image_tokens(body.get("model"))
-    return text + media.images * (per_image + IMAGE_MARKER_TOKENS) + pages * per_image
+    return text + media.images * (image_tokens + IMAGE_MARKER_TOKENS) + pages * image_tokens
 
 
 def _bound(value: Any, media: _Media) -> int:

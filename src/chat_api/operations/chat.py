@@ -103,7 +103,7 @@ class ChatCompletion(Operation):
             body=upstream,
             stream=stream,
             client_wants_usage=wants_usage,
-            prompt_bound=prompt_bound(body, info.context_window),
+            prompt_bound=prompt_bound(body, info.context_window, info.image_tokens),
             output_bound=output * choices,
         )
 

@@ -46,7 +46,7 @@ class Embedding(Operation):
             model=info,
             body=upstream,
             stream=False,
-            prompt_bound=prompt_bound(body, info.context_window * _count(given)),
+            prompt_bound=prompt_bound(body, info.context_window * _count(given), info.image_tokens),
             output_bound=0,
         )
 

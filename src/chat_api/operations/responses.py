@@ -78,7 +78,7 @@ class Response(Operation):
             model=info,
             body=upstream,
             stream=stream,
-            prompt_bound=window if continues else prompt_bound(body, window),
+            prompt_bound=window if continues else prompt_bound(body, window, info.image_tokens),
             output_bound=min(max_output or info.output_ceiling, info.output_ceiling),
         )
 
