@@ -11,6 +11,7 @@ import logging
 
 from starlette.types import Scope
 
+from chat_api import logs
 from chat_api.metrics import Metrics
 
 log = logging.getLogger("chat_api.access")
@@ -34,7 +35,6 @@ class RequestObserver:
         if not log.isEnabledFor(level):
             return
         fields: dict[str, object] = {
-            "_ids_only": True,
             "request_id": scope.get("state", {}).get("request_id"),
             "client": (scope.get("client") or ("?",))[0],  # behind trusted proxies: the real one
             "method": scope.get("method"),
@@ -53,4 +53,8 @@ class RequestObserver:
             }
         elif ctx is not None and ctx.caller is not None:
             fields["key_id"] = ctx.caller.key_id
-        log.log(level, "request", extra=fields)
+        handler = logs.sole_handler(log)
+        if handler is not None:  # ids and numbers only: no record, nothing to scrub
+            handler.add_fields(level, log.name, "request", fields)
+        else:
+            log.log(level, "request", extra={"_ids_only": True, **fields})
