@@ -67,7 +67,9 @@ class Prepared:
 
     `prompt_bound` is the most the upstream can bill for reading it and
     `output_bound` the most it may write (every choice together): what
-    budgets and token limits reserve before the call starts.
+    budgets and token limits reserve before the call starts. A response
+    that continues stored context has that context's images added to its
+    `prompt_bound` by its route, once it has looked them up.
     """
 
     operation: Operation
@@ -77,6 +79,7 @@ class Prepared:
     prompt_bound: int
     output_bound: int
     client_wants_usage: bool = False
+    media: int = 0  # images and PDF pages of its own input, read again if it is continued
 
     @property
     def worst_tokens(self) -> int:

@@ -109,8 +109,21 @@ class _Media:
     whole_context = False  # a file whose text cannot be measured here
 
 
-def prompt_bound(body: dict[str, Any], context_window: int, image_tokens: int) -> int:
+def prompt_bound(
+    body: dict[str, Any], context_window: int, image_tokens: int, *, whole_context: bool = False
+) -> int:
     """The most the upstream can bill for reading `body` (see the module docstring)."""
+    return measure(body, context_window, image_tokens, whole_context=whole_context)[0]
+
+
+def measure(
+    body: dict[str, Any], context_window: int, image_tokens: int, *, whole_context: bool = False
+) -> tuple[int, int]:
+    """`prompt_bound`, and how many images and PDF pages `body` holds (`media_parts`).
+
+    `whole_context`: the request continues stored context, which may fill the
+    window by itself; its own images and PDF pages still count on top.
+    """
     messages = body.get("messages")
     total = TOKENS_PER_REPLY
     if isinstance(messages, list):
@@ -119,11 +132,24 @@ def prompt_bound(body: dict[str, Any], context_window: int, image_tokens: int) -
     for name, value in body.items():
         if name not in NOT_READ:
             total += len(name) + _bound(value, media)
-    text = context_window if media.whole_context else min(total, context_window)
+    text = context_window if whole_context or media.whole_context else min(total, context_window)
     if not (media.images or media.pages or media.uncounted):
-        return text
+        return text, 0
     pages = max(media.pages, MAX_PDF_PAGES) if media.uncounted else media.pages
-    return text + media.images * (image_tokens + IMAGE_MARKER_TOKENS) + pages * image_tokens
+    bound = text + media.images * (image_tokens + IMAGE_MARKER_TOKENS) + pages * image_tokens
+    return bound, media.images + pages
+
+
+def media_parts(value: Any) -> int:
+    """The images and PDF pages in `value` (items, a message, a whole body)."""
+    media = _Media()
+    _bound(value, media)
+    return media.images + (max(media.pages, MAX_PDF_PAGES) if media.uncounted else media.pages)
+
+
+def stored_media_tokens(parts: int, image_tokens: int) -> int:
+    """What reading `parts` images and PDF pages again, in stored context, can be billed."""
+    return parts * (image_tokens + IMAGE_MARKER_TOKENS)
 
 
 def _bound(value: Any, media: _Media) -> int:

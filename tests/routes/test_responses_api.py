@@ -178,6 +178,130 @@ def test_a_budget_refuses_a_response_that_cannot_fit_and_priced_tools(
     assert fake.hits == hits
 
 
+def test_a_continued_response_is_reserved_its_new_images_on_top_of_the_window(
+    keyed: ServerThread, fake: FakeOpenAI
+) -> None:
+    """A response that continues stored context is reserved the model's whole window, and
+    the images and PDF pages of its new input on top: gpt-4o-mini bills 48,169 tokens an image.
+
+    Before, the window was all: two new images ($0.0145 on gpt-4o-mini) went unreserved,
+    and a $0.03 budget let through a call that could cost $0.034.
+    """
+    key, _ = make_key(keyed.url, budget_usd="0.03")
+    client = _client(keyed, key)
+    first = client.responses.create(model=MODEL, input="hi", max_output_tokens=16)
+    image = IMAGE
+    hits = fake.hits
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.responses.create(
+            model=MODEL,
+            input=[{"role": "user", "content": [image, image]}],  # type: ignore[list-item]
+            previous_response_id=first.id,
+            max_output_tokens=16,
+        )
+    assert "budget" in str(caught.value)
+    assert fake.hits == hits  # refused before anything was sent
+    # The same continuation without the images fits: the window alone is $0.0192.
+    follow = client.responses.create(
+        model=MODEL, input="go on", previous_response_id=first.id, max_output_tokens=16
+    )
+    assert follow.output_text and fake.hits == hits + 1
+
+
+IMAGE = {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo", "detail": "high"}
+
+
+def _refused_after(call: Any, most: int = 10) -> int:
+    """How many times `call` went through before a budget refused it."""
+    for done in range(most):
+        try:
+            call()
+        except openai.RateLimitError as refused:
+            assert "budget" in str(refused)
+            return done
+    raise AssertionError(f"still admitted after {most} calls")
+
+
+def _assert_billed_within_and_recorded(
+    server: ServerThread, fake: FakeOpenAI, key_id: str, budget: Decimal, calls: int
+) -> None:
+    assert fake.biller.total <= budget, fake.biller.total
+    _wait_for(lambda: _ledger(server, key_id)["requests"] == calls)
+    totals = _ledger(server, key_id)
+    billed = fake.biller.bills
+    assert totals["prompt_tokens"] == sum(b.prompt_tokens for b in billed)
+    assert totals["completion_tokens"] == sum(b.completion_tokens for b in billed)
+
+
+def test_continuing_a_response_is_reserved_the_images_of_its_earlier_turns(
+    keyed: ServerThread, fake: FakeOpenAI
+) -> None:
+    """OpenAI reads, and bills, a stored response's images again each time it is continued.
+
+    Before, a continuation was reserved the window alone ($0.0192 on gpt-4o-mini): with
+    five images in the first turn ($0.036 each time they are read), three calls were
+    billed $0.109 on a $0.10 budget.
+    """
+    budget = Decimal("0.10")
+    key, key_id = make_key(keyed.url, budget_usd=str(budget))
+    client = _client(keyed, key)
+    fake.biller.clear()
+    five = [{"role": "user", "content": [*[IMAGE] * 5, {"type": "input_text", "text": "look"}]}]
+    latest = [client.responses.create(model=MODEL, input=five, max_output_tokens=16)]  # type: ignore[arg-type]
+
+    def go_on() -> None:
+        latest.append(
+            client.responses.create(
+                model=MODEL, input="and?", previous_response_id=latest[-1].id, max_output_tokens=16
+            )
+        )
+
+    more = _refused_after(go_on)
+    assert more >= 1  # continuing is possible, as long as the images are paid for
+    assert all(bill.prompt_tokens > 5 * 48_000 for bill in fake.biller.bills)
+    _assert_billed_within_and_recorded(keyed, fake, key_id, budget, 1 + more)
+
+
+@pytest.mark.parametrize("how", ["created with", "added to", "sent in a response of"])
+def test_a_conversation_is_reserved_the_images_it_holds(
+    keyed: ServerThread, fake: FakeOpenAI, how: str
+) -> None:
+    """A conversation's images are read and billed by every response in it.
+
+    Before, reserved the window alone ($0.0192), a response in a conversation holding five
+    images ($0.036 each time they are read) went through with $0.024 left: two responses
+    were billed $0.072 on a $0.06 budget.
+    """
+    budget = Decimal("0.06")
+    key, key_id = make_key(keyed.url, budget_usd=str(budget))
+    client = _client(keyed, key)
+    fake.biller.clear()
+    message = {"type": "message", "role": "user", "content": [*[IMAGE] * 5]}
+    if how == "created with":
+        conversation = client.conversations.create(items=[message])  # type: ignore[list-item]
+    else:
+        conversation = client.conversations.create()
+    if how == "added to":
+        client.conversations.items.create(conversation.id, items=[message])  # type: ignore[list-item]
+    elif how == "sent in a response of":
+        client.responses.create(
+            model=MODEL,
+            input=[message],
+            conversation=conversation.id,
+            max_output_tokens=16,  # type: ignore[list-item]
+        )
+
+    def go_on() -> None:
+        client.responses.create(
+            model=MODEL, input="and?", conversation=conversation.id, max_output_tokens=16
+        )
+
+    more = _refused_after(go_on)
+    calls = more + (1 if how == "sent in a response of" else 0)
+    assert calls >= 1
+    _assert_billed_within_and_recorded(keyed, fake, key_id, budget, calls)
+
+
 def test_embeddings_and_compaction_follow_the_field_policy(
     gateway_factory: GatewayFactory, fake: FakeOpenAI
 ) -> None:

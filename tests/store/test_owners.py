@@ -128,3 +128,40 @@ def test_an_unknown_kind_is_refused(database_url: str) -> None:
             await OwnerStore(engine).record("file_1", "file", None)  # type: ignore[arg-type]
 
     run(database_url, check)
+
+
+def test_a_conversations_images_added_on_one_replica_are_counted_on_the_other(
+    database_url: str,
+) -> None:
+    """A response's count is fixed when it is stored; a conversation's grows, on any replica."""
+
+    async def check(engine: AsyncEngine, other: AsyncEngine) -> None:
+        one, two = OwnerStore(engine), OwnerStore(other)
+        await one.record("resp_m", "response", "key_1", media=5)
+        conversation = await one.record("conv_m", "conversation", "key_1", media=2)
+        seen_by_two = await two.owner_of("conv_m")  # cached there from now on
+        assert seen_by_two is not None
+        await asyncio.gather(one.add_media("conv_m", 3), two.add_media("conv_m", 4))
+        await one.add_media("conv_m", 0)  # nothing to count: no write
+        assert await one.media_of(conversation) == 9
+        assert await two.media_of(seen_by_two) == 9  # not the cached 2
+        response = await two.owner_of("resp_m")
+        assert response is not None and await two.media_of(response) == 5
+
+    run(database_url, check)
+
+
+def test_counting_images_into_a_conversation_never_fails_the_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It runs once the upstream has answered: an error then would lose a billed answer."""
+
+    async def main() -> None:
+        away = open_engine(f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/owners.db")
+        try:
+            await OwnerStore(away, timeout=2).add_media("conv_x", 3)  # no exception
+        finally:
+            await away.dispose()
+
+    asyncio.run(main())
+    assert "could not count a conversation's new images" in caplog.text

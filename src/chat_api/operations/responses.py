@@ -4,9 +4,12 @@ Its worst case: everything the model reads — `input` (text, images, files),
 `instructions`, `tools`, `text.format` schemas — plus `max_output_tokens`
 or else the model's own output ceiling. A request that continues stored
 context (`previous_response_id`, `conversation`) is bounded by the model's
-whole context window: the earlier turns are read again and billed again,
-and their size is known only upstream. Usage comes from the answer or from
-the final stream event (`response.completed`, `.incomplete`, `.failed`).
+whole context window (the earlier turns are read again and billed again,
+and their size is known only upstream), with the images and PDF pages of its
+new input on top, as for any request, and those of the stored context (which
+the gateway counts as it stores them: `store/owners.py`) added by the route.
+Usage comes from the answer or from the final stream event
+(`response.completed`, `.incomplete`, `.failed`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from chat_api.catalog import SAMPLING_FIELDS
 from chat_api.errors import BadRequest
 from chat_api.operations.base import Operation, positive_int, token_usage
 from chat_api.redact import redact
-from chat_api.tokens import prompt_bound
+from chat_api.tokens import measure
 
 # Stream events after which a response is in a final state, and its usage known.
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -72,14 +75,17 @@ class Response(Operation):
             for field in SAMPLING_FIELDS:
                 upstream.pop(field, None)
         continues = body.get("previous_response_id") or body.get("conversation")
-        window = info.context_window
+        bound, media = measure(
+            body, info.context_window, info.image_tokens, whole_context=bool(continues)
+        )
         return Prepared(
             operation=self,
             model=info,
             body=upstream,
             stream=stream,
-            prompt_bound=window if continues else prompt_bound(body, window, info.image_tokens),
+            prompt_bound=bound,
             output_bound=min(max_output or info.output_ceiling, info.output_ceiling),
+            media=media,
         )
 
     def usage(self, data: dict[str, Any]) -> tuple[int, int] | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 from typing import Any, TypeGuard
 from urllib.parse import quote
 
@@ -31,7 +32,7 @@ from fastapi import APIRouter, Request
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
-from chat_api.calls import Caller, Chunk
+from chat_api.calls import Caller, Chunk, Prepared
 from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import until_disconnect
@@ -48,7 +49,8 @@ from chat_api.routes.deps import (
 )
 from chat_api.routes.openai_compat import V1_ERRORS
 from chat_api.sse import EventStreamResponse, frame
-from chat_api.store.owners import Kind, OwnerStore
+from chat_api.store.owners import Kind, Owner, OwnerStore
+from chat_api.tokens import media_parts, stored_media_tokens
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], responses=V1_ERRORS)
 # The bodies follow OpenAI's API reference and are relayed as they are.
@@ -123,16 +125,27 @@ def _not_found(noun: str, object_id: str, param: str) -> NotFound:
     return NotFound(f"No {noun}{named} was found.", param=param, code=f"{noun}_not_found")
 
 
-async def _check_owner(request: Request, caller: Caller | None, object_id: str, kind: Kind) -> None:
-    """404, as if it did not exist, unless `object_id` may be an id and `caller` may see it."""
+async def _check_owner(
+    request: Request, caller: Caller | None, object_id: str, kind: Kind
+) -> Owner | None:
+    """404, as if it did not exist, unless `object_id` may be an id and `caller` may see it.
+
+    The owner, for a client key (None for the master key and with keys off: not looked up).
+    """
     param = "previous_response_id" if kind == "response" else "conversation"
     if not _is_id(object_id):
         raise _not_found(kind, object_id, param)  # for everyone: it is no id
-    if caller is None or caller.key_id is None:
-        return  # keys off, or the master key: everything
+    if not _is_client_key(caller):
+        return None  # keys off, or the master key: everything
     owner = await _owners(request).owner_of(object_id)
     if owner is None or owner.key_id != caller.key_id or owner.kind != kind:
         raise _not_found(kind, object_id, param)
+    return owner
+
+
+def _is_client_key(caller: Caller | None) -> TypeGuard[Caller]:
+    """A client key's call: the only kind with limits and budgets, and with owners to check."""
+    return caller is not None and caller.key_id is not None
 
 
 def _check_item_id(item_id: str) -> None:
@@ -174,15 +187,43 @@ def _conversation_id(body: dict[str, Any]) -> str | None:
     return conversation
 
 
-async def _check_references(request: Request, caller: Caller | None, body: dict[str, Any]) -> None:
+@dataclass(frozen=True, slots=True)
+class _Continued:
+    """The stored context a request continues: its images and PDF pages, and its conversation.
+
+    Counted for client keys only, whose calls have limits and budgets.
+    """
+
+    media: int = 0
+    conversation: str | None = None
+
+
+async def _check_references(
+    request: Request, caller: Caller | None, body: dict[str, Any]
+) -> _Continued:
     """Stored objects a request would read: each must be the caller's own."""
     _refuse_references(caller, body.get("input"), "input")
+    media = 0
     previous = body.get("previous_response_id")
     if isinstance(previous, str):
-        await _check_owner(request, caller, previous, "response")
+        owner = await _check_owner(request, caller, previous, "response")
+        media += owner.media if owner is not None else 0
     conversation = _conversation_id(body)
     if conversation is not None:
-        await _check_owner(request, caller, conversation, "conversation")
+        owner = await _check_owner(request, caller, conversation, "conversation")
+        media += await _owners(request).media_of(owner) if owner is not None else 0
+    return _Continued(media, conversation if _is_client_key(caller) else None)
+
+
+def _reserve_stored(prepared: Prepared, continued: _Continued) -> None:
+    """The stored context's images and PDF pages are read again, and billed again."""
+    prepared.prompt_bound += stored_media_tokens(continued.media, prepared.model.image_tokens)
+
+
+async def _count_into_conversation(request: Request, continued: _Continued, parts: int) -> None:
+    """The upstream took a request's input into its conversation: count its images there."""
+    if continued.conversation is not None:
+        await _owners(request).add_media(continued.conversation, parts)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -205,11 +246,13 @@ def _json(answer: Completion, headers: dict[str, str] | None = None) -> Response
     return Response(answer.raw, media_type="application/json", headers=headers)
 
 
-async def _record(request: Request, answer: Completion, kind: Kind, caller: Caller | None) -> None:
-    """Note who owns the object the upstream just made (see `_ownable`)."""
+async def _record(
+    request: Request, answer: Completion, kind: Kind, caller: Caller | None, media: int
+) -> None:
+    """Note who owns the object the upstream just made (see `_ownable`), and its media."""
     object_id = answer.data.get("id")
     if _ownable(object_id):
-        await _owners(request).record(object_id, kind, _key_of(caller))
+        await _owners(request).record(object_id, kind, _key_of(caller), media)
 
 
 @router.post("/responses", openapi_extra=_BODY)
@@ -220,12 +263,15 @@ async def create_response(request: Request, caller: CallingCallerDep) -> Respons
     engine = runtime.engine
     body = await _json_body(request)
     prepared = engine.responses.prepare(body, caller)
-    await _check_references(request, caller, body)
+    continued = await _check_references(request, caller, body)
+    _reserve_stored(prepared, continued)
     ctx = context(request, "/v1/responses", caller)
     keeps = body.get("store") is not False
+    media = continued.media + prepared.media  # what the new response's context holds
     if prepared.stream:
         events = await until_disconnect(request.receive, engine.stream(prepared, ctx))
-        recorder = _Recorder(_owners(request), _key_of(caller)) if keeps else None
+        await _count_into_conversation(request, continued, prepared.media)
+        recorder = _Recorder(_owners(request), _key_of(caller), media) if keeps else None
         return EventStreamResponse(
             _response_events(events, recorder),
             owner=events,
@@ -234,8 +280,9 @@ async def create_response(request: Request, caller: CallingCallerDep) -> Respons
             on_shutdown=_error_event(ServerStopping()),
         )
     completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
+    await _count_into_conversation(request, continued, prepared.media)
     if keeps:
-        await _record(request, completion, "response", caller)
+        await _record(request, completion, "response", caller, media)
     return _json(completion, _upstream_id(ctx.headers, completion.upstream_request_id))
 
 
@@ -245,7 +292,7 @@ async def compact_response(request: Request, caller: CallingCallerDep) -> Respon
     engine = engine_of(request)
     body = await _json_body(request)
     prepared = engine.compaction.prepare(body, caller)
-    await _check_references(request, caller, body)
+    _reserve_stored(prepared, await _check_references(request, caller, body))
     ctx = context(request, "/v1/responses/compact", caller)
     completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
     return _json(completion, _upstream_id(ctx.headers, completion.upstream_request_id))
@@ -332,7 +379,7 @@ async def create_conversation(request: Request, caller: CallerDep) -> Response:
     answer = relayed(
         await _provider(request).forward("POST", "/conversations", body, _request_id(request))
     )
-    await _record(request, answer, "conversation", caller)
+    await _record(request, answer, "conversation", caller, media_parts(body.get("items")))
     return _json(answer)
 
 
@@ -340,12 +387,14 @@ async def _conversation_call(
     request: Request, caller: Caller | None, conversation_id: str, method: str, rest: str = ""
 ) -> Response:
     """`rest` is a path below the conversation, its ids already `_segment`s."""
-    await _check_owner(request, caller, conversation_id, "conversation")
+    owner = await _check_owner(request, caller, conversation_id, "conversation")
     body = await _json_body(request) if method == "POST" else None
     if body is not None and rest == "/items":
         _refuse_references(caller, body.get("items"), "items")
     path = _with_query(f"/conversations/{_segment(conversation_id)}{rest}", request)
     answer = await _provider(request).forward(method, path, body, _request_id(request))
+    if body is not None and rest == "/items" and owner is not None:
+        await _owners(request).add_media(conversation_id, media_parts(body.get("items")))
     if method == "DELETE" and not rest:
         await _owners(request).forget(conversation_id)
     return _json(relayed(answer))
@@ -453,9 +502,10 @@ async def create_embeddings(request: Request, caller: CallingCallerDep) -> Respo
 class _Recorder:
     """Records the owner of a streamed response as soon as its id is known."""
 
-    def __init__(self, owners: OwnerStore, key_id: str | None) -> None:
+    def __init__(self, owners: OwnerStore, key_id: str | None, media: int) -> None:
         self.owners = owners
         self.key_id = key_id
+        self.media = media
         self.done = False
 
     def see(self, data: dict[str, Any]) -> None:
@@ -463,7 +513,7 @@ class _Recorder:
         if isinstance(response, dict) and isinstance(response.get("id"), str):
             self.done = True
             if _ownable(response["id"]):
-                self.owners.record_soon(response["id"], "response", self.key_id)
+                self.owners.record_soon(response["id"], "response", self.key_id, self.media)
 
 
 class _Replay:

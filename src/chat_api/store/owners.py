@@ -6,6 +6,14 @@ gateway. The gateway records the creating key of every id it hands out and
 answers 404 to anyone else. `key_id` is None for objects made with the master
 key, or while client keys are off.
 
+Each row also counts the images and PDF pages the object's context holds
+(`media`): a response that continues it has them read again, and billed
+again, so its reservation must include them. A response's count is fixed
+when it is stored (what it continued, plus its own input); a conversation's
+grows with every input added to it, counted before the input is sent
+(errs on the operator's side if the call then fails), and is read from the
+database each time it is needed, as another replica may have added to it.
+
 An owner never changes once recorded, so lookups are cached in process (an
 LRU of the most recent ids). Only ids that exist are cached: an id unknown
 here may be recorded a moment later by another replica. A cached owner that
@@ -22,11 +30,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, get_args
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chat_api.errors import ServiceUnavailable
 from chat_api.store.database import answering, as_utc, utcnow
 from chat_api.store.schema import owners
 
@@ -42,12 +51,13 @@ class Owner:
     kind: Kind
     key_id: str | None
     created_at: datetime
+    media: int = 0  # images and PDF pages in its context (a conversation's: when recorded)
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Owner:
         created = as_utc(row["created_at"])
         assert created is not None  # the column is NOT NULL
-        return cls(row["object_id"], row["kind"], row["key_id"], created)
+        return cls(row["object_id"], row["kind"], row["key_id"], created, row["media"])
 
 
 class OwnerStore:
@@ -62,59 +72,109 @@ class OwnerStore:
         self._cache_size = cache_size
         self._writing: set[asyncio.Task[None]] = set()
 
-    async def record(self, object_id: str, kind: Kind, key_id: str | None) -> Owner:
-        """Note that `key_id` created `object_id`; the first record of an id stands.
+    async def record(self, object_id: str, kind: Kind, key_id: str | None, media: int = 0) -> Owner:
+        """Note that `key_id` created `object_id`, whose context holds `media` images and
+        PDF pages; the first record of an id stands.
 
         Recording an id again (a retried call, a second replica) changes
         nothing and answers the owner already on file.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, not {kind!r}")
-        now = utcnow()
+        owner = Owner(object_id, kind, key_id, utcnow(), media)
         inserted = await answering(
-            self._timeout,
-            "Ownership cannot be recorded",
-            self._insert(object_id, kind, key_id, now),
+            self._timeout, "Ownership cannot be recorded", self._insert(owner)
         )
         if not inserted:
             existing = await self._load(object_id)
             if existing is None:  # recorded and forgotten in between: record it anew
-                return await self.record(object_id, kind, key_id)
+                return await self.record(object_id, kind, key_id, media)
             self._remember(existing)
             return existing
-        owner = Owner(object_id, kind, key_id, now)
         self._remember(owner)
         return owner
 
-    async def _insert(self, object_id: str, kind: Kind, key_id: str | None, now: datetime) -> bool:
+    async def _insert(self, owner: Owner) -> bool:
         """Whether the row went in (False: the id was recorded already)."""
         try:
             async with self._engine.begin() as connection:
                 await connection.execute(
                     insert(owners).values(
-                        object_id=object_id, kind=kind, key_id=key_id, created_at=now
+                        object_id=owner.object_id,
+                        kind=owner.kind,
+                        key_id=owner.key_id,
+                        created_at=owner.created_at,
+                        media=owner.media,
                     )
                 )
         except IntegrityError:
             return False
         return True
 
-    def record_soon(self, object_id: str, kind: Kind, key_id: str | None) -> None:
+    def record_soon(self, object_id: str, kind: Kind, key_id: str | None, media: int = 0) -> None:
         """Known to this process at once; written to the database in the background.
 
         For a stream: awaiting the write before relaying the first text cost
         its p99 seconds with hundreds of streams opening at once (bench/).
         """
-        self._remember(Owner(object_id, kind, key_id, utcnow()))
-        task = asyncio.get_running_loop().create_task(self._record_quietly(object_id, kind, key_id))
+        self._remember(Owner(object_id, kind, key_id, utcnow(), media))
+        task = asyncio.get_running_loop().create_task(
+            self._record_quietly(object_id, kind, key_id, media)
+        )
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
 
-    async def _record_quietly(self, object_id: str, kind: Kind, key_id: str | None) -> None:
+    async def _record_quietly(
+        self, object_id: str, kind: Kind, key_id: str | None, media: int
+    ) -> None:
         try:
-            await self.record(object_id, kind, key_id)
+            await self.record(object_id, kind, key_id, media)
         except Exception as exc:  # the cache still knows; other replicas will not
             log.warning("could not record an owner", extra={"error": type(exc).__name__})
+
+    async def media_of(self, owner: Owner) -> int:
+        """The images and PDF pages `owner`'s object holds now.
+
+        A response's count never changes; a conversation's is read again from
+        the database, since any replica may have added to it.
+        """
+        if owner.kind != "conversation":
+            return owner.media
+        return await answering(
+            self._timeout, "Ownership cannot be checked", self._select_media(owner.object_id)
+        )
+
+    async def _select_media(self, object_id: str) -> int:
+        async with self._engine.connect() as connection:
+            result = await connection.execute(
+                select(owners.c.media).where(owners.c.object_id == object_id)
+            )
+            media = result.scalar()
+        return int(media or 0)
+
+    async def add_media(self, object_id: str, parts: int) -> None:
+        """Count `parts` more images and PDF pages into a conversation.
+
+        Called once the upstream has answered: a database that is away then
+        must not turn an answered (and billed) call into an error, which
+        the client would send again. It is logged, and the count misses them.
+        """
+        if parts <= 0:
+            return
+        try:
+            await answering(
+                self._timeout, "Ownership cannot be changed", self._add_media(object_id, parts)
+            )
+        except ServiceUnavailable:
+            log.warning("could not count a conversation's new images", extra={"parts": parts})
+
+    async def _add_media(self, object_id: str, parts: int) -> None:
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                update(owners)
+                .where(owners.c.object_id == object_id)
+                .values(media=owners.c.media + parts)
+            )
 
     async def drain(self) -> None:
         """Wait for owners still being written (at shutdown)."""

@@ -68,4 +68,6 @@ owners = Table(
     Column("kind", String(16), nullable=False),
     Column("key_id", String(32), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Images and PDF pages the object's context holds, read again when it is continued.
+    Column("media", Integer, nullable=False, server_default="0"),
 )
