@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 import zlib
 from typing import Any
 
@@ -114,6 +115,29 @@ def test_pdf_pages_are_found_whatever_pdf_whitespace_is_between_type_and_page(
 def test_pdf_names_written_with_hex_escapes_are_pages_too() -> None:
     raw = _pdf(5).replace(b"/Type /Page /Parent", b"/Ty#70e /P#61ge /Parent")
     assert prompt_bound(_with_file(raw), 1_000_000) >= len(raw) + 5 * 1_445
+
+
+@pytest.mark.parametrize("leaf", [b"/Type /Page_", b"/Type\x0b/Page", b""], ids=repr)
+def test_a_pdf_counts_every_leaf_of_its_page_tree_whatever_its_type_says(leaf: bytes) -> None:
+    """A renderer takes every leaf under `/Kids` for a page: a hostile PDF whose leaves say
+    nothing (or something else) and whose `/Count` lies still has ten pages.
+
+    Before: no page found, one counted, and ten billed ($0.072 on a $0.05 budget).
+    """
+    raw = _pdf(10).replace(b"/Count 10", b"/Count 1").replace(b"/Type /Page /Parent", leaf)
+    assert b"/Type /Page " not in raw
+    assert prompt_bound(_with_file(raw), 1_000_000) >= len(raw) + 10 * 1_445
+    packed = raw.replace(b"] /Count", b"]/Count").replace(b" 0 R ", b" 0 R\n")
+    assert prompt_bound(_with_file(packed), 1_000_000) >= len(packed) + 10 * 1_445
+
+
+def test_reading_a_hostile_page_tree_takes_linear_time() -> None:
+    """Unclosed arrays, endless digits or references: each read once (the 2 MB limit does
+    the rest)."""
+    for hostile in (b"/Kids [" * 250_000, b"/Kids [" + b"1" * 1_900_000, b" R" * 900_000):
+        started = time.perf_counter()
+        prompt_bound(_with_file(b"%PDF-1.4\n/Kids [" + hostile), 1_000_000)
+        assert time.perf_counter() - started < 1.0
 
 
 def test_a_pdf_counts_its_largest_page_count_when_page_objects_say_fewer() -> None:

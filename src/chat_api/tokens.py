@@ -53,6 +53,10 @@ def _pdf_name(word: bytes) -> bytes:
 _PDF_SPACE = rb"[\x00\t\n\x0c\r ]*+(?:%[^\r\n]*+[\r\n][\x00\t\n\x0c\r ]*+)*+"
 _PDF_PAGE = re.compile(_pdf_name(b"Type") + _PDF_SPACE + _pdf_name(b"Page"))
 _PDF_COUNT = re.compile(_pdf_name(b"Count") + _PDF_SPACE + rb"\+?0*(\d{1,9})")
+# The page tree's `/Kids [3 0 R 4 0 R ...]`: a renderer takes every leaf for a page, whatever
+# its `/Type` says, so every reference in a Kids array counts (its inner nodes too: errs high).
+_PDF_KIDS = re.compile(_pdf_name(b"Kids") + _PDF_SPACE + rb"\[([^\[\]]*+)\]")
+_PDF_REFERENCE = re.compile(rb"(?<![^\x00\t\n\x0c\r \d])R")  # `3 0 R`: its R, in linear time
 # Objects packed in compressed streams (found through an xref stream) cannot be seen here.
 _PDF_HIDDEN = re.compile(_pdf_name(b"ObjStm") + b"|" + _pdf_name(b"XRef") + b"|/XRefStm")
 
@@ -196,7 +200,8 @@ def _file_bound(file: Any, media: _Media) -> int:
 
 
 def _pdf_pages(raw: bytes, media: _Media) -> int:
-    """The most pages a PDF can have by what is visible in it: its page objects or its counts.
+    """The most pages a PDF can have by what is visible in it: its page objects, its counts,
+    or the references in its page tree.
 
     Past `PDF_SCAN_BYTES` read in the request, files count as OpenAI's most pages,
     unread: on a hostile file the scans take about 55 ms a MB of the event loop.
@@ -209,7 +214,8 @@ def _pdf_pages(raw: bytes, media: _Media) -> int:
         media.uncounted = True
     objects = sum(1 for _ in _PDF_PAGE.finditer(raw))
     counts = (int(count) for count in _PDF_COUNT.findall(raw))
-    return max(objects, max(counts, default=0))
+    kids = sum(len(_PDF_REFERENCE.findall(found)) for found in _PDF_KIDS.findall(raw))
+    return max(objects, kids, max(counts, default=0))
 
 
 def tokens_for_chars(chars: int) -> int:

@@ -302,6 +302,75 @@ def test_a_conversation_is_reserved_the_images_it_holds(
     _assert_billed_within_and_recorded(keyed, fake, key_id, budget, calls)
 
 
+def _images_message(count: int) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": [*[IMAGE] * count]}
+
+
+@pytest.mark.parametrize("how", ["the client leaves", "the gateway times out"])
+def test_a_conversation_counts_the_images_of_a_call_that_ended_early(
+    gateway_factory: GatewayFactory, fake: FakeOpenAI, how: str
+) -> None:
+    """A call the client leaves (or the gateway stops waiting for) goes on upstream, and its
+    images join the conversation all the same: they are counted before the call is sent.
+
+    Before, counted once the answer was in: never, for such a call. Every later
+    response in the conversation was reserved without ten images ($0.072 each time
+    they are read): $0.145 billed on a $0.12 budget.
+    """
+    timeout = {"upstream_timeout": 0.5} if how == "the gateway times out" else {}
+    server = gateway_factory(master_key=MASTER, **timeout)
+    budget = Decimal("0.12")
+    key, key_id = make_key(server.url, budget_usd=str(budget))
+    client = _client(server, key)
+    conversation = client.conversations.create()
+    fake.biller.clear()
+    fake.queue(Plan(first_chunk_delay=1.0))  # the model takes a second
+    body = {"model": MODEL, "input": [_images_message(10)], "conversation": conversation.id}
+    with pytest.raises((httpx.TimeoutException, httpx.HTTPStatusError)):
+        answer = httpx.post(
+            server.url + "/v1/responses",
+            headers=auth(key),
+            json={**body, "max_output_tokens": 16},
+            timeout=0.3 if not timeout else 5,
+        )
+        answer.raise_for_status()  # the gateway's 504
+    # The upstream finishes it anyway: the images are in the conversation now.
+    _wait_for(lambda: len(fake.conversations.stored[conversation.id].items) >= 2)
+    _wait_for(lambda: _ledger(server, key_id)["requests"] == 1)
+
+    def go_on() -> None:
+        client.responses.create(
+            model=MODEL, input="and?", conversation=conversation.id, max_output_tokens=16
+        )
+
+    more = _refused_after(go_on)
+    assert fake.biller.total <= budget, fake.biller.total
+    _wait_for(lambda: _ledger(server, key_id)["requests"] == 1 + more)
+
+
+def test_a_refused_call_adds_no_images_to_its_conversation(
+    keyed: ServerThread, fake: FakeOpenAI
+) -> None:
+    """A call refused before it is sent (its budget) leaves its conversation's count as it was:
+    else each refused try would make the conversation dearer to continue."""
+    key, _ = make_key(keyed.url, budget_usd="0.03")
+    client = _client(keyed, key)
+    conversation = client.conversations.create()
+    for _ in range(3):
+        with pytest.raises(openai.RateLimitError):  # ten images: $0.072 at least
+            client.responses.create(
+                model=MODEL,
+                input=[_images_message(10)],  # type: ignore[list-item]
+                conversation=conversation.id,
+                max_output_tokens=16,
+            )
+    # The window alone ($0.0192) fits what is left: no image was counted.
+    answer = client.responses.create(
+        model=MODEL, input="hi", conversation=conversation.id, max_output_tokens=16
+    )
+    assert answer.output_text
+
+
 def test_embeddings_and_compaction_follow_the_field_policy(
     gateway_factory: GatewayFactory, fake: FakeOpenAI
 ) -> None:

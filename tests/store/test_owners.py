@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chat_api.errors import ServiceUnavailable
 from chat_api.store.database import migrate, open_engine
 from chat_api.store.owners import OwnerStore
 
@@ -151,17 +152,21 @@ def test_a_conversations_images_added_on_one_replica_are_counted_on_the_other(
     run(database_url, check)
 
 
-def test_counting_images_into_a_conversation_never_fails_the_call(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_count_that_cannot_be_written_refuses_before_and_is_logged_after(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """It runs once the upstream has answered: an error then would lose a billed answer."""
+    """Counted before a call is sent: a database that is away then is a 503, nothing sent.
+    Taken back after a refusal: a database away then is logged, and the count stays high."""
 
     async def main() -> None:
-        away = open_engine(f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/owners.db")
+        away = open_engine("postgresql://chat@127.0.0.1:9/none")  # nothing listens there
+        store = OwnerStore(away, timeout=2)
         try:
-            await OwnerStore(away, timeout=2).add_media("conv_x", 3)  # no exception
+            with pytest.raises(ServiceUnavailable):
+                await store.add_media("conv_x", 3, quiet=False)
+            await store.add_media("conv_x", -3)  # no exception
         finally:
             await away.dispose()
 
     asyncio.run(main())
-    assert "could not count a conversation's new images" in caplog.text
+    assert "could not take back a conversation's images" in caplog.text

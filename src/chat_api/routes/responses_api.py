@@ -32,7 +32,7 @@ from fastapi import APIRouter, Request
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
-from chat_api.calls import Caller, Chunk, Prepared
+from chat_api.calls import CallContext, Caller, Chunk, Prepared
 from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import until_disconnect
@@ -220,10 +220,29 @@ def _reserve_stored(prepared: Prepared, continued: _Continued) -> None:
     prepared.prompt_bound += stored_media_tokens(continued.media, prepared.model.image_tokens)
 
 
-async def _count_into_conversation(request: Request, continued: _Continued, parts: int) -> None:
-    """The upstream took a request's input into its conversation: count its images there."""
-    if continued.conversation is not None:
-        await _owners(request).add_media(continued.conversation, parts)
+async def _count_into_conversation(request: Request, continued: _Continued, parts: int) -> bool:
+    """Count a request's images into its conversation before it is sent; whether it did.
+
+    Before, not after: a call the client leaves goes on upstream and puts
+    its input into the conversation all the same, and a call running at the
+    same moment in the conversation must be reserved for them too. A
+    database that is away is a 503 here, with nothing sent.
+    """
+    if continued.conversation is None or parts <= 0:
+        return False
+    await _owners(request).add_media(continued.conversation, parts, quiet=False)
+    return True
+
+
+async def _uncount_if_not_taken(
+    request: Request, continued: _Continued, parts: int, ctx: CallContext, error: ChatAPIError
+) -> None:
+    """Take the count back if the call never reached OpenAI, or OpenAI refused it (4xx).
+
+    A call that failed any other way (timed out, 5xx) may have run: its count stays.
+    """
+    if continued.conversation is not None and (ctx.result is None or error.status < 500):
+        await _owners(request).add_media(continued.conversation, -parts)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -268,9 +287,18 @@ async def create_response(request: Request, caller: CallingCallerDep) -> Respons
     ctx = context(request, "/v1/responses", caller)
     keeps = body.get("store") is not False
     media = continued.media + prepared.media  # what the new response's context holds
+    counted = await _count_into_conversation(request, continued, prepared.media)
+    try:
+        if prepared.stream:
+            events = await until_disconnect(request.receive, engine.stream(prepared, ctx))
+        else:
+            call = engine.complete(prepared, ctx)
+            completion = relayed(await until_disconnect(request.receive, call))
+    except ChatAPIError as error:
+        if counted:
+            await _uncount_if_not_taken(request, continued, prepared.media, ctx, error)
+        raise
     if prepared.stream:
-        events = await until_disconnect(request.receive, engine.stream(prepared, ctx))
-        await _count_into_conversation(request, continued, prepared.media)
         recorder = _Recorder(_owners(request), _key_of(caller), media) if keeps else None
         return EventStreamResponse(
             _response_events(events, recorder),
@@ -279,8 +307,6 @@ async def create_response(request: Request, caller: CallingCallerDep) -> Respons
             headers=ctx.headers,
             on_shutdown=_error_event(ServerStopping()),
         )
-    completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
-    await _count_into_conversation(request, continued, prepared.media)
     if keeps:
         await _record(request, completion, "response", caller, media)
     return _json(completion, _upstream_id(ctx.headers, completion.upstream_request_id))
@@ -392,9 +418,16 @@ async def _conversation_call(
     if body is not None and rest == "/items":
         _refuse_references(caller, body.get("items"), "items")
     path = _with_query(f"/conversations/{_segment(conversation_id)}{rest}", request)
-    answer = await _provider(request).forward(method, path, body, _request_id(request))
-    if body is not None and rest == "/items" and owner is not None:
-        await _owners(request).add_media(conversation_id, media_parts(body.get("items")))
+    # New items' images are counted before they are sent, as a response's input is.
+    parts = media_parts(body.get("items")) if body is not None and rest == "/items" else 0
+    if owner is not None and parts:
+        await _owners(request).add_media(conversation_id, parts, quiet=False)
+    try:
+        answer = await _provider(request).forward(method, path, body, _request_id(request))
+    except ChatAPIError as error:
+        if owner is not None and parts and error.status < 500:  # OpenAI refused them
+            await _owners(request).add_media(conversation_id, -parts)
+        raise
     if method == "DELETE" and not rest:
         await _owners(request).forget(conversation_id)
     return _json(relayed(answer))

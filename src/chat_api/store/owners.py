@@ -11,8 +11,10 @@ Each row also counts the images and PDF pages the object's context holds
 again, so its reservation must include them. A response's count is fixed
 when it is stored (what it continued, plus its own input); a conversation's
 grows with every input added to it, counted before the input is sent
-(errs on the operator's side if the call then fails), and is read from the
-database each time it is needed, as another replica may have added to it.
+(taken back if the call was refused before it reached OpenAI, or by
+OpenAI; kept if it failed any other way, as it may have run), and is read
+from the database each time it is needed, as another replica may have
+added to it.
 
 An owner never changes once recorded, so lookups are cached in process (an
 LRU of the most recent ids). Only ids that exist are cached: an id unknown
@@ -152,21 +154,23 @@ class OwnerStore:
             media = result.scalar()
         return int(media or 0)
 
-    async def add_media(self, object_id: str, parts: int) -> None:
-        """Count `parts` more images and PDF pages into a conversation.
+    async def add_media(self, object_id: str, parts: int, *, quiet: bool = True) -> None:
+        """Count `parts` more (or, negative, fewer) images and PDF pages into a conversation.
 
-        Called once the upstream has answered: a database that is away then
-        must not turn an answered (and billed) call into an error, which
-        the client would send again. It is logged, and the count misses them.
+        `quiet=False` (before a call is sent): a database that is away is a
+        503, and nothing is sent. `quiet` (taking a count back after a
+        refusal): it is logged, and the count stays high.
         """
-        if parts <= 0:
+        if parts == 0:
             return
         try:
             await answering(
                 self._timeout, "Ownership cannot be changed", self._add_media(object_id, parts)
             )
         except ServiceUnavailable:
-            log.warning("could not count a conversation's new images", extra={"parts": parts})
+            if not quiet:
+                raise
+            log.warning("could not take back a conversation's images", extra={"parts": parts})
 
     async def _add_media(self, object_id: str, parts: int) -> None:
         async with self._engine.begin() as connection:
