@@ -7,9 +7,11 @@ a write to stderr for every request cost about a tenth of a call's CPU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any, TextIO
@@ -77,19 +79,23 @@ def _extras(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:
 
 
 class _SecondsCache:
-    """A record's time as text, worked out once a second rather than once a line."""
+    """A record's time as text, worked out once a second rather than once a line.
+
+    The second and its text are swapped in together (one assignment), so a
+    line formatted on another thread at the same moment never gets the text
+    of another second.
+    """
 
     def __init__(self, fmt: str) -> None:
         self._fmt = fmt
-        self._second = -1
-        self._text = ""
+        self._last: tuple[int, str] = (-1, "")
 
     def text(self, created: float) -> str:
         second = int(created)
-        if second != self._second:
-            self._text = time.strftime(self._fmt, time.localtime(second))
-            self._second = second
-        return self._text
+        last = self._last
+        if last[0] != second:
+            last = self._last = (second, time.strftime(self._fmt, time.localtime(second)))
+        return last[1]
 
 
 class LineFormatter(logging.Formatter):
@@ -210,11 +216,26 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
 
     def flush(self) -> None:
+        """Write what waits. A stream that fails (a closed or full pipe) is reported as
+        `logging` reports any handler's failure, and never raised into the request that
+        logged: those lines are lost."""
         with self.lock:  # type: ignore[union-attr]
             waiting, self._waiting = self._waiting, []
-            if waiting:
-                self.stream.write("\n".join(waiting) + "\n")
-            super().flush()
+            try:
+                if waiting:
+                    self.stream.write("\n".join(waiting) + "\n")
+                super().flush()
+            except Exception:
+                if waiting:  # nothing lost otherwise (a stream closed at exit, say): quiet
+                    _report_write_failure(len(waiting))
+
+
+def _report_write_failure(lines: int) -> None:
+    """What `Handler.handleError` does, without a record: a traceback on the real stderr."""
+    if logging.raiseExceptions and sys.__stderr__ is not None:
+        with contextlib.suppress(Exception):  # stderr itself is gone: nothing more to do
+            sys.__stderr__.write(f"--- Logging error: {lines} log lines could not be written ---\n")
+            traceback.print_exc(file=sys.__stderr__)
 
 
 def sole_handler(logger: logging.Logger) -> BatchedStreamHandler | None:
@@ -232,9 +253,16 @@ def sole_handler(logger: logging.Logger) -> BatchedStreamHandler | None:
     if parent.filters or parent.propagate or len(parent.handlers) != 1:
         return None
     handler = parent.handlers[0]
-    if isinstance(handler, BatchedStreamHandler) and isinstance(handler.formatter, LineFormatter):
-        return handler
-    return None
+    if not isinstance(handler, BatchedStreamHandler) or handler.level > logging.DEBUG:
+        return None
+    if not isinstance(handler.formatter, LineFormatter):
+        return None
+    if any(not isinstance(f, OWN_FILTERS) for f in handler.filters):
+        return None  # a filter someone added would be skipped
+    return handler
+
+
+OWN_FILTERS = (StopFilter, RedactingFilter)  # what they do to an access line: nothing
 
 
 def configure(level: str, fmt: str) -> None:

@@ -48,14 +48,22 @@ def _pdf_name(word: bytes) -> bytes:
     return b"/" + letters + rb"(?![^\x00\t\n\x0c\r ()<>\[\]{}/%])"
 
 
-# PDF whitespace and comments, which may stand between any two tokens (possessive, so
-# that a hostile run of them is read once, in linear time).
-_PDF_SPACE = rb"[\x00\t\n\x0c\r ]*+(?:%[^\r\n]*+[\r\n][\x00\t\n\x0c\r ]*+)*+"
+# PDF whitespace, which may stand between any two tokens (possessive: read once). Comments
+# may too: the patterns are also run on the text with its comments taken out (`_pdf_pages`),
+# as a pattern that skipped them itself would read a comment running to the end of a
+# hostile file again from every place a match could start, in quadratic time.
+_PDF_SPACE = rb"[\x00\t\n\x0c\r ]*+"
+_PDF_COMMENT = re.compile(rb"%[^\r\n]*+")
 _PDF_PAGE = re.compile(_pdf_name(b"Type") + _PDF_SPACE + _pdf_name(b"Page"))
 _PDF_COUNT = re.compile(_pdf_name(b"Count") + _PDF_SPACE + rb"\+?0*(\d{1,9})")
 # The page tree's `/Kids [3 0 R 4 0 R ...]`: a renderer takes every leaf for a page, whatever
 # its `/Type` says, so every reference in a Kids array counts (its inner nodes too: errs high).
-_PDF_KIDS = re.compile(_pdf_name(b"Kids") + _PDF_SPACE + rb"\[([^\[\]]*+)\]")
+# Given in place, or as a reference to an array object (`/Kids 3 0 R`).
+_PDF_ARRAY = rb"\[([^\[\]]*+)\]"
+_PDF_KIDS = re.compile(_pdf_name(b"Kids") + _PDF_SPACE + _PDF_ARRAY)
+_PDF_NUMBERS = rb"(?<!\d)(\d{1,10})[\x00\t\n\x0c\r ]++(\d{1,5})[\x00\t\n\x0c\r ]"
+_PDF_KIDS_ELSEWHERE = re.compile(_pdf_name(b"Kids") + _PDF_SPACE + _PDF_NUMBERS + rb"*+R")
+_PDF_ARRAY_OBJECT = re.compile(_PDF_NUMBERS + rb"++obj" + _PDF_SPACE + _PDF_ARRAY)
 _PDF_REFERENCE = re.compile(rb"(?<![^\x00\t\n\x0c\r \d])R")  # `3 0 R`: its R, in linear time
 # Objects packed in compressed streams (found through an xref stream) cannot be seen here.
 _PDF_HIDDEN = re.compile(_pdf_name(b"ObjStm") + b"|" + _pdf_name(b"XRef") + b"|/XRefStm")
@@ -100,6 +108,13 @@ NOT_READ = frozenset(
 )
 
 
+# Parts OpenAI reads as an image: a picture sent, a computer-use screenshot, an image a
+# response made (its stored context shows it to the model again).
+IMAGE_PARTS = frozenset(
+    {"image_url", "input_image", "computer_screenshot", "image_generation_call"}
+)
+
+
 class _Media:
     """What a request shows the model besides text: billed past the context window.
 
@@ -111,6 +126,10 @@ class _Media:
     scanned = 0  # bytes of files looked through for pages, in the whole request
     uncounted = False  # a PDF whose pages cannot be counted here
     whole_context = False  # a file whose text cannot be measured here
+
+    def parts(self) -> tuple[int, int]:
+        """The images, and the PDF pages (OpenAI's most for a PDF that cannot be counted)."""
+        return self.images, max(self.pages, MAX_PDF_PAGES) if self.uncounted else self.pages
 
 
 def prompt_bound(
@@ -139,16 +158,17 @@ def measure(
     text = context_window if whole_context or media.whole_context else min(total, context_window)
     if not (media.images or media.pages or media.uncounted):
         return text, 0
-    pages = max(media.pages, MAX_PDF_PAGES) if media.uncounted else media.pages
-    bound = text + media.images * (image_tokens + IMAGE_MARKER_TOKENS) + pages * image_tokens
-    return bound, media.images + pages
+    images, pages = media.parts()
+    bound = text + images * (image_tokens + IMAGE_MARKER_TOKENS) + pages * image_tokens
+    return bound, images + pages
 
 
 def media_parts(value: Any) -> int:
     """The images and PDF pages in `value` (items, a message, a whole body)."""
     media = _Media()
     _bound(value, media)
-    return media.images + (max(media.pages, MAX_PDF_PAGES) if media.uncounted else media.pages)
+    images, pages = media.parts()
+    return images + pages
 
 
 def stored_media_tokens(parts: int, image_tokens: int) -> int:
@@ -161,7 +181,7 @@ def _bound(value: Any, media: _Media) -> int:
         return len(value.encode("utf-8", "surrogatepass"))
     if isinstance(value, dict):
         kind = value.get("type")
-        if kind in ("image_url", "input_image"):
+        if kind in IMAGE_PARTS:
             media.images += 1
             return 0
         if kind in ("file", "input_file"):
@@ -212,10 +232,27 @@ def _pdf_pages(raw: bytes, media: _Media) -> int:
         return 0
     if _PDF_HIDDEN.search(raw):
         media.uncounted = True
+    # Read as it is, and without its comments: a comment may stand between any two tokens,
+    # and a `%` inside a string, which starts none, would take out the rest of its line.
+    return max(_visible_pages(raw), _visible_pages(_PDF_COMMENT.sub(b" ", raw)))
+
+
+def _visible_pages(raw: bytes) -> int:
+    """The most of: page objects, `/Count`s, and references in the page tree."""
     objects = sum(1 for _ in _PDF_PAGE.finditer(raw))
     counts = (int(count) for count in _PDF_COUNT.findall(raw))
-    kids = sum(len(_PDF_REFERENCE.findall(found)) for found in _PDF_KIDS.findall(raw))
-    return max(objects, kids, max(counts, default=0))
+    return max(objects, _page_tree_references(raw), max(counts, default=0))
+
+
+def _page_tree_references(raw: bytes) -> int:
+    """Every reference in the page tree's `/Kids` arrays (its inner nodes too: errs high)."""
+    total = sum(len(_PDF_REFERENCE.findall(found)) for found in _PDF_KIDS.findall(raw))
+    elsewhere = set(_PDF_KIDS_ELSEWHERE.findall(raw))
+    if elsewhere:
+        for number, generation, found in _PDF_ARRAY_OBJECT.findall(raw):
+            if (number, generation) in elsewhere:
+                total += len(_PDF_REFERENCE.findall(found))
+    return total
 
 
 def tokens_for_chars(chars: int) -> int:

@@ -153,3 +153,44 @@ def test_other_lines_are_written_at_once_after_the_waiting_ones(service_logs: Se
     lines = asyncio.run(moment()).splitlines()
     assert "request_id=first" in lines[0]
     assert lines[1].endswith("INFO uvicorn.error: Application shutdown complete.")
+
+
+def test_many_waiting_lines_or_no_event_loop_are_written_at_once(service_logs: Setup) -> None:
+    handler, stream = service_logs("plain")
+    handler.add_fields(logging.INFO, "chat_api.access", "request", {"request_id": "off-loop"})
+    assert stream.writes == 1  # no event loop: no timer to wait for
+
+    async def flood() -> int:
+        for i in range(handler.MAX_WAITING):
+            handler.add_fields(logging.INFO, "chat_api.access", "request", {"request_id": str(i)})
+        return stream.writes
+
+    assert asyncio.run(flood()) == 2  # the 500th line took all 500 out in one write
+
+
+def test_a_stream_that_fails_never_fails_the_request(
+    service_logs: Setup, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A full or closed stderr pipe: the lines are lost and said to be, the request goes on."""
+    handler, _ = service_logs("plain")
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BlockingIOError("stderr is full")
+
+    handler.setStream(Full())
+    handler.add_fields(logging.INFO, "chat_api.access", "request", {"request_id": "lost"})
+    logging.getLogger("chat_api").warning("and this one")  # through a record: no raise either
+    assert "--- Logging error: 1 log lines could not be written ---" in capfd.readouterr().err
+
+
+def test_a_filter_added_to_the_handler_gets_every_line(service_logs: Setup) -> None:
+    """The direct way skips the handler's filters: only while they are the service's own."""
+    handler, stream = service_logs("plain")
+    access = logging.getLogger("chat_api.access")
+    assert logs.sole_handler(access) is handler
+    handler.addFilter(lambda record: "hide-me" not in str(getattr(record, "request_id", "")))
+    assert logs.sole_handler(access) is None
+    scope = {"route": None, "state": {"request_id": "hide-me"}, "client": ("1.2.3.4", 1)}
+    RequestObserver(Metrics(None))(scope | {"method": "GET"}, 200, 0.001)
+    assert "hide-me" not in stream.getvalue()

@@ -30,9 +30,10 @@ from urllib.parse import quote
 import orjson
 from fastapi import APIRouter, Request
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from chat_api.calls import CallContext, Caller, Chunk, Prepared
+from chat_api.calls import Caller, Chunk, Prepared
 from chat_api.errors import BadRequest, ChatAPIError, NotFound, ServerStopping
 from chat_api.fastlane import hot
 from chat_api.http_responses import until_disconnect
@@ -189,19 +190,32 @@ def _conversation_id(body: dict[str, Any]) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class _Continued:
-    """The stored context a request continues: its images and PDF pages, and its conversation.
+    """The stored context a request continues, and what it counted into its conversation.
 
-    Counted for client keys only, whose calls have limits and budgets.
+    `media`: the images and PDF pages already in that context (its own input
+    not included), for a client key's call (the only kind with a budget).
+    `conversation` and `counted`: the request's own images and PDF pages,
+    counted into its conversation before it is sent (for any caller: a
+    backend with the master key may add to a client's conversation).
     """
 
     media: int = 0
     conversation: str | None = None
+    counted: int = 0
 
 
 async def _check_references(
-    request: Request, caller: Caller | None, body: dict[str, Any]
+    request: Request, caller: Caller | None, body: dict[str, Any], *, counting: int | None = None
 ) -> _Continued:
-    """Stored objects a request would read: each must be the caller's own."""
+    """Stored objects a request would read: each must be the caller's own.
+
+    `counting` (a call that is sent on): its own input's images and PDF pages,
+    counted into its conversation now, before it is sent, in the statement
+    that reads what the conversation held: a call the client leaves goes on
+    upstream and joins the conversation all the same, and a call at the same
+    moment in it is reserved for them. A database that is away is a 503 here,
+    with nothing sent. None (counting input tokens, not billed): no count.
+    """
     _refuse_references(caller, body.get("input"), "input")
     media = 0
     previous = body.get("previous_response_id")
@@ -209,10 +223,13 @@ async def _check_references(
         owner = await _check_owner(request, caller, previous, "response")
         media += owner.media if owner is not None else 0
     conversation = _conversation_id(body)
-    if conversation is not None:
-        owner = await _check_owner(request, caller, conversation, "conversation")
-        media += await _owners(request).media_of(owner) if owner is not None else 0
-    return _Continued(media, conversation if _is_client_key(caller) else None)
+    if conversation is None:
+        return _Continued(media)
+    await _check_owner(request, caller, conversation, "conversation")
+    if counting is None or (counting == 0 and not _is_client_key(caller)):
+        return _Continued(media)
+    media += await _owners(request).count_into(conversation, counting)
+    return _Continued(media, conversation, counting)
 
 
 def _reserve_stored(prepared: Prepared, continued: _Continued) -> None:
@@ -220,29 +237,17 @@ def _reserve_stored(prepared: Prepared, continued: _Continued) -> None:
     prepared.prompt_bound += stored_media_tokens(continued.media, prepared.model.image_tokens)
 
 
-async def _count_into_conversation(request: Request, continued: _Continued, parts: int) -> bool:
-    """Count a request's images into its conversation before it is sent; whether it did.
-
-    Before, not after: a call the client leaves goes on upstream and puts
-    its input into the conversation all the same, and a call running at the
-    same moment in the conversation must be reserved for them too. A
-    database that is away is a 503 here, with nothing sent.
-    """
-    if continued.conversation is None or parts <= 0:
-        return False
-    await _owners(request).add_media(continued.conversation, parts, quiet=False)
-    return True
-
-
-async def _uncount_if_not_taken(
-    request: Request, continued: _Continued, parts: int, ctx: CallContext, error: ChatAPIError
+async def _take_back_unless_sent(
+    request: Request, continued: _Continued, error: Exception, *, never_sent: bool
 ) -> None:
-    """Take the count back if the call never reached OpenAI, or OpenAI refused it (4xx).
+    """Take a count back if its call never reached OpenAI, or OpenAI refused it (4xx).
 
-    A call that failed any other way (timed out, 5xx) may have run: its count stays.
+    A call that failed any other way (timed out, 5xx, the client left once it
+    was sent) may have run: its count stays.
     """
-    if continued.conversation is not None and (ctx.result is None or error.status < 500):
-        await _owners(request).add_media(continued.conversation, -parts)
+    refused = isinstance(error, ChatAPIError) and error.status < 500
+    if continued.conversation is not None and continued.counted and (never_sent or refused):
+        await _owners(request).take_back(continued.conversation, continued.counted)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -282,21 +287,19 @@ async def create_response(request: Request, caller: CallingCallerDep) -> Respons
     engine = runtime.engine
     body = await _json_body(request)
     prepared = engine.responses.prepare(body, caller)
-    continued = await _check_references(request, caller, body)
+    continued = await _check_references(request, caller, body, counting=prepared.media)
     _reserve_stored(prepared, continued)
     ctx = context(request, "/v1/responses", caller)
     keeps = body.get("store") is not False
     media = continued.media + prepared.media  # what the new response's context holds
-    counted = await _count_into_conversation(request, continued, prepared.media)
     try:
         if prepared.stream:
             events = await until_disconnect(request.receive, engine.stream(prepared, ctx))
         else:
             call = engine.complete(prepared, ctx)
             completion = relayed(await until_disconnect(request.receive, call))
-    except ChatAPIError as error:
-        if counted:
-            await _uncount_if_not_taken(request, continued, prepared.media, ctx, error)
+    except (ChatAPIError, ClientDisconnect) as error:  # not admitted: never sent
+        await _take_back_unless_sent(request, continued, error, never_sent=ctx.result is None)
         raise
     if prepared.stream:
         recorder = _Recorder(_owners(request), _key_of(caller), media) if keeps else None
@@ -318,7 +321,7 @@ async def compact_response(request: Request, caller: CallingCallerDep) -> Respon
     engine = engine_of(request)
     body = await _json_body(request)
     prepared = engine.compaction.prepare(body, caller)
-    _reserve_stored(prepared, await _check_references(request, caller, body))
+    _reserve_stored(prepared, await _check_references(request, caller, body, counting=0))
     ctx = context(request, "/v1/responses/compact", caller)
     completion = relayed(await until_disconnect(request.receive, engine.complete(prepared, ctx)))
     return _json(completion, _upstream_id(ctx.headers, completion.upstream_request_id))
@@ -413,20 +416,21 @@ async def _conversation_call(
     request: Request, caller: Caller | None, conversation_id: str, method: str, rest: str = ""
 ) -> Response:
     """`rest` is a path below the conversation, its ids already `_segment`s."""
-    owner = await _check_owner(request, caller, conversation_id, "conversation")
+    await _check_owner(request, caller, conversation_id, "conversation")
     body = await _json_body(request) if method == "POST" else None
+    continued = _Continued()
     if body is not None and rest == "/items":
         _refuse_references(caller, body.get("items"), "items")
+        # New items' images are counted before they are sent, as a response's input is.
+        parts = media_parts(body.get("items"))
+        if parts:
+            await _owners(request).count_into(conversation_id, parts)
+            continued = _Continued(conversation=conversation_id, counted=parts)
     path = _with_query(f"/conversations/{_segment(conversation_id)}{rest}", request)
-    # New items' images are counted before they are sent, as a response's input is.
-    parts = media_parts(body.get("items")) if body is not None and rest == "/items" else 0
-    if owner is not None and parts:
-        await _owners(request).add_media(conversation_id, parts, quiet=False)
     try:
         answer = await _provider(request).forward(method, path, body, _request_id(request))
     except ChatAPIError as error:
-        if owner is not None and parts and error.status < 500:  # OpenAI refused them
-            await _owners(request).add_media(conversation_id, -parts)
+        await _take_back_unless_sent(request, continued, error, never_sent=False)
         raise
     if method == "DELETE" and not rest:
         await _owners(request).forget(conversation_id)

@@ -10,11 +10,10 @@ Each row also counts the images and PDF pages the object's context holds
 (`media`): a response that continues it has them read again, and billed
 again, so its reservation must include them. A response's count is fixed
 when it is stored (what it continued, plus its own input); a conversation's
-grows with every input added to it, counted before the input is sent
-(taken back if the call was refused before it reached OpenAI, or by
-OpenAI; kept if it failed any other way, as it may have run), and is read
-from the database each time it is needed, as another replica may have
-added to it.
+grows with every input added to it, counted before the input is sent and
+read in the same statement (`count_into`), on whichever replica; taken back
+(`take_back`) if the call was refused before it reached OpenAI, or by
+OpenAI, and kept if it failed any other way, as it may have run.
 
 An owner never changes once recorded, so lookups are cached in process (an
 LRU of the most recent ids). Only ids that exist are cached: an id unknown
@@ -53,7 +52,9 @@ class Owner:
     kind: Kind
     key_id: str | None
     created_at: datetime
-    media: int = 0  # images and PDF pages in its context (a conversation's: when recorded)
+    # Images and PDF pages in its context. A conversation's grows after it is recorded: this
+    # is the count it had then (cached), never to be read for money; `count_into` reads it.
+    media: int = 0
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Owner:
@@ -134,51 +135,44 @@ class OwnerStore:
         except Exception as exc:  # the cache still knows; other replicas will not
             log.warning("could not record an owner", extra={"error": type(exc).__name__})
 
-    async def media_of(self, owner: Owner) -> int:
-        """The images and PDF pages `owner`'s object holds now.
+    async def count_into(self, object_id: str, parts: int) -> int:
+        """Count `parts` more images and PDF pages into a conversation; what it held before.
 
-        A response's count never changes; a conversation's is read again from
-        the database, since any replica may have added to it.
+        One statement reads and adds, so two calls at once each see the
+        other's count, whichever adds first. A database that is away is a 503
+        (this runs before a call is sent). An id with no row (made before the
+        gateway counted, or not through it) holds none.
         """
-        if owner.kind != "conversation":
-            return owner.media
         return await answering(
-            self._timeout, "Ownership cannot be checked", self._select_media(owner.object_id)
+            self._timeout, "Ownership cannot be checked", self._add_media(object_id, parts)
         )
 
-    async def _select_media(self, object_id: str) -> int:
-        async with self._engine.connect() as connection:
-            result = await connection.execute(
-                select(owners.c.media).where(owners.c.object_id == object_id)
-            )
-            media = result.scalar()
-        return int(media or 0)
-
-    async def add_media(self, object_id: str, parts: int, *, quiet: bool = True) -> None:
-        """Count `parts` more (or, negative, fewer) images and PDF pages into a conversation.
-
-        `quiet=False` (before a call is sent): a database that is away is a
-        503, and nothing is sent. `quiet` (taking a count back after a
-        refusal): it is logged, and the count stays high.
-        """
-        if parts == 0:
-            return
+    async def take_back(self, object_id: str, parts: int) -> None:
+        """Take back a count whose call never ran; a database away then is only logged."""
         try:
             await answering(
-                self._timeout, "Ownership cannot be changed", self._add_media(object_id, parts)
+                self._timeout, "Ownership cannot be changed", self._add_media(object_id, -parts)
             )
         except ServiceUnavailable:
-            if not quiet:
-                raise
             log.warning("could not take back a conversation's images", extra={"parts": parts})
 
-    async def _add_media(self, object_id: str, parts: int) -> None:
+    async def _add_media(self, object_id: str, parts: int) -> int:
+        """Add `parts` (none: only read) and answer the count before them."""
+        column = owners.c.media
         async with self._engine.begin() as connection:
-            await connection.execute(
-                update(owners)
-                .where(owners.c.object_id == object_id)
-                .values(media=owners.c.media + parts)
-            )
+            if parts == 0:
+                found = await connection.execute(
+                    select(column).where(owners.c.object_id == object_id)
+                )
+            else:
+                found = await connection.execute(
+                    update(owners)
+                    .where(owners.c.object_id == object_id)
+                    .values(media=column + parts)
+                    .returning(column)
+                )
+            total = found.scalar()
+        return int(total) - parts if total is not None else 0
 
     async def drain(self) -> None:
         """Wait for owners still being written (at shutdown)."""
