@@ -22,8 +22,9 @@ from chat_api.redact import redact
 
 log = logging.getLogger("chat_api")
 
-_RECORD_FIELDS = len(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+_BLANK = logging.LogRecord("", 0, "", 0, "", (), None).__dict__
+_RECORD_FIELDS = len(_BLANK)
+_STANDARD = set(_BLANK) | {
     "message",
     "asctime",
     "color_message",  # uvicorn's coloured copy of the message
@@ -99,7 +100,10 @@ class _SecondsCache:
 
 
 class LineFormatter(logging.Formatter):
-    """A formatter whose lines can also be made from fields alone (`line`), without a record."""
+    """A formatter whose lines can also be made from fields alone (`line`), without a record.
+
+    `line` shows `fields` as given: a record's go through `_extras` first (no `_` ones).
+    """
 
     def line(
         self, created: float, level: int, logger: str, message: str, fields: dict[str, Any]
@@ -127,7 +131,7 @@ class JSONFormatter(LineFormatter):
             "logger": logger,
             "message": message,
         }
-        entry.update(item for item in fields.items() if not item[0].startswith("_"))
+        entry.update(fields)
         return orjson.dumps(entry, default=str).decode()
 
 
@@ -149,7 +153,7 @@ class PlainFormatter(LineFormatter):
         self, created: float, level: int, logger: str, message: str, fields: dict[str, Any]
     ) -> str:
         head = f"{self._time.text(created)} {logging.getLevelName(level)} {logger}: {message}"
-        return head + _plain_fields(item for item in fields.items() if not item[0].startswith("_"))
+        return head + _plain_fields(fields.items())
 
 
 def _plain_fields(fields: Iterable[tuple[str, Any]]) -> str:

@@ -298,7 +298,7 @@ async def create_response(request: Request, caller: CallingCallerDep) -> Respons
         else:
             call = engine.complete(prepared, ctx)
             completion = relayed(await until_disconnect(request.receive, call))
-    except (ChatAPIError, ClientDisconnect) as error:  # not admitted: never sent
+    except (ChatAPIError, ClientDisconnect) as error:  # no admission, no call: never sent
         await _take_back_unless_sent(request, continued, error, never_sent=ctx.result is None)
         raise
     if prepared.stream:

@@ -144,19 +144,19 @@ class OwnerStore:
         gateway counted, or not through it) holds none.
         """
         return await answering(
-            self._timeout, "Ownership cannot be checked", self._add_media(object_id, parts)
+            self._timeout, "Ownership cannot be checked", self._change_count(object_id, parts)
         )
 
     async def take_back(self, object_id: str, parts: int) -> None:
         """Take back a count whose call never ran; a database away then is only logged."""
         try:
             await answering(
-                self._timeout, "Ownership cannot be changed", self._add_media(object_id, -parts)
+                self._timeout, "Ownership cannot be changed", self._change_count(object_id, -parts)
             )
         except ServiceUnavailable:
             log.warning("could not take back a conversation's images", extra={"parts": parts})
 
-    async def _add_media(self, object_id: str, parts: int) -> int:
+    async def _change_count(self, object_id: str, parts: int) -> int:
         """Add `parts` (none: only read) and answer the count before them."""
         column = owners.c.media
         async with self._engine.begin() as connection:
