@@ -8,6 +8,7 @@ outcomes, never key material.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from prometheus_client import (
@@ -77,14 +78,17 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
-    def call_done(self, result: CallResult) -> None:
+    def call_done(self, result: CallResult, cost: Decimal | None = None) -> None:
+        """Count a finished call; `cost`: `result.cost`, when it was worked out already."""
+        if cost is None:
+            cost = result.cost
         self.series(self.calls, result.outcome).inc()
         if result.prompt_tokens:
             self.series(self.tokens, result.model, "prompt").inc(result.prompt_tokens)
         if result.completion_tokens:
             self.series(self.tokens, result.model, "completion").inc(result.completion_tokens)
-        if result.cost:
-            self.series(self.cost, result.model).inc(float(result.cost))
+        if cost:
+            self.series(self.cost, result.model).inc(float(cost))
         if result.first_token is not None:
             self.series(self.first_token, result.model).observe(result.first_token)
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -39,7 +40,7 @@ from chat_api.providers.probe import UpstreamProbe
 from chat_api.store.database import migrate, open_engine
 from chat_api.store.keycache import KeyCache, KeySetVersion
 from chat_api.store.keys import KeyStore
-from chat_api.store.ledger import Ledger, row_of
+from chat_api.store.ledger import Ledger
 from chat_api.store.owners import OwnerStore
 from chat_api.store.shared import Reachability, open_redis
 
@@ -127,9 +128,9 @@ async def open_runtime(
         )
         stack.push_async_callback(shared.close)  # after the last settlements, before Redis
 
-    def record(result: CallResult) -> None:
-        ledger.add(result)
-        metrics.call_done(result)
+    def record(result: CallResult, row: dict[str, Any]) -> None:
+        ledger.add(result, row)
+        metrics.call_done(result, row["cost_usd"])
 
     meter = KeyMeter(
         counter,
@@ -139,7 +140,6 @@ async def open_runtime(
         ledger.spent,
         default_max_in_flight=settings.max_in_flight,
         leases=leases,
-        row_of=row_of,
         shared=shared,
     )
     ledger.on_written = meter.rows_written

@@ -52,6 +52,7 @@ from chat_api.limits.shared_admission import (
     Ask,
     SharedAdmission,
 )
+from chat_api.store.ledger import row_of
 
 # What an unlimited call (the master key's, or any with keys off) is admitted as: no limit,
 # no slot, only its lease (its ledger row names no key, as the caller's own does).
@@ -61,7 +62,7 @@ log = logging.getLogger("chat_api.limits")
 
 MICRO = Decimal(1_000_000)
 
-Sink = Callable[[CallResult], None]
+Sink = Callable[[CallResult, dict[str, Any]], None]  # a call's result, and its ledger row
 SpentSince = Callable[..., Coroutine[Any, Any, Decimal]]  # (key id, since, *, queued)
 Recheck = Callable[[Caller], Awaitable[Caller]]
 
@@ -91,7 +92,7 @@ class _Recorded:
     meter: KeyMeter
 
     def settle(self, result: CallResult) -> None:
-        self.meter.sink(result)
+        self.meter.sink(result, self.meter.row_of(result))
 
 
 @dataclass(slots=True)
@@ -110,7 +111,9 @@ class _Limited:
     def settle(self, result: CallResult) -> None:
         result.call_id = self.call_id
         meter = self.meter
-        meter.sink(result)
+        row = meter.row_of(result)  # built once: queued for the ledger, and kept by the lease
+        meter.sink(result, row)
+        cost = to_micro(row["cost_usd"])
         if self.shared and meter.shared is not None:
             assert self.lease is not None  # admitted in one round trip: always under a lease
             meter.shared.settle(
@@ -120,26 +123,26 @@ class _Limited:
                     slot=self.in_flight,
                     window=self.token_window,
                     token_delta=result.total_tokens - self.tokens_reserved,
-                    budget_delta=to_micro(result.cost) - self.micro_reserved if self.bucket else 0,
+                    budget_delta=cost - self.micro_reserved if self.bucket else 0,
                     lease=self.lease,
-                    row=meter.row_of(result),
+                    row=row,
                 )
             )
         else:
-            meter.later(self._correct(result))
+            meter.later(self._correct(result, row, cost))
 
-    async def _correct(self, result: CallResult) -> None:
+    async def _correct(self, result: CallResult, row: dict[str, Any], cost: int) -> None:
         meter = self.meter
         if self.in_flight:
             await meter.in_flight.give_back(self.key_id, self.call_id)
         if self.token_window is not None:
             delta = result.total_tokens - self.tokens_reserved
             await meter.counter.add(f"tpm:{self.key_id}", self.token_window, delta)
-        delta = to_micro(result.cost) - self.micro_reserved if self.bucket is not None else 0
+        delta = cost - self.micro_reserved if self.bucket is not None else 0
         leases, lease = meter.leases, self.lease
         if leases is not None and lease is not None:
             try:
-                await leases.settle(lease, delta, meter.row_of(result))
+                await leases.settle(lease, delta, row)
             except BaseException:
                 leases.abandon(lease)  # the reaper settles it at its reservation
                 raise
@@ -160,7 +163,7 @@ class KeyMeter:
         *,
         default_max_in_flight: int,
         leases: RedisLeases | None = None,
-        row_of: Callable[[CallResult], dict[str, Any]] = lambda result: {},
+        row_of: Callable[[CallResult], dict[str, Any]] = row_of,
         shared: SharedAdmission | None = None,
     ) -> None:
         self.counter = counter

@@ -502,7 +502,7 @@ class SharedAdmission:
         token_delta: int,
         budget_delta: int,
         lease: Lease,
-        row: dict[str, object],
+        row: dict[str, Any],
     ) -> Settlement:
         """A call's corrections, noted on this replica, ready for `settle`."""
         holds_slot = slot and self.in_flight.released(key_id, call_id)
@@ -512,7 +512,7 @@ class SharedAdmission:
             self.counter.corrected(f"tpm:{key_id}", window, token_delta)
         else:
             token_delta = 0
-        lease_keys, encoded = self.leases.settling(lease, budget_delta, dict(row))
+        lease_keys, encoded = self.leases.settling(lease, budget_delta, row)
         keys = [self.in_flight.key(key_id), tpm_key, *lease_keys]
         args = [call_id, "1" if holds_slot else "0", str(token_delta), str(budget_delta), encoded]
         return Settlement(keys, args, lease)

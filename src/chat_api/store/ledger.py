@@ -123,13 +123,14 @@ class Ledger:
     def backlog(self) -> int:
         return len(self._pending)
 
-    def add(self, result: CallResult) -> None:
+    def add(self, result: CallResult, row: dict[str, Any] | None = None) -> None:
+        """Queue a call's row (`row_of(result)`, unless it was built already)."""
         if len(self._pending) >= MAX_PENDING:
             self._pending.popleft()
             self._off += 1
             self.dropped += 1
             self._say_dropped()
-        self._pending.append(row_of(result))
+        self._pending.append(row if row is not None else row_of(result))
         self._queued += 1
         if len(self._pending) >= self._batch:
             self._wake.set()
