@@ -60,7 +60,7 @@ class Guard:
             if token.startswith(KEY_PREFIX):
                 cached = self._keys.cached(digest) if call else None
                 if cached is not None and cached[0].usable(utcnow()):
-                    return cached[0].caller(key_version=cached[1])
+                    return cached[1]
                 # A database that is away or stalled is a 503 (try again), never a 500.
                 record = await self._keys.find(token, digest)
                 if record is not None and record.usable(utcnow()):

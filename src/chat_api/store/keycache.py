@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from chat_api.calls import Caller
 from chat_api.store.keys import KeyRecord, KeyStore
 from chat_api.store.shared import Reachability
 
@@ -108,6 +109,7 @@ class _Entry:
     record: KeyRecord
     version: Version
     read_at: float
+    caller: Caller  # what the record lets through, under this version: built once, not per call
 
 
 class KeyCache:
@@ -126,11 +128,12 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def cached(self, digest: str) -> tuple[KeyRecord, bytes] | None:
+    def cached(self, digest: str) -> tuple[KeyRecord, Caller] | None:
         """A key already in the cache, with the shared version to check it against; no I/O.
 
         Only with Redis, and only for a request whose admission checks that
-        version in its own round trip: None sends the caller to `find`.
+        version in its own round trip (the caller carries it): None sends the
+        caller to `find`.
         """
         token = self._seen[1]
         if token is None or self._seen[0] != self._version.local:
@@ -140,7 +143,7 @@ class KeyCache:
             return None
         if time.monotonic() - entry.read_at >= MAX_AGE:
             return None
-        return entry.record, token
+        return entry.record, entry.caller
 
     async def recheck(self, key_id: str) -> KeyRecord | None:
         """The key read again, after admission found that the key set changed."""
@@ -181,5 +184,6 @@ class KeyCache:
         if record is not None and version == self._seen:
             if len(self._entries) >= self._max:
                 del self._entries[next(iter(self._entries))]  # the oldest
-            self._entries[digest] = _Entry(record, version, read_at)
+            caller = record.caller(key_version=version[1])
+            self._entries[digest] = _Entry(record, version, read_at, caller)
         return record
