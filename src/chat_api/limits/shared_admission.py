@@ -221,15 +221,30 @@ class Batched:
         self._closed = False
 
     def submit(
-        self, op: Op, keys: list[str], args: list[str], orphaned: Orphaned | None = None
+        self,
+        op: Op,
+        keys: list[str],
+        args: list[str],
+        orphaned: Orphaned | None = None,
+        *,
+        idle: bool = False,
     ) -> asyncio.Future[Any]:
         """Queue one step; its answer comes on the future. `orphaned` gets the answer of
-        a step whose future was cancelled meanwhile (its caller left): it ran anyway."""
+        a step whose future was cancelled meanwhile (its caller left): it ran anyway.
+
+        `idle`: no other call is open on this replica, so no admission is coming
+        to ride with; the step goes once the answer that settled it is on its way
+        (two turns of the loop: after the task that awaits it has written it),
+        instead of in the next admission's run, where its time in Redis would
+        be that admission's wait.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((op, keys, args, future, orphaned))
         if op == "admit":
             self._kick()
+        elif not self._busy and idle:
+            loop.call_soon(loop.call_soon, self._kick)
         elif not self._busy and self._timer is None:
             self._timer = loop.call_later(AFTER_WAITS, self._kick)
         return future
@@ -397,6 +412,7 @@ class SharedAdmission:
     ) -> None:
         self._batch = Batched(redis, counter.reach)
         self._settling: set[asyncio.Future[Any]] = set()
+        self._open = 0  # calls admitted here and not settled yet
         leases.batched = lambda keys, ids: self._batch.submit("written", keys, ids)
         self.version_key = version_key
         self.counter = counter
@@ -459,6 +475,7 @@ class SharedAdmission:
             raise
         outcome, requests, tokens, spent = map(int, raw)
         if outcome == ADMITTED:
+            self._open += 1
             if ask.cap is not None:
                 self.in_flight.held(ask.key_id, ask.call_id)
             self.leases.taken(lease)
@@ -523,7 +540,8 @@ class SharedAdmission:
         A call whose settlement failed has its lease given up to the reaper,
         which settles it at its reservation (errs on the operator's side).
         """
-        sent = self._batch.submit("settle", settlement.keys, settlement.args)
+        self._open -= 1
+        sent = self._batch.submit("settle", settlement.keys, settlement.args, idle=self._open <= 0)
         self._settling.add(sent)
         sent.add_done_callback(functools.partial(self._settled, settlement.lease))
 
