@@ -73,7 +73,6 @@ class Engine:
         self._whole_answers: set[asyncio.Task[Completion]] = set()
         self._background: set[asyncio.Task[Any]] = set()  # background answers being watched
         self._stopping = False  # set by `drain`: no new watch, a background answer bills now
-        self._settling = 0  # whole answers read, their settlement due on the next turns
 
     def _provider(self) -> Provider:
         if self.provider is None:
@@ -132,27 +131,7 @@ class Engine:
             result.latency = time.monotonic() - started
             result.first_token = result.latency
             if settle_now:
-                self._settle_after_answer(admission, result)
-
-    def _settle_after_answer(self, admission: Admission, result: CallResult) -> None:
-        """Settle once the answer is on its way to the client, not before it.
-
-        Two turns of the loop: the task awaiting this answer wakes on the
-        next one and writes it; the settlement (the ledger row, the
-        corrections to send Redis) comes after, instead of in its way. At
-        shutdown it settles at once, and `drain` waits for any still due.
-        """
-        if self._stopping:
-            admission.settle(result)
-            return
-        self._settling += 1
-
-        def settle() -> None:
-            self._settling -= 1
-            admission.settle(result)
-
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, settle)
+                admission.settle(result)
 
     def watch(
         self,
@@ -244,10 +223,6 @@ class Engine:
             task.cancel()  # settles with an estimate: its finally runs
         if self._whole_answers or self._background:
             await asyncio.wait({*self._whole_answers, *self._background}, timeout=1.0)
-        for _ in range(10):  # settlements due on the next turns of the loop (two at most)
-            if not self._settling:
-                break
-            await asyncio.sleep(0)
 
 
 class CallStream:
