@@ -73,6 +73,7 @@ class Engine:
         self._whole_answers: set[asyncio.Task[Completion]] = set()
         self._background: set[asyncio.Task[Any]] = set()  # background answers being watched
         self._stopping = False  # set by `drain`: no new watch, a background answer bills now
+        self._settle_due = 0  # whole answers read, their settlement due in a turn or three
 
     def _provider(self) -> Provider:
         if self.provider is None:
@@ -131,7 +132,28 @@ class Engine:
             result.latency = time.monotonic() - started
             result.first_token = result.latency
             if settle_now:
-                admission.settle(result)
+                self._settle_after_answer(admission, result)
+
+    def _settle_after_answer(self, admission: Admission, result: CallResult) -> None:
+        """Settle once the answer is written to the client, not in its way.
+
+        The settlement (the ledger row, the corrections for Redis) is
+        exactly as it was, three turns of the loop later: the shield that
+        keeps this task from the client's cancellation passes the answer on
+        in one turn, the request's task wakes in the next and writes it. At
+        shutdown it settles at once, and `drain` waits for any still due.
+        """
+        if self._stopping:
+            admission.settle(result)
+            return
+        self._settle_due += 1
+
+        def settle() -> None:
+            self._settle_due -= 1
+            admission.settle(result)
+
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, loop.call_soon, settle)
 
     def watch(
         self,
@@ -223,6 +245,10 @@ class Engine:
             task.cancel()  # settles with an estimate: its finally runs
         if self._whole_answers or self._background:
             await asyncio.wait({*self._whole_answers, *self._background}, timeout=1.0)
+        for _ in range(10):  # settlements due in the next turns of the loop (three at most)
+            if not self._settle_due:
+                break
+            await asyncio.sleep(0)
 
 
 class CallStream:

@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from uvicorn.protocols.http import httptools_impl
 
+from chat_api.limits import admission
 from tests.conftest import GatewayFactory
 from tests.fakes.openai_server import DEFAULT_TEXT, FakeOpenAI, Plan
 from tests.keys.conftest import MASTER, auth, make_key
@@ -123,3 +125,34 @@ def test_a_key_sees_only_its_own_usage(postgres_url: str, gateway_factory: Gatew
         ).status_code
         == 400
     )
+
+
+def test_a_whole_answer_is_written_before_its_call_is_settled(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The settlement (the ledger row, the corrections) comes after the answer, not in its way,
+    and still once a call: /v1 and /chat, one after the other."""
+    server = gateway_factory()
+    port = httpx.URL(server.url).port
+    events: list[str] = []
+    settle, send = admission._Recorded.settle, httptools_impl.RequestResponseCycle.send
+
+    def settling(self: Any, result: Any) -> None:
+        events.append("settled")
+        settle(self, result)
+
+    async def sending(self: Any, message: Any) -> None:
+        last = message["type"] == "http.response.body" and not message.get("more_body")
+        if last and self.scope["server"][1] == port:  # the gateway's, not the fake upstream's
+            events.append("answered")
+        await send(self, message)
+
+    monkeypatch.setattr(admission._Recorded, "settle", settling)
+    monkeypatch.setattr(httptools_impl.RequestResponseCycle, "send", sending)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        assert httpx.post(server.url + "/v1/chat/completions", json=body).status_code == 200
+        assert httpx.post(server.url + "/chat", json={"message": "hi"}).status_code == 200
+    server.stop()
+    assert events == ["answered", "settled"] * 6
+    assert len(_rows(tmp_path)) == 6
