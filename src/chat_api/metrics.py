@@ -78,10 +78,8 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
-    def call_done(self, result: CallResult, cost: Decimal | None = None) -> None:
-        """Count a finished call; `cost`: `result.cost`, when it was worked out already."""
-        if cost is None:
-            cost = result.cost
+    def call_done(self, result: CallResult, cost: Decimal) -> None:
+        """Count a finished call; `cost` is `result.cost`, worked out once by the caller."""
         self.series(self.calls, result.outcome).inc()
         if result.prompt_tokens:
             self.series(self.tokens, result.model, "prompt").inc(result.prompt_tokens)

@@ -129,7 +129,7 @@ async def open_runtime(
         stack.push_async_callback(shared.close)  # after the last settlements, before Redis
 
     def record(result: CallResult, row: dict[str, Any]) -> None:
-        ledger.add(result, row)
+        ledger.add(row)
         metrics.call_done(result, row["cost_usd"])
 
     meter = KeyMeter(

@@ -14,7 +14,7 @@ from chat_api.calls import CallResult
 from chat_api.catalog import Catalog
 from chat_api.config import Settings
 from chat_api.store.database import migrate, open_engine
-from chat_api.store.ledger import Ledger
+from chat_api.store.ledger import Ledger, row_of
 
 ROWS = 600
 BATCH = 100
@@ -57,7 +57,7 @@ def test_rows_that_come_while_a_batch_is_written_wait_for_the_next_batch(tmp_pat
         ledger = Ledger(engine, flush_interval=60.0, batch_size=BATCH)
         ledger.start()
         for number in range(ROWS):
-            ledger.add(_result(catalog, number))
+            ledger.add(row_of(_result(catalog, number)))
             await asyncio.sleep(0.0005)  # calls keep coming while batches are written
         await ledger.close()
         await engine.dispose()

@@ -233,18 +233,15 @@ class Batched:
         a step whose future was cancelled meanwhile (its caller left): it ran anyway.
 
         `idle`: no other call is open on this replica, so no admission is coming
-        to ride with; the step goes once the answer that settled it is on its way
-        (two turns of the loop: after the task that awaits it has written it),
-        instead of in the next admission's run, where its time in Redis would
-        be that admission's wait.
+        to ride with; the step goes at once (a call settles once its answer is
+        written, engine.py), instead of in the next admission's run, where its
+        time in Redis would be that admission's wait.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((op, keys, args, future, orphaned))
-        if op == "admit":
+        if op == "admit" or idle:
             self._kick()
-        elif not self._busy and idle:
-            loop.call_soon(loop.call_soon, self._kick)
         elif not self._busy and self._timer is None:
             self._timer = loop.call_later(AFTER_WAITS, self._kick)
         return future

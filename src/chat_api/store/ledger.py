@@ -107,8 +107,8 @@ class Ledger:
         self._interval = flush_interval
         self._batch = batch_size
         self._pending: deque[dict[str, Any]] = deque()
-        self._queued = 0  # rows ever queued, and rows off the queue (written or dropped)
-        self._off = 0
+        self._queued = 0  # rows ever queued
+        self._off = 0  # rows off the queue, written or dropped: the front row's number
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -123,14 +123,14 @@ class Ledger:
     def backlog(self) -> int:
         return len(self._pending)
 
-    def add(self, result: CallResult, row: dict[str, Any] | None = None) -> None:
-        """Queue a call's row (`row_of(result)`, unless it was built already)."""
+    def add(self, row: dict[str, Any]) -> None:
+        """Queue a call's row (`row_of`)."""
         if len(self._pending) >= MAX_PENDING:
             self._pending.popleft()
             self._off += 1
             self.dropped += 1
             self._say_dropped()
-        self._pending.append(row if row is not None else row_of(result))
+        self._pending.append(row)
         self._queued += 1
         if len(self._pending) >= self._batch:
             self._wake.set()
