@@ -323,6 +323,55 @@ def test_the_steps_after_a_call_ride_with_the_next_admission(private_redis: Priv
     assert answers == [0, [1, 0, 0, "0"], 0]  # the releases had nothing to undo
 
 
+async def _admission_behind_a_slow_run(url: str) -> tuple[list[str], float]:
+    from redis.asyncio import Redis
+
+    from chat_api.limits.shared_admission import Batched
+
+    client = Redis.from_url(url)
+    batch = Batched(client)
+    sent = batch._send
+    order: list[str] = []
+
+    async def slow_after_calls(*line_and_steps: Any) -> list[Any]:
+        if all(step[0] != "admit" for step in line_and_steps[-1]):
+            await asyncio.sleep(0.3)  # a slow way to Redis for this run only
+        return await sent(*line_and_steps)
+
+    batch._send = slow_after_calls  # type: ignore[method-assign]
+    release = ["t:a", "t:b", "t:c", "t:d", "t:e"]
+    try:
+        first = batch.submit("release", release, ["c1", "1", "0"], idle=True)
+        await asyncio.sleep(0.01)  # on its way
+        second = batch.submit("release", release, ["c2", "1", "0"], idle=True)
+        now = time.time()
+        lease = [repr(now + 30), "60", "call_1", "estimate", "{}"]
+        keys = ["t:v", "t:r", "t:i", "t:t", "t:v", "t:lease:call_1", "t:leases", "t:epoch"]
+        args = ["", "", "", repr(now), repr(now + 1), "call_1", "3", "1", "", "0", "", "", *lease]
+        started = time.monotonic()
+        admitted = batch.submit("admit", keys, args)
+        for name, step in (("first", first), ("second", second), ("admit", admitted)):
+            step.add_done_callback(lambda _, name=name: order.append(name))
+        assert await admitted == [1, 0, 0, "0"]
+        waited = time.monotonic() - started
+        await asyncio.gather(first, second)
+        return order, waited
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+def test_an_admission_does_not_wait_behind_a_run_of_settlements(
+    private_redis: PrivateRedis,
+) -> None:
+    # A call's admission goes at once in a run of its own, even while the run before,
+    # with only what comes after other calls, is still on its way; the steps after calls
+    # still go one run at a time, in the order they were asked.
+    order, waited = asyncio.run(_admission_behind_a_slow_run(private_redis.url))
+    assert order == ["admit", "first", "second"]
+    assert waited < 0.2
+
+
 def test_many_calls_settling_together_hold_the_budget_and_leave_one_row_each(
     postgres_url: str,
     shared_redis: RedisPlace,

@@ -185,6 +185,20 @@ Orphaned = Callable[[Any], None]
 _Queued = tuple[Op, list[str], list[str], "asyncio.Future[Any]", Orphaned | None]
 
 
+class _Line:
+    """A connection of the batch's own, made when first needed (and again once lost)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self) -> None:
+        self.conn: AbstractConnection | None = None
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+
 class Batched:
     """One script run for every call that asks while a run is on its way.
 
@@ -197,14 +211,20 @@ class Batched:
     `AFTER_WAITS` for an admission to ride with, so calls one after the
     other cost one run each, not two (measured: 2.08 runs a call → 1.09).
 
-    The runs go over a connection of their own, made with the client's
-    settings (address, password, database, TLS), one at a time: one timeout
-    for the whole exchange instead of the client's task and timer for every
-    write and read, about 50 µs of CPU less per run. A connection that went
-    stale (closed by Redis or a proxy) is noticed before a run is sent and
-    replaced. A run is never sent twice: once it is on its way, a failure
-    is its callers' (it may have run), and an admission lost that way is
-    undone if it did run.
+    An admission never waits behind a run that carries none: while one
+    with only what comes after calls is on its way, the admissions go at
+    once in a second run, over a second connection. So at most two runs
+    are on their way, one of them with admissions; the steps after calls
+    stay in the order they were asked (one run of them at a time).
+
+    The runs go over connections of their own, made with the client's
+    settings (address, password, database, TLS), one run at a time on
+    each: one timeout for the whole exchange instead of the client's task
+    and timer for every write and read, about 50 µs of CPU less per run. A
+    connection that went stale (closed by Redis or a proxy) is noticed
+    before a run is sent and replaced. A run is never sent twice: once it
+    is on its way, a failure is its callers' (it may have run), and an
+    admission lost that way is undone if it did run.
     """
 
     def __init__(self, redis: Redis, reach: Reachability | None = None) -> None:
@@ -212,11 +232,13 @@ class Batched:
         self._reach = reach if reach is not None else Reachability(redis)
         self._sha = redis.register_script(_BATCH).sha
         self._queue: list[_Queued] = []
-        self._busy = False
-        self._flusher: asyncio.Task[None] | None = None
+        self._runs = 0  # flushers started and not finished: at most two
+        self._sent_admits = 0  # runs on their way with admissions
+        self._sent_after = 0  # runs on their way with steps after calls: at most one
+        self._flushers: set[asyncio.Task[None]] = set()
         pool = redis.connection_pool
         self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
-        self._line: AbstractConnection | None = None
+        self._lines: list[_Line] = []  # the idle ones
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -240,24 +262,41 @@ class Batched:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((op, keys, args, future, orphaned))
-        if op == "admit" or idle:
+        if op == "admit":
+            self._kick(admit=True)
+        elif idle:
             self._kick()
-        elif not self._busy and self._timer is None:
+        elif not self._runs and self._timer is None:
             self._timer = loop.call_later(AFTER_WAITS, self._kick)
         return future
 
-    def _kick(self) -> None:
+    def _kick(self, *, admit: bool = False) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._busy:
-            self._busy = True
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        # The one run on its way carries only steps after calls (else the flusher
+        # takes this admission with the next batch, as it does between two runs).
+        behind_after = self._runs == 1 and self._sent_after == 1 and not self._sent_admits
+        if not self._runs or (admit and behind_after):
+            self._runs += 1
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+
+    def _take(self) -> list[_Queued]:
+        """The next batch: every admission asked; the steps after calls unless another
+        run of them is on its way (it takes them once it is back)."""
+        if not self._sent_after:
+            batch, self._queue = self._queue, []
+            return batch
+        batch = [q for q in self._queue if q[0] == "admit"]
+        self._queue = [q for q in self._queue if q[0] != "admit"]
+        return batch
 
     async def _flush(self) -> None:
+        line = self._lines.pop() if self._lines else _Line()
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
+            while batch := self._take():
                 # An admission whose caller left before it was sent: nothing taken yet.
                 batch = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
                 if self._reach.away:
@@ -271,8 +310,12 @@ class Batched:
                     batch = [q for q in batch if q[0] != "admit"]
                 if not batch:
                     continue
+                admits = any(q[0] == "admit" for q in batch)
+                after = not all(q[0] == "admit" for q in batch)
+                self._sent_admits += admits
+                self._sent_after += after
                 try:
-                    answers: list[Any] = await self._send(batch)
+                    answers: list[Any] = await self._send(line, batch)
                     if not isinstance(answers, list) or len(answers) != len(batch):
                         raise ResponseError("the batch script answered out of step")
                 except Exception as exc:
@@ -282,6 +325,9 @@ class Batched:
                         future.cancel()
                     self._queue = []
                     raise
+                finally:
+                    self._sent_admits -= admits
+                    self._sent_after -= after
                 for (*_, future, orphaned), answer in zip(batch, answers, strict=True):
                     if isinstance(answer, dict):
                         answer = ResponseError(answer.get("err", "script error"))
@@ -296,19 +342,20 @@ class Batched:
                         except Exception as exc:  # a callback's failure must not stall the rest
                             log.warning("could not undo a step", extra={"error": repr(exc)})
         finally:
-            self._busy = False
+            self._runs -= 1
+            self._lines.append(line)
 
-    async def _send(self, batch: list[_Queued]) -> list[Any]:
+    async def _send(self, line: _Line, batch: list[_Queued]) -> list[Any]:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
         try:
-            raw = await self._run(payload)
+            raw = await self._run(line, payload)
         except NoScriptError:  # a Redis that lost its scripts (restarted): load it, again
             await self._redis.script_load(_BATCH)
-            raw = await self._run(payload)
+            raw = await self._run(line, payload)
         answers: list[Any] = orjson.loads(raw)
         return answers
 
-    async def _run(self, payload: bytes) -> Any:
+    async def _run(self, line: _Line, payload: bytes) -> Any:
         """One EVALSHA; a connection that went stale is replaced before the run is sent.
 
         Never sent twice: once it is on its way, a failure is the caller's
@@ -316,39 +363,34 @@ class Batched:
         """
         if self._closed:
             raise RedisConnectionError("closing")
-        line = self._line
-        if line is not None and line.is_connected and await line.can_read():
-            await self.close_line()  # closed by Redis (a restart, a proxy) or out of step
-            line = None
-        if line is None:
+        conn = line.conn
+        if conn is not None and conn.is_connected and await conn.can_read():
+            await line.close()  # closed by Redis (a restart, a proxy) or out of step
+            conn = None
+        if conn is None:
             pool = self._redis.connection_pool
             kwargs = {**pool.connection_kwargs, "socket_timeout": None}  # ours, below
-            line = self._line = pool.connection_class(**kwargs)
+            conn = line.conn = pool.connection_class(**kwargs)
         try:
             async with asyncio.timeout(self._timeout):
-                if not line.is_connected:
-                    await line.connect()  # type: ignore[no-untyped-call]
-                command = line.pack_command("EVALSHA", self._sha, 0, payload)
-                await line.send_packed_command(command, check_health=False)
-                return await line.read_response()
+                if not conn.is_connected:
+                    await conn.connect()  # type: ignore[no-untyped-call]
+                command = conn.pack_command("EVALSHA", self._sha, 0, payload)
+                await conn.send_packed_command(command, check_health=False)
+                return await conn.read_response()
         except ResponseError:
             raise  # Redis answered: the connection is fine
         except TimeoutError:
-            await self.close_line()
+            await line.close()
             self._reach.went_down()
             raise RedisTimeoutError("Redis did not answer a script run in time") from None
         except (RedisError, OSError):  # lost: what is left on it is unknown
-            await self.close_line()
+            await line.close()
             self._reach.went_down()
             raise
         except BaseException:  # cancelled mid-exchange: what is left on it is unknown
-            await self.close_line()
+            await line.close()
             raise
-
-    async def close_line(self) -> None:
-        line, self._line = self._line, None
-        if line is not None:
-            await line.disconnect(nowait=True)
 
     async def close(self) -> None:
         """At shutdown, after the last steps were answered (`SharedAdmission.drain`)."""
@@ -356,9 +398,10 @@ class Batched:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._flusher is not None and not self._flusher.done():
-            await asyncio.wait([self._flusher], timeout=self._timeout)
-        await self.close_line()
+        if self._flushers:
+            await asyncio.wait(list(self._flushers), timeout=self._timeout)
+        for line in self._lines:
+            await line.close()
 
 
 @dataclass(frozen=True, slots=True)
