@@ -343,7 +343,10 @@ class Batched:
                             log.warning("could not undo a step", extra={"error": repr(exc)})
         finally:
             self._runs -= 1
-            self._lines.append(line)
+            if self._closed:  # `close` gave up waiting for this run: its line goes too
+                await line.close()
+            else:
+                self._lines.append(line)
 
     async def _send(self, line: _Line, batch: list[_Queued]) -> list[Any]:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
