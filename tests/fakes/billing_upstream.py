@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class Behaviour:
     write: int | None = None  # tokens each choice writes; None: as many as allowed
     delay: float = 0.0  # before the answer starts
     token_interval: float = 0.0  # between streamed tokens
+    hold: threading.Event | None = None  # when set: answers wait until it is set
 
 
 class BillingUpstream:
@@ -38,6 +40,7 @@ class BillingUpstream:
         self.api_key = "sk-test-billing-upstream-0123456789abcdef"
         self.calls = 0
         self.closed_early = 0
+        self.held = 0  # calls waiting on `behaviour.hold` now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -64,6 +67,10 @@ class BillingUpstream:
         per_choice = min(output_limit(body), behaviour.write or output_limit(body))
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
+        if behaviour.hold is not None:
+            self.held += 1
+            await asyncio.to_thread(behaviour.hold.wait)
+            self.held -= 1
         if not body.get("stream"):
             bill.completion_tokens = per_choice * choices  # generated whether or not anyone reads
             usage = _usage(bill.prompt_tokens, bill.completion_tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -316,33 +317,51 @@ def test_tokens_per_minute_count_the_worst_case(
     assert billed <= tpm + one_call
 
 
+def _at_once(
+    fake: BillingUpstream, url: str, key: str, body: dict[str, Any], count: int
+) -> list[httpx.Response]:
+    """`count` calls at once: the admitted ones are held at the upstream until every call is
+    either refused or held there, so a slow machine cannot finish one before the next arrives."""
+    fake.behaviour.hold = threading.Event()
+    try:
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            futures = [
+                pool.submit(
+                    httpx.post,
+                    url + "/v1/chat/completions",
+                    json=body,
+                    headers=auth(key),
+                    timeout=30,
+                )
+                for _ in range(count)
+            ]
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if sum(future.done() for future in futures) + fake.held == count:
+                    break
+                time.sleep(0.01)
+            fake.behaviour.hold.set()
+            return [future.result() for future in futures]
+    finally:
+        fake.behaviour.hold = None
+
+
 def test_calls_in_flight_are_capped_per_key(
     start: Any, upstream: tuple[BillingUpstream, str]
 ) -> None:
     fake, _ = upstream
-    fake.behaviour.delay = 0.5
     gateway = start(max_in_flight=8)
     capped, _ = make_key(gateway.url, max_in_flight=3)
     default, _ = make_key(gateway.url)
     body = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
-    with ThreadPoolExecutor(max_workers=10) as pool:
-        futures = [
-            pool.submit(
-                httpx.post,
-                gateway.url + "/v1/chat/completions",
-                json=body,
-                headers=auth(capped),
-                timeout=30,
-            )
-            for _ in range(10)
-        ]
-        answers = [future.result() for future in futures]
+    answers = _at_once(fake, gateway.url, capped, body, 10)
     statuses = [answer.status_code for answer in answers]
     assert statuses.count(200) == 3 and statuses.count(429) == 7
     refused = next(answer for answer in answers if answer.status_code == 429)
     assert refused.json()["error"]["code"] == "too_many_calls_in_flight"
     assert int(refused.headers["retry-after"]) >= 1
-    assert _many(gateway.url, default, body, 12).count(200) == 8  # the server's default
+    statuses = [answer.status_code for answer in _at_once(fake, gateway.url, default, body, 12)]
+    assert statuses.count(200) == 8  # the server's default
     assert _post(gateway.url, capped, body) == 200  # the slots came back
     limits = httpx.get(gateway.url + "/usage", headers=auth(capped)).json()["limits"]
     assert limits["max_in_flight"] == 3
