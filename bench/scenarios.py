@@ -183,12 +183,17 @@ class Bench:
     # --- scenarios ------------------------------------------------------------------
 
     def sequential(self) -> None:
+        closed = self._seq1()
+        self._pair("seq_v1", closed)
+        self._pair("seq_chat", closed, {"path": "/chat", "body": CHAT_BODY})
+
+    def _seq1(self) -> dict[str, Any]:
+        """One client, non-streaming, each request sent when the last is answered."""
         p = self.profile
         self.upstream.configure(chunks=20, interval=0.0)
         closed = {"mode": "closed", "concurrency": 1, "requests": p["seq"], "duration": 120}
-        closed["warmup"] = p["seq_warmup"]
-        self._pair("seq_v1", {**closed, "body": V1_BODY})
-        self._pair("seq_chat", {**closed, "body": V1_BODY}, {"path": "/chat", "body": CHAT_BODY})
+        closed.update(warmup=p["seq_warmup"], body=V1_BODY)
+        return closed
 
     def _conc8(self) -> dict[str, Any]:
         """Eight clients, non-streaming, each sending its next request when the last is done."""
@@ -247,30 +252,30 @@ class Bench:
         try:
             env = {"CHAT_API_MASTER_KEY": MASTER_KEY, "CHAT_API_REDIS_URL": redis.url}
             self.fresh_gateway(env=env)
-            p = self.profile
-            self.upstream.configure(chunks=20, interval=0.0)
-            closed = {"mode": "closed", "concurrency": 1, "requests": p["seq"], "duration": 120}
-            closed["warmup"] = p["seq_warmup"]
             keyed = {"key": self.key}
-            self._pair("keys_seq_v1", {**closed, "body": V1_BODY}, keyed)
+            seq_direct = self._pair("keys_seq_v1", self._seq1(), keyed)["direct"]
             direct = self._pair("keys_conc8_v1", self._conc8(), keyed)["direct"]
-            self._keys_rounds(env, direct)
+            self._keys_rounds(env, seq_direct, direct)
         finally:
             self.stop()
             redis.stop()
             self.key = None
         self.fresh_gateway()  # keys off again for the scenarios after this one
 
-    def _keys_rounds(self, env: dict[str, str], direct: dict[str, Any]) -> None:
+    def _keys_rounds(
+        self, env: dict[str, str], seq_direct: dict[str, Any], direct: dict[str, Any]
+    ) -> None:
         """Keys off, then on, each on a fresh gateway, a few times: this machine's speed
-        moves between runs, so one pair may mislead; the medians of rounds taken in turn
-        much less (report.py: the `keys_rounds` rows, with the gateway's CPU per request).
+        moves between runs, so one pair may mislead (measured: a keys-off p50 of 0.40 ms
+        in one run, 0.80 in the next); the medians of rounds taken in turn much less
+        (report.py: the `keys_rounds` rows, with the gateway's CPU per request).
         """
         for i in range(1, self.profile["keys_rounds"] + 1):
-            self.fresh_gateway()
-            self._pair(f"keys_r{i}_off_conc8_v1", self._conc8(), direct=direct)
-            self.fresh_gateway(env=env)
-            self._pair(f"keys_r{i}_conc8_v1", self._conc8(), {"key": self.key}, direct=direct)
+            for env_on, infix in ((None, "_off"), (env, "")):
+                self.fresh_gateway(env=env_on)
+                keyed = {"key": self.key} if env_on else {}
+                self._pair(f"keys_r{i}{infix}_seq_v1", self._seq1(), keyed, direct=seq_direct)
+                self._pair(f"keys_r{i}{infix}_conc8_v1", self._conc8(), keyed, direct=direct)
 
     def streams(self) -> None:
         """Each size on `/v1/chat/completions` and on `/chat/stream`, against one direct run.
