@@ -330,15 +330,16 @@ async def _admission_behind_a_slow_run(url: str) -> tuple[list[str], float]:
 
     client = Redis.from_url(url)
     batch = Batched(client)
-    sent = batch._send
+    write = batch._write
     order: list[str] = []
 
-    async def slow_after_calls(*line_and_steps: Any) -> list[Any]:
-        if all(step[0] != "admit" for step in line_and_steps[-1]):
-            await asyncio.sleep(0.3)  # a slow way to Redis for this run only
-        return await sent(*line_and_steps)
+    def slow_after_calls(line: Any, command: list[bytes]) -> None:
+        if all(step[0] != "admit" for step in line.batch):  # a slow way to Redis for this run
+            asyncio.get_running_loop().call_later(0.3, write, line, command)
+        else:
+            write(line, command)
 
-    batch._send = slow_after_calls  # type: ignore[method-assign]
+    batch._write = slow_after_calls  # type: ignore[method-assign]
     release = ["t:a", "t:b", "t:c", "t:d", "t:e"]
     try:
         first = batch.submit("release", release, ["c1", "1", "0"], idle=True)

@@ -35,11 +35,12 @@ answer 503.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -185,18 +186,89 @@ Orphaned = Callable[[Any], None]
 _Queued = tuple[Op, list[str], list[str], "asyncio.Future[Any]", Orphaned | None]
 
 
-class _Line:
-    """A connection of the batch's own, made when first needed (and again once lost)."""
+class _Line(asyncio.Protocol):
+    """A connection of the batch's own, one run at a time on it, read as its answer arrives.
 
-    __slots__ = ("conn",)
+    redis-py makes the connection with the client's settings (address,
+    password, database, TLS, protocol version); then this protocol takes
+    its transport over. A run's answer is parsed in the loop's own callback
+    for the socket (`data_received`) and wakes its callers directly, with
+    no task waiting on the socket in between (measured on one client:
+    about 35 µs less a run than redis-py's read path behind a task).
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, answered: Callable[[_Line, Any], None]) -> None:
         self.conn: AbstractConnection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.batch: list[_Queued] | None = None  # the run on its way
+        self.timer: asyncio.TimerHandle | None = None
+        self._buffer = bytearray()
+        self._answered = answered
 
-    async def close(self) -> None:
-        conn, self.conn = self.conn, None
+    def take_over(self, conn: AbstractConnection) -> None:
+        writer = conn._writer  # the transport redis-py connected; read here from now on
+        assert writer is not None
+        self.conn, self.transport = conn, cast(asyncio.Transport, writer.transport)
+        self.transport.set_protocol(self)
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def write(self, command: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(command)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            reply = _reply(self._buffer)
+        except ValueError:
+            reply = (ResponseError("Redis answered out of step"), len(self._buffer))
+        if reply is None:
+            return  # the rest is on its way
+        answer, used = reply
+        del self._buffer[:used]
+        if self.batch is None or self._buffer:  # nothing was asked, or more than asked
+            self.close()
+            answer = RedisConnectionError("Redis answered out of step")
+        self._finish(answer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+        self._finish(RedisConnectionError("Redis closed the connection"))
+
+    def _finish(self, answer: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.batch is not None:
+            self._answered(self, answer)
+
+    def close(self) -> None:
+        conn, self.conn, self.transport = self.conn, None, None
         if conn is not None:
-            await conn.disconnect(nowait=True)
+            conn._close()  # type: ignore[no-untyped-call]  # the transport, and redis-py's note of it
+
+
+def _reply(buffer: bytearray) -> tuple[Any, int] | None:
+    """The first reply in `buffer` and its length, None while incomplete.
+
+    A script run answers a bulk string (the batch's JSON) or an error.
+    """
+    end = buffer.find(b"\r\n")
+    if end < 0:
+        return None
+    kind, head = buffer[:1], buffer[1:end].decode()
+    if kind == b"-":
+        error = NoScriptError if head.startswith("NOSCRIPT") else ResponseError
+        return error(head), end + 2
+    if kind != b"$":
+        raise ValueError(f"not an answer to a script run: {kind!r}")
+    stop = end + 2 + int(head)
+    if len(buffer) < stop + 2:
+        return None
+    return bytes(buffer[end + 2 : stop]), stop + 2
 
 
 class Batched:
@@ -217,14 +289,13 @@ class Batched:
     are on their way, one of them with admissions; the steps after calls
     stay in the order they were asked (one run of them at a time).
 
-    The runs go over connections of their own, made with the client's
-    settings (address, password, database, TLS), one run at a time on
-    each: one timeout for the whole exchange instead of the client's task
-    and timer for every write and read, about 50 µs of CPU less per run. A
-    connection that went stale (closed by Redis or a proxy) is noticed
-    before a run is sent and replaced. A run is never sent twice: once it
-    is on its way, a failure is its callers' (it may have run), and an
-    admission lost that way is undone if it did run.
+    A run is written to its connection (`_Line`) as soon as it is asked,
+    and its answer is handed out as it arrives; the next batch goes on the
+    same connection at once. One timer covers the whole exchange. A
+    connection that went stale (closed by Redis or a proxy) is noticed by
+    the loop and replaced before the next run. A run is never sent twice:
+    once it is on its way, a failure is its callers' (it may have run),
+    and an admission lost that way is undone if it did run.
     """
 
     def __init__(self, redis: Redis, reach: Reachability | None = None) -> None:
@@ -232,13 +303,16 @@ class Batched:
         self._reach = reach if reach is not None else Reachability(redis)
         self._sha = redis.register_script(_BATCH).sha
         self._queue: list[_Queued] = []
-        self._runs = 0  # flushers started and not finished: at most two
+        self._runs = 0  # connections busy (connecting, or a run on its way): at most two
         self._sent_admits = 0  # runs on their way with admissions
         self._sent_after = 0  # runs on their way with steps after calls: at most one
-        self._flushers: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # connecting, or loading the script
+        self._no_runs = asyncio.Event()
+        self._no_runs.set()
         pool = redis.connection_pool
         self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
         self._lines: list[_Line] = []  # the idle ones
+        self._busy: set[_Line] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -274,126 +348,163 @@ class Batched:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        # The one run on its way carries only steps after calls (else the flusher
-        # takes this admission with the next batch, as it does between two runs).
+        # The one run on its way carries only steps after calls (else this admission
+        # goes with the next batch on that connection, as it does between two runs).
         behind_after = self._runs == 1 and self._sent_after == 1 and not self._sent_admits
-        if not self._runs or (admit and behind_after):
+        if self._queue and (not self._runs or (admit and behind_after)):
             self._runs += 1
-            task = asyncio.get_running_loop().create_task(self._flush())
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
+            self._no_runs.clear()
+            while self._lines and not self._lines[-1].usable:  # closed while idle
+                self._lines.pop().close()
+            if self._lines:
+                self._next(self._lines.pop())
+            else:
+                self._background(self._connect(_Line(self._answered)))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _take(self) -> list[_Queued]:
         """The next batch: every admission asked; the steps after calls unless another
         run of them is on its way (it takes them once it is back)."""
         if not self._sent_after:
             batch, self._queue = self._queue, []
-            return batch
-        batch = [q for q in self._queue if q[0] == "admit"]
-        self._queue = [q for q in self._queue if q[0] != "admit"]
+        else:
+            batch = [q for q in self._queue if q[0] == "admit"]
+            self._queue = [q for q in self._queue if q[0] != "admit"]
+        # An admission whose caller left before it was sent: nothing taken yet.
+        batch = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
+        if self._reach.away:
+            # Admissions queued behind a run that was lost are not sent to wait out
+            # a timeout too: their calls fall back at once (never sent: nothing to
+            # undo, so not a `_LOST` error). What comes after a call (settling,
+            # undoing) is still sent, off the response path.
+            for q in batch:
+                if q[0] == "admit" and not q[3].done():
+                    q[3].set_exception(RedisError("Redis is away: not sent"))
+            batch = [q for q in batch if q[0] != "admit"]
         return batch
 
-    async def _flush(self) -> None:
-        line = self._lines.pop() if self._lines else _Line()
-        try:
-            while batch := self._take():
-                # An admission whose caller left before it was sent: nothing taken yet.
-                batch = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
-                if self._reach.away:
-                    # Admissions queued behind a run that was lost are not sent to wait out
-                    # a timeout too: their calls fall back at once (never sent: nothing to
-                    # undo, so not a `_LOST` error). What comes after a call (settling,
-                    # undoing) is still sent, off the response path.
-                    for q in batch:
-                        if q[0] == "admit" and not q[3].done():
-                            q[3].set_exception(RedisError("Redis is away: not sent"))
-                    batch = [q for q in batch if q[0] != "admit"]
-                if not batch:
-                    continue
-                admits = any(q[0] == "admit" for q in batch)
-                after = not all(q[0] == "admit" for q in batch)
-                self._sent_admits += admits
-                self._sent_after += after
-                try:
-                    answers: list[Any] = await self._send(line, batch)
-                    if not isinstance(answers, list) or len(answers) != len(batch):
-                        raise ResponseError("the batch script answered out of step")
-                except Exception as exc:
-                    answers = [exc] * len(batch)
-                except BaseException:  # cancelled (the loop is closing): nobody waits forever
-                    for *_, future, _ in batch + self._queue:
-                        future.cancel()
-                    self._queue = []
-                    raise
-                finally:
-                    self._sent_admits -= admits
-                    self._sent_after -= after
-                for (*_, future, orphaned), answer in zip(batch, answers, strict=True):
-                    if isinstance(answer, dict):
-                        answer = ResponseError(answer.get("err", "script error"))
-                    if not future.done():
-                        if isinstance(answer, Exception):
-                            future.set_exception(answer)
-                        else:
-                            future.set_result(answer)
-                    elif future.cancelled() and orphaned is not None:
-                        try:
-                            orphaned(answer)
-                        except Exception as exc:  # a callback's failure must not stall the rest
-                            log.warning("could not undo a step", extra={"error": repr(exc)})
-        finally:
-            self._runs -= 1
-            if self._closed:  # `close` gave up waiting for this run: its line goes too
-                await line.close()
-            else:
-                self._lines.append(line)
+    def _next(self, line: _Line) -> None:
+        """Send the next batch on `line`; with nothing to send, the line is idle again."""
+        batch = self._take() if not self._closed else []
+        if not batch or not line.usable:
+            self._done_with(line)
+            if batch:  # the line was lost meanwhile: a fresh one takes them
+                self._queue[:0] = batch
+                self._kick(admit=any(q[0] == "admit" for q in batch))
+            return
+        self._send(line, batch)
 
-    async def _send(self, line: _Line, batch: list[_Queued]) -> list[Any]:
+    def _send(self, line: _Line, batch: list[_Queued]) -> None:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
-        try:
-            raw = await self._run(line, payload)
-        except NoScriptError:  # a Redis that lost its scripts (restarted): load it, again
-            await self._redis.script_load(_BATCH)
-            raw = await self._run(line, payload)
-        answers: list[Any] = orjson.loads(raw)
-        return answers
+        line.batch = batch
+        self._busy.add(line)
+        self._sent_admits += any(q[0] == "admit" for q in batch)
+        self._sent_after += not all(q[0] == "admit" for q in batch)
+        if self._timeout is not None:
+            loop = asyncio.get_running_loop()
+            line.timer = loop.call_later(self._timeout, self._timed_out, line)
+        self._write(line, line.conn.pack_command("EVALSHA", self._sha, 0, payload))  # type: ignore[union-attr]
 
-    async def _run(self, line: _Line, payload: bytes) -> Any:
-        """One EVALSHA; a connection that went stale is replaced before the run is sent.
+    def _write(self, line: _Line, command: list[bytes]) -> None:
+        line.write(command)
 
-        Never sent twice: once it is on its way, a failure is the caller's
-        (the script may have run), as a timeout is.
-        """
-        if self._closed:
-            raise RedisConnectionError("closing")
-        conn = line.conn
-        if conn is not None and conn.is_connected and await conn.can_read():
-            await line.close()  # closed by Redis (a restart, a proxy) or out of step
-            conn = None
-        if conn is None:
-            pool = self._redis.connection_pool
-            kwargs = {**pool.connection_kwargs, "socket_timeout": None}  # ours, below
-            conn = line.conn = pool.connection_class(**kwargs)
+    def _timed_out(self, line: _Line) -> None:
+        line.timer = None
+        line.close()
+        self._answered(line, RedisTimeoutError("Redis did not answer a script run in time"))
+
+    def _answered(self, line: _Line, answer: Any) -> None:
+        batch, line.batch = line.batch, None
+        assert batch is not None
+        self._busy.discard(line)
+        self._sent_admits -= any(q[0] == "admit" for q in batch)
+        self._sent_after -= not all(q[0] == "admit" for q in batch)
+        if isinstance(answer, NoScriptError):  # a Redis that lost its scripts: load it again
+            self._background(self._reload(line, batch))
+            return
+        if isinstance(answer, (RedisConnectionError, RedisTimeoutError)):
+            line.close()  # what is left on it is unknown
+            self._reach.went_down()
+        self._deliver(batch, answer)
+        self._next(line)
+
+    def _deliver(self, batch: list[_Queued], raw: Any) -> None:
+        answers: list[Any]
+        if isinstance(raw, Exception):
+            answers = [raw] * len(batch)
+        else:
+            try:
+                answers = orjson.loads(raw)
+                if not isinstance(answers, list) or len(answers) != len(batch):
+                    raise ResponseError("the batch script answered out of step")
+            except (orjson.JSONDecodeError, ResponseError) as exc:
+                answers = [ResponseError(str(exc))] * len(batch)
+        for (*_, future, orphaned), answer in zip(batch, answers, strict=True):
+            if isinstance(answer, dict):
+                answer = ResponseError(answer.get("err", "script error"))
+            if not future.done():
+                if isinstance(answer, Exception):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+            elif future.cancelled() and orphaned is not None:
+                try:
+                    orphaned(answer)
+                except Exception as exc:  # a callback's failure must not stall the rest
+                    log.warning("could not undo a step", extra={"error": repr(exc)})
+
+    def _done_with(self, line: _Line) -> None:
+        self._runs -= 1
+        if line.usable and not self._closed:
+            self._lines.append(line)
+        else:
+            line.close()
+        if not self._runs:
+            self._no_runs.set()
+
+    async def _connect(self, line: _Line) -> None:
+        pool = self._redis.connection_pool
+        conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         try:
             async with asyncio.timeout(self._timeout):
-                if not conn.is_connected:
-                    await conn.connect()  # type: ignore[no-untyped-call]
-                command = conn.pack_command("EVALSHA", self._sha, 0, payload)
-                await conn.send_packed_command(command, check_health=False)
-                return await conn.read_response()
-        except ResponseError:
-            raise  # Redis answered: the connection is fine
-        except TimeoutError:
-            await line.close()
+                await conn.connect()  # type: ignore[no-untyped-call]
+            line.take_over(conn)
+        except (RedisError, OSError, TimeoutError) as exc:
             self._reach.went_down()
-            raise RedisTimeoutError("Redis did not answer a script run in time") from None
-        except (RedisError, OSError):  # lost: what is left on it is unknown
-            await line.close()
-            self._reach.went_down()
+            error: RedisError = (
+                exc
+                if isinstance(exc, RedisError)
+                else RedisTimeoutError("Redis did not answer in time")
+                if isinstance(exc, TimeoutError)
+                else RedisConnectionError(repr(exc))
+            )
+            self._deliver(self._take(), error)  # never sent: nothing ran
+            self._done_with(line)
+            return
+        except BaseException:  # cancelled (the loop is closing): nobody waits forever
+            for *_, future, _ in self._queue:
+                future.cancel()
+            self._queue = []
+            self._done_with(line)
             raise
-        except BaseException:  # cancelled mid-exchange: what is left on it is unknown
-            await line.close()
-            raise
+        self._next(line)
+
+    async def _reload(self, line: _Line, batch: list[_Queued]) -> None:
+        try:
+            await self._redis.script_load(_BATCH)
+        except (RedisError, OSError) as exc:
+            self._deliver(batch, exc)  # not run: NOSCRIPT ran nothing
+            self._next(line)
+            return
+        if line.usable and not self._closed:
+            self._send(line, batch)
+        else:
+            self._deliver(batch, RedisConnectionError("closing"))
+            self._next(line)
 
     async def close(self) -> None:
         """At shutdown, after the last steps were answered (`SharedAdmission.drain`)."""
@@ -401,10 +512,12 @@ class Batched:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._flushers:
-            await asyncio.wait(list(self._flushers), timeout=self._timeout)
-        for line in self._lines:
-            await line.close()
+        if self._runs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_runs.wait(), self._timeout)
+        for line in [*self._lines, *self._busy]:
+            line.close()
+        self._lines = []
 
 
 @dataclass(frozen=True, slots=True)
