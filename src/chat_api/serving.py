@@ -32,6 +32,7 @@ from chat_api.middleware import is_openai_dialect
 
 HEADER_TIMEOUT = 10.0
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; nginx allows 32 KiB by default
+LINGER = 2.0  # after a 431: how long what the client still sends is read and dropped
 
 
 def _too_large(openai_dialect: bool) -> bytes:
@@ -63,12 +64,15 @@ def _target(url: bytes, data: bytes) -> str:
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _header_bytes = 0
+    _lingering = False  # answered 431: what else the client sends is read and dropped
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if self._header_timer is not None:  # headers still awaited: count what they take
             # Only up to their end: a client may send a large body in the same write.
             end = data.find(b"\r\n\r\n")
@@ -78,7 +82,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 if not self.transport.is_closing():
                     path = _target(getattr(self, "url", b""), data)  # set per request by uvicorn
                     self.transport.write(_TOO_LARGE[is_openai_dialect(path)])
-                    self.transport.close()
+                    self._linger()
                 return
         super().data_received(data)
 
@@ -104,6 +108,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _linger(self) -> None:
+        """Close once the client has read the answer, not under it.
+
+        Closed at once with the rest of its headers still coming, the
+        connection is reset, and the client may lose the 431 before it reads
+        it (seen in one test run of three). So, as nginx does: the answer
+        and the end of what this side sends go out, what the client still
+        sends is read and dropped (never kept), and the connection closes
+        when the client closes its side, or after `LINGER` seconds.
+        """
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
