@@ -517,3 +517,16 @@ def test_a_burst_on_a_key_nobody_has_seen_is_not_taken_for_redis_being_away(
     statuses = asyncio.run(burst())
     assert statuses == [200] * count, {s: statuses.count(s) for s in set(statuses)}
     assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+
+
+def test_an_answer_out_of_step_counts_its_run_as_lost() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from chat_api.limits.shared_admission import _Line
+
+    answers: list[Any] = []
+    for garbage in (b"+OK\r\n", b"$-1\r\n", b"$2\r\nok\r\n$2\r\nok\r\n"):  # none a run's answer
+        line = _Line(lambda _, answer: answers.append(answer))
+        line.batch = []  # a run on its way
+        line.data_received(garbage)
+    assert [type(answer) for answer in answers] == [RedisConnectionError] * 3

@@ -223,13 +223,13 @@ class _Line(asyncio.Protocol):
         self._buffer += data
         try:
             reply = _reply(self._buffer)
-        except ValueError:
-            reply = (ResponseError("Redis answered out of step"), len(self._buffer))
+        except ValueError:  # not an answer to a script run
+            reply = (None, len(self._buffer))
         if reply is None:
             return  # the rest is on its way
         answer, used = reply
         del self._buffer[:used]
-        if self.batch is None or self._buffer:  # nothing was asked, or more than asked
+        if answer is None or self.batch is None or self._buffer:  # or nothing, or more, asked
             self.close()
             answer = RedisConnectionError("Redis answered out of step")
         self._finish(answer)
@@ -251,6 +251,12 @@ class _Line(asyncio.Protocol):
             conn._close()  # type: ignore[no-untyped-call]  # the transport, and redis-py's note of it
 
 
+def _kinds(batch: list[_Queued]) -> tuple[bool, bool]:
+    """Whether a batch carries admissions, and whether it carries steps after calls."""
+    admits = [q[0] == "admit" for q in batch]
+    return any(admits), not all(admits)
+
+
 def _reply(buffer: bytearray) -> tuple[Any, int] | None:
     """The first reply in `buffer` and its length, None while incomplete.
 
@@ -265,7 +271,10 @@ def _reply(buffer: bytearray) -> tuple[Any, int] | None:
         return error(head), end + 2
     if kind != b"$":
         raise ValueError(f"not an answer to a script run: {kind!r}")
-    stop = end + 2 + int(head)
+    size = int(head)
+    if size < 0:
+        raise ValueError("no answer (a null bulk string)")
+    stop = end + 2 + size
     if len(buffer) < stop + 2:
         return None
     return bytes(buffer[end + 2 : stop]), stop + 2
@@ -394,7 +403,7 @@ class Batched:
             self._done_with(line)
             if batch:  # the line was lost meanwhile: a fresh one takes them
                 self._queue[:0] = batch
-                self._kick(admit=any(q[0] == "admit" for q in batch))
+                self._kick(admit=_kinds(batch)[0])
             return
         self._send(line, batch)
 
@@ -402,8 +411,9 @@ class Batched:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
         line.batch = batch
         self._busy.add(line)
-        self._sent_admits += any(q[0] == "admit" for q in batch)
-        self._sent_after += not all(q[0] == "admit" for q in batch)
+        admits, after = _kinds(batch)
+        self._sent_admits += admits
+        self._sent_after += after
         if self._timeout is not None:
             loop = asyncio.get_running_loop()
             line.timer = loop.call_later(self._timeout, self._timed_out, line)
@@ -421,8 +431,9 @@ class Batched:
         batch, line.batch = line.batch, None
         assert batch is not None
         self._busy.discard(line)
-        self._sent_admits -= any(q[0] == "admit" for q in batch)
-        self._sent_after -= not all(q[0] == "admit" for q in batch)
+        admits, after = _kinds(batch)
+        self._sent_admits -= admits
+        self._sent_after -= after
         if isinstance(answer, NoScriptError):  # a Redis that lost its scripts: load it again
             self._background(self._reload(line, batch))
             return
