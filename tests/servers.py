@@ -87,15 +87,31 @@ def _close_open_sockets(loop: asyncio.AbstractEventLoop) -> list[str]:
     turns its "unclosed transport" warning into an error: the test would hang
     for 30 s without saying which connection it was.
     """
+    # By type name: `isinstance` wakes up lazy module proxies (seconds).
+    open_ = [t for t in gc.get_objects() if type(t).__name__ in _TRANSPORTS and not t.is_closing()]
     found = []
-    for thing in gc.get_objects():
-        if type(thing).__name__ not in _TRANSPORTS or thing.is_closing():
-            continue  # by type name: `isinstance` wakes up lazy module proxies (seconds)
+    for thing in open_:
         protocol = thing.get_protocol()
         if loop not in (getattr(protocol, "_loop", None), getattr(protocol, "loop", None)):
             continue  # another thread's (the fake upstream's, say)
         ends = thing.get_extra_info("sockname"), thing.get_extra_info("peername")
         kind = f"{type(protocol).__module__}.{type(protocol).__qualname__}"
-        found.append(f"{kind} {ends[0]} -> {ends[1]}")
+        found.append(f"{kind} {ends[0]} -> {ends[1]}, held by {_holders(thing, open_)}")
         thing.abort()
     return sorted(found)
+
+
+def _holders(transport: object, ours: list[Any], depth: int = 4) -> str:
+    """Who holds a transport left open, by type, a few steps up (`StreamWriter <-
+    Connection <- …`): enough to tell a pool's connection from one nothing keeps."""
+    chain: list[str] = []
+    thing, seen = transport, [ours]
+    frame = type(sys._getframe())
+    for _ in range(depth):
+        holders = [h for h in gc.get_referrers(thing) if not isinstance(h, frame) and h not in seen]
+        if not holders:
+            break
+        seen.append(holders)
+        thing = next((h for h in holders if not isinstance(h, dict)), holders[0])
+        chain.append(type(thing).__qualname__)
+    return " <- ".join(chain) or "nothing"

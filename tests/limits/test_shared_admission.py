@@ -332,10 +332,12 @@ async def _admission_behind_a_slow_run(url: str) -> tuple[list[str], float]:
     batch = Batched(client)
     write = batch._write
     order: list[str] = []
+    on_its_way = asyncio.Event()
 
     def slow_after_calls(line: Any, command: list[bytes]) -> None:
         if all(step[0] != "admit" for step in line.batch):  # a slow way to Redis for this run
             asyncio.get_running_loop().call_later(0.3, write, line, command)
+            on_its_way.set()
         else:
             write(line, command)
 
@@ -343,7 +345,7 @@ async def _admission_behind_a_slow_run(url: str) -> tuple[list[str], float]:
     release = ["t:a", "t:b", "t:c", "t:d", "t:e"]
     try:
         first = batch.submit("release", release, ["c1", "1", "0"], idle=True)
-        await asyncio.sleep(0.01)  # on its way
+        await asyncio.wait_for(on_its_way.wait(), 5)  # connected, and the run sent
         second = batch.submit("release", release, ["c2", "1", "0"], idle=True)
         now = time.time()
         lease = [repr(now + 30), "60", "call_1", "estimate", "{}"]
