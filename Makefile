@@ -32,7 +32,7 @@ check: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
-	$(BIN)/pytest -rs
+	$(BIN)/pytest -rs -n auto --maxprocesses 4 --dist loadfile
 
 ## Only the fault-injection suite, at full size.
 faults: $(VENV)/.installed-dev

@@ -1,4 +1,4 @@
-"""One headless Chromium for every browser test; each test opens pages in fresh contexts."""
+"""One headless Chromium for the browser tests; each test opens pages in fresh contexts."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from tests.web.chat_page import CHROMIUM_ARGS, Browser
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
+    """Closed once the browser tests are done: Playwright's sync API keeps an event loop
+    running in this thread meanwhile, and the next test's `asyncio.run` would refuse."""
     if not CHROMIUM.exists():
         pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
