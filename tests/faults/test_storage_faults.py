@@ -127,11 +127,15 @@ def _pg_rows(url: str) -> int:
 
 
 def _take_away(name: str) -> None:
-    """The database refuses new connections, and the gateway's are cut."""
+    """The database refuses new connections, and the gateway's are cut.
+
+    Each cut is waited for (up to 5 s): a connection whose server process had
+    not yet ended could still write a row on a busy machine.
+    """
     asyncio.run(
         _admin(
             f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false',
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "  # noqa: S608 (our own name)
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "  # noqa: S608
             f"WHERE datname = '{name}' AND pid <> pg_backend_pid()",
         )
     )
