@@ -133,7 +133,12 @@ def test_three_replicas_through_a_burst_a_redis_restart_and_a_hung_database(
     seen = [len(replica.logs()) for replica in replicas]
     private_redis.stop()
     private_redis.start()
-    assert [chat(url, budgeted).status_code for url in urls] == [200] * 3
+    after = [chat(url, budgeted) for url in urls]
+    assert [answer.status_code for answer in after] == [200] * 3, [
+        (answer.text, replica.logs()[before:][-3000:])
+        for answer, replica, before in zip(after, replicas, seen, strict=True)
+        if answer.status_code != 200
+    ]
     for replica, before in zip(replicas, seen, strict=True):
         assert "Redis unreachable" not in replica.logs()[before:]
 

@@ -222,6 +222,9 @@ def test_secrets_are_shown_once_and_stored_only_as_a_hash(
         ({"name": "x", "models": ["gpt-99"]}, "not in CHAT_API_MODELS"),
         ({"name": "x", "budget_period": "weekly"}, "budget_period"),
         ({"name": "x", "colour": "red"}, "Unknown field 'colour'"),
+        # Blank to Python or to JSON Schema's pattern: blank to both (OpenAPI says so too).
+        ({"name": "\x1e\x1e"}, "'name' is not valid: Value error, must not be blank"),
+        ({"name": " \ufeff\x85\t"}, "must not be blank"),
     ],
 )
 def test_bad_key_specs_are_refused_plainly(
@@ -305,3 +308,19 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_throttle(
         time.sleep(0.05)
     assert {"203.0.113.7", "203.0.113.8"} <= clients()
     assert not clients() & {f"10.9.9.{i}" for i in range(7)}
+
+
+def test_the_documented_name_pattern_and_the_check_agree_on_blank() -> None:
+    """The OpenAPI pattern refuses what the server refuses as blank, and no more."""
+    import re
+
+    from chat_api.blank import BLANKS, NOT_BLANK
+
+    pattern = re.compile(NOT_BLANK)
+    assert all(pattern.search(c) is None for c in BLANKS)
+    assert pattern.search("\x1e a") and pattern.search("é")
+    # JSON Schema's own `\s` (ECMA-262) is inside BLANKS, so the pattern can be read either way.
+    ecma_spaces = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".join(
+        map(chr, range(0x2000, 0x200B))
+    )
+    assert set(ecma_spaces) <= set(BLANKS)

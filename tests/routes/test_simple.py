@@ -140,6 +140,7 @@ def test_stream_error_after_start_is_an_error_event(client: httpx.Client, fake: 
         ("[1, 2]", 400, "JSON object"),
         ('{"model": "gpt-4o"}', 400, "'message' is required"),
         ('{"message": "   "}', 400, "'message' must not be blank"),
+        ('{"message": "\\u001e\\ufeff"}', 400, "'message' must not be blank"),
         ('{"message": 5}', 400, "'message' must be text"),
         ('{"message": "hi", "max_tokens": "10"}', 400, "'max_tokens' must be a whole number"),
         ('{"message": "hi", "temperature": 7}', 400, "'temperature' is out of range"),

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from chat_api.blank import NOT_BLANK, strip_blanks
 from chat_api.errors import BadRequest
 from chat_api.redact import redact
 
@@ -39,7 +40,7 @@ class ChatRequest(BaseModel):
 
     message: str = Field(
         description="The new user message. Required, not blank.",
-        json_schema_extra={"pattern": r"\S"},  # documents the not-blank check below
+        json_schema_extra={"pattern": NOT_BLANK},  # documents the not-blank check below
     )
     model: str | None = Field(default=None, description="A model from `GET /models`.")
     messages: list[SimpleMessage] = Field(
@@ -118,7 +119,7 @@ def parse_chat_request(data: Any) -> ChatRequest:
         request = ChatRequest.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(describe(exc)) from None
-    if not request.message.strip():
+    if not strip_blanks(request.message):
         raise BadRequest("'message' must not be blank.", param="message")
     return request
 

@@ -27,6 +27,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.expression import Executable
 
+from chat_api.blank import NOT_BLANK, strip_blanks
 from chat_api.calls import Caller
 from chat_api.errors import ChangeNotAnnounced
 from chat_api.store.database import answering, as_utc, utcnow
@@ -52,7 +53,7 @@ class KeySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, json_schema_extra={"pattern": r"\S"})
+    name: str = Field(min_length=1, max_length=200, json_schema_extra={"pattern": NOT_BLANK})
     models: list[str] = Field(default_factory=list, description="Allowed models; empty = all.")
     rpm: int | None = Field(
         default=None, ge=1, le=1_000_000_000, description="Requests per minute."
@@ -105,9 +106,10 @@ class KeySpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_not_blank(cls, value: str) -> str:
-        if not value.strip():
+        name = strip_blanks(value)
+        if not name:
             raise ValueError("must not be blank")
-        return value.strip()
+        return name
 
 
 @dataclass(frozen=True, slots=True)
