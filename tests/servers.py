@@ -108,7 +108,11 @@ def _holders(transport: object, ours: list[Any], depth: int = 4) -> str:
     thing, seen = transport, [ours]
     frame = type(sys._getframe())
     for _ in range(depth):
-        holders = [h for h in gc.get_referrers(thing) if not isinstance(h, frame) and h not in seen]
+        holders = [
+            h
+            for h in gc.get_referrers(thing)
+            if not isinstance(h, frame) and all(h is not s for s in seen)
+        ]
         if not holders:
             break
         seen.append(holders)

@@ -324,3 +324,4 @@ def test_the_documented_name_pattern_and_the_check_agree_on_blank() -> None:
         map(chr, range(0x2000, 0x200B))
     )
     assert set(ecma_spaces) <= set(BLANKS)
+    assert {c for c in map(chr, range(0x110000)) if c.isspace()} <= set(BLANKS)  # and Python's
