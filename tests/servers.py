@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from typing import Any
 
 import uvicorn
@@ -106,12 +107,11 @@ def _holders(transport: object, ours: list[Any], depth: int = 4) -> str:
     Connection <- …`): enough to tell a pool's connection from one nothing keeps."""
     chain: list[str] = []
     thing, seen = transport, [ours]
-    frame = type(sys._getframe())
     for _ in range(depth):
         holders = [
             h
             for h in gc.get_referrers(thing)
-            if not isinstance(h, frame) and all(h is not s for s in seen)
+            if not isinstance(h, types.FrameType) and all(h is not s for s in seen)
         ]
         if not holders:
             break

@@ -129,8 +129,7 @@ def _pg_rows(url: str) -> int:
 def _take_away(name: str) -> None:
     """The database refuses new connections, and the gateway's are cut.
 
-    Each cut is waited for (up to 5 s): a connection whose server process had
-    not yet ended could still write a row on a busy machine.
+    Each cut is waited for (up to 5 s), so the database is away when this returns.
     """
     asyncio.run(
         _admin(
