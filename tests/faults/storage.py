@@ -7,7 +7,9 @@ As root the server runs as the `postgres` user (PostgreSQL refuses root).
 
 `TcpProxy` forwards 127.0.0.1:<port> to a target; `hang()` stops passing
 bytes either way (connections stay open, as with a stalled server or a
-network that drops everything), `resume()` passes them again.
+network that drops everything), `resume()` passes them again; `forget()`
+drops every connection open now without telling the client, which learns it
+(a reset) only when it next sends, as from a NAT that timed the flow out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import pwd
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -77,6 +80,14 @@ class ThrowawayPostgres:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+class _Flow:
+    """One connection through the proxy: its two sides, and whether it was forgotten."""
+
+    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+        self.client, self.upstream = client, upstream
+        self.forgotten = False
+
+
 class TcpProxy:
     """A loopback TCP forwarder on its own event loop thread; see the module docstring."""
 
@@ -86,6 +97,7 @@ class TcpProxy:
         self.loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._flows: set[_Flow] = set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -112,18 +124,59 @@ class TcpProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-        )
+        flow = _Flow(writer, up_writer)
+        self._flows.add(flow)
+        try:
+            await asyncio.gather(
+                self._pipe(reader, up_writer, flow, from_client=True),
+                self._pipe(up_reader, writer, flow, from_client=False),
+                return_exceptions=True,
+            )
+        finally:
+            self._flows.discard(flow)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        flow: _Flow,
+        *,
+        from_client: bool,
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if flow.forgotten:
+                    if from_client:  # what a forgotten flow's client sends is answered RST
+                        sock = flow.client.get_extra_info("socket")
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                        flow.client.transport.abort()
+                    return
                 await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         finally:
-            writer.close()
+            if not flow.forgotten:
+                writer.close()
+            elif from_client:  # the client is done with a forgotten flow (left, or reset)
+                flow.client.close()
+
+    def forget(self) -> None:
+        """Forget every connection open now, as a NAT or load balancer that timed them out.
+
+        The target's side is closed; the client is told nothing until it next sends,
+        which is answered with a reset: a pooled connection gone stale without a FIN.
+        """
+
+        def forget_all() -> None:
+            for flow in list(self._flows):
+                flow.forgotten = True
+                flow.upstream.close()
+
+        done = threading.Event()
+        self.loop.call_soon_threadsafe(lambda: (forget_all(), done.set()))
+        done.wait(5)
 
     def hang(self) -> None:
         self.loop.call_soon_threadsafe(self._flowing.clear)

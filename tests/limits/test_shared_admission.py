@@ -27,6 +27,7 @@ import redis
 from tests.conftest import GatewayFactory
 from tests.fakes.billing_upstream import Behaviour, BillingUpstream
 from tests.fakes.openai_server import FakeOpenAI
+from tests.faults.storage import TcpProxy
 from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, make_key
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -532,3 +533,62 @@ def test_an_answer_out_of_step_counts_its_run_as_lost() -> None:
         line.batch = []  # a run on its way
         line.data_received(garbage)
     assert [type(answer) for answer in answers] == [RedisConnectionError] * 3
+
+
+def test_a_budgeted_call_right_after_redis_returns_is_served(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Redis down, then back: the next budgeted call is served at once.
+
+    While Redis is down a budgeted call gets 503 (money is not guessed), and
+    Redis counts as away; the first call after it returns asks it, instead of
+    waiting for the once-a-second probe (seen in the cluster test as
+    [503, 200, 200] when a settlement on its way noticed the restart first).
+    """
+    (gateway,) = _replicas(gateway_factory, postgres_url, private_redis.url, "t:", 1)
+    secret, _ = make_key(gateway.url, rpm=1000, budget_usd="50", budget_period="monthly")
+    for _ in range(3):
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+        private_redis.stop()
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 503
+        private_redis.start()
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+    for _ in range(3):  # restarted between two calls, a settlement perhaps on its way
+        private_redis.stop()
+        private_redis.start()
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+
+
+def test_a_run_on_a_connection_that_went_stale_goes_again_on_a_fresh_one(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A proxy between the gateway and Redis forgets its connections, telling nobody.
+
+    The gateway learns it from a reset when its next script run is sent: that
+    run goes once more on a fresh connection (every step is safe to run twice),
+    so the budgeted call is served, counted once, and Redis is not taken for away.
+    """
+    proxy = TcpProxy(private_redis.port)
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        (gateway,) = _replicas(gateway_factory, postgres_url, url, "t:", 1)
+        secret, key_id = make_key(gateway.url, rpm=1000, budget_usd="50")
+        caplog.set_level(logging.WARNING, "chat_api")
+        client = redis.Redis.from_url(private_redis.url)
+        for _ in range(3):
+            assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+            _quiet(client, key_id)
+            proxy.forget()
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+        _quiet(client, key_id)
+        window = int(time.time() // 60)
+        counted = sum(int(client.get(f"t:rpm:{key_id}:{w}") or 0) for w in (window - 1, window))
+        assert counted == 4  # each call counted once, the one sent twice too
+        assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+    finally:
+        proxy.stop()

@@ -35,10 +35,11 @@ from typing import Any, Protocol
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from chat_api import clock
 from chat_api.calls import CallContext, Caller, CallResult, Prepared, new_call_id
 from chat_api.errors import RateLimited
-from chat_api.limits.budgets import Budgets, period_bounds, utcnow
-from chat_api.limits.counters import Counter, this_minute
+from chat_api.limits.budgets import Budgets, Periods
+from chat_api.limits.counters import Counter, minute_of
 from chat_api.limits.in_flight import InFlight
 from chat_api.limits.leases import Lease, RedisLeases
 from chat_api.limits.shared_admission import (
@@ -178,6 +179,7 @@ class KeyMeter:
         self._default_max_in_flight = default_max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
         self._recorded = _Recorded(self)
+        self._periods = Periods()
 
     def later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(self._quietly(work))
@@ -214,7 +216,7 @@ class KeyMeter:
         if caller is None or caller.key_id is None:
             return await self._unlimited(ctx, prepared)
         shared = self.shared
-        if shared is not None and shared.ready:
+        if shared is not None and (shared.ready or await shared.counter.reach.answers_again()):
             try:
                 try:
                     return await self._admit_shared(ctx, caller, prepared, shared)
@@ -266,8 +268,9 @@ class KeyMeter:
         assert caller.key_id is not None
         key_id = caller.key_id
         call_id = new_call_id()
-        lease = Lease.of(call_id, key_id, ctx, prepared)
-        window, reset_in = this_minute()
+        now = clock.now()  # one reading for the window, the period, the lease and its hold
+        lease = Lease.of(call_id, key_id, ctx, prepared, now)
+        window, reset_in = minute_of(now)
         cap = self.cap_of(caller) if caller is not _UNLIMITED else None
         tokens = prepared.worst_tokens
         bucket: str | None = None
@@ -275,7 +278,7 @@ class KeyMeter:
         cost, limit, renews_in = 0, None, 0.0
         seed: Callable[[], Awaitable[int]] | None = None
         if caller.budget_usd is not None:
-            bucket, start, renews_in = period_bounds(caller.budget_period, utcnow())
+            bucket, start, renews_in = self._periods.bounds(caller.budget_period, now)
             limit = to_micro(caller.budget_usd)
             cost = max(1, to_micro(prepared.worst_cost))
             budget_key = shared.budgets.key(key_id, bucket)
@@ -290,6 +293,7 @@ class KeyMeter:
             tokens=tokens,
             tpm=caller.tpm,
             window=window,
+            now=now,
             budget_key=budget_key,
             cost=cost,
             budget_limit=limit,
@@ -411,7 +415,7 @@ class KeyMeter:
         lease: Lease | None = None,
     ) -> tuple[str, int]:
         assert caller.budget_usd is not None
-        bucket, start, reset_in = period_bounds(caller.budget_period, utcnow())
+        bucket, start, reset_in = self._periods.bounds(caller.budget_period, clock.now())
         limit = to_micro(caller.budget_usd)
         worst = max(1, to_micro(prepared.worst_cost))
         seed, committed = self._seeds(key_id, start)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import calendar
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import Redis
@@ -51,6 +51,26 @@ def period_bounds(period: str | None, now: datetime) -> tuple[str, datetime | No
         end = start + timedelta(days=days)
         return f"m{start:%Y%m}", start, (end - now).total_seconds()
     return "t", None, 86_400.0
+
+
+class Periods:
+    """`period_bounds` at a clock reading, worked out once a period instead of once a call.
+
+    A daily or monthly period is kept from its start to its end (clock
+    readings, so a test's moved clock moves into the next one).
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str | None, tuple[str, datetime | None, float, float]] = {}
+
+    def bounds(self, period: str | None, now: float) -> tuple[str, datetime | None, float]:
+        known = self._known.get(period)
+        if known is None or not known[2] <= now < known[3]:
+            bucket, start, reset_in = period_bounds(period, datetime.fromtimestamp(now, UTC))
+            if start is None:  # a total: one bucket, that never renews
+                return bucket, start, reset_in
+            known = self._known[period] = (bucket, start, start.timestamp(), now + reset_in)
+        return known[0], known[1], known[3] - now
 
 
 class Budgets(Protocol):

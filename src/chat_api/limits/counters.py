@@ -52,14 +52,10 @@ class Counter(Protocol):
         ...
 
 
-def _window(now: float) -> tuple[int, float]:
+def minute_of(now: float) -> tuple[int, float]:
+    """The window of the clock reading `now`, and the seconds until it ends."""
     window = int(now // WINDOW)
     return window, (window + 1) * WINDOW - now
-
-
-def this_minute() -> tuple[int, float]:
-    """The current window, and the seconds until it ends."""
-    return _window(clock.now())
 
 
 class MemoryCounter:
@@ -71,7 +67,7 @@ class MemoryCounter:
         return self.hit_now(name, amount, limit, whole=whole)
 
     def hit_now(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
-        window, reset = _window(clock.now())
+        window, reset = minute_of(clock.now())
         if window != self._last_window:
             self._counts = {k: v for k, v in self._counts.items() if k[1] >= window - 1}
             self._last_window = window
@@ -140,7 +136,7 @@ class RedisCounter:
             )
 
     async def hit(self, name: str, amount: int, limit: int, *, whole: bool = True) -> Hit:
-        window, reset = _window(clock.now())
+        window, reset = minute_of(clock.now())
         slot = (name, window)
         if not self.degraded:
             key = self.key(name, window)

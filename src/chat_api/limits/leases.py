@@ -101,18 +101,22 @@ return settle_lease(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
 )
 
 # Shared with the batch script of limits/shared_admission.py:
-# keys[index, lease...], ids[call id...] -> per lease 1 deleted, 0 marked written (not settled)
+# keys[index, lease...], ids[call id...] -> per lease 1 gone (deleted now, or before),
+# 0 marked written (not settled yet)
 LEASES_WRITTEN = """
 local function leases_written(keys, ids)
   local out = {}
   for i = 2, #keys do
-    if redis.call('HGET', keys[i], 'settled') == '1' then
+    local settled = redis.call('HGET', keys[i], 'settled')
+    if settled == '1' then
       redis.call('DEL', keys[i])
       redis.call('ZREM', keys[1], ids[i - 1])
       out[#out + 1] = 1
-    else
-      if redis.call('EXISTS', keys[i]) == 1 then redis.call('HSET', keys[i], 'written', '1') end
+    elseif redis.call('EXISTS', keys[i]) == 1 then
+      redis.call('HSET', keys[i], 'written', '1')
       out[#out + 1] = 0
+    else
+      out[#out + 1] = 1  -- gone already (its step ran twice, or it was reaped): nothing to keep
     end
   end
   return out
@@ -151,10 +155,18 @@ class Lease:
     written: bool = False
 
     @classmethod
-    def of(cls, call_id: str, key_id: str, ctx: CallContext, prepared: Prepared) -> Lease:
+    def of(
+        cls,
+        call_id: str,
+        key_id: str,
+        ctx: CallContext,
+        prepared: Prepared,
+        now: float | None = None,
+    ) -> Lease:
+        """`now`: the clock as the caller read it for this admission (read here if None)."""
         fields = {
             "key_id": key_id,
-            "at": repr(clock.now()),
+            "at": repr(clock.now() if now is None else now),
             "request_id": ctx.request_id,
             "endpoint": ctx.endpoint,
             "model": prepared.model.name,
@@ -165,14 +177,15 @@ class Lease:
         }
         return cls(call_id, key_id, fields)
 
-    def args(self, seconds: float) -> list[str]:
+    def args(self, seconds: float, now: float | None = None) -> list[str]:
         """ARGV for `WRITE_LEASE`: until, ttl, call id, then the hash's fields.
 
         The estimate is one field (`estimate`, JSON): one argument to send
         instead of eighteen, on every call's admission.
         """
         estimate = orjson.dumps(self.fields).decode()
-        return [repr(clock.now() + seconds), _LEASE_TTL, self.call_id, "estimate", estimate]
+        until = (clock.now() if now is None else now) + seconds
+        return [repr(until), _LEASE_TTL, self.call_id, "estimate", estimate]
 
 
 def estimated_row(call_id: str, fields: dict[str, str]) -> dict[str, Any]:

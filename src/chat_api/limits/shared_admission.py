@@ -49,7 +49,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chat_api import clock
 from chat_api.limits.budgets import RedisBudgets
 from chat_api.limits.counters import RedisCounter
 from chat_api.limits.in_flight import RedisInFlight
@@ -81,6 +80,10 @@ EPOCH_CHANGED = 7  # Redis lost its data since this replica last looked: put its
 _ADMIT = """
 local function admit(K, A)
   if A[12] ~= '' and redis.call('GET', K[8]) ~= A[12] then return {7, 0, 0, '0'} end
+  if redis.call('EXISTS', K[6]) == 1 then  -- its lease is there: admitted by a run sent twice
+    local requests = tonumber(redis.call('GET', K[2]) or '0')
+    return {1, requests, tonumber(redis.call('GET', K[4]) or '0'), '0'}
+  end
   if A[1] ~= '' and redis.call('GET', K[1]) ~= A[1] then return {0, 0, 0, 0} end
   local rpm = 0
   if A[2] ~= '' then
@@ -201,6 +204,8 @@ class _Line(asyncio.Protocol):
         self.conn: AbstractConnection | None = None
         self.transport: asyncio.Transport | None = None
         self.batch: list[_Queued] | None = None  # the run on its way
+        self.kinds = (False, False)  # its `_kinds`
+        self.answered = 0  # runs answered on this connection
         self.timer: asyncio.TimerHandle | None = None
         self._buffer = bytearray()
         self._answered = answered
@@ -311,6 +316,8 @@ class Batched:
         self._redis = redis
         self._reach = reach if reach is not None else Reachability(redis)
         self._sha = redis.register_script(_BATCH).sha
+        # `EVALSHA <sha> 0` as Redis reads a command (RESP), before the one argument.
+        self._evalsha = b"*4\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % self._sha.encode()
         self._queue: list[_Queued] = []
         self._runs = 0  # connections busy (connecting, or a run on its way): at most two
         self._sent_admits = 0  # runs on their way with admissions
@@ -411,13 +418,13 @@ class Batched:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
         line.batch = batch
         self._busy.add(line)
-        admits, after = _kinds(batch)
+        admits, after = line.kinds = _kinds(batch)
         self._sent_admits += admits
         self._sent_after += after
         if self._timeout is not None:
             loop = asyncio.get_running_loop()
             line.timer = loop.call_later(self._timeout, self._timed_out, line)
-        self._write(line, line.conn.pack_command("EVALSHA", self._sha, 0, payload))  # type: ignore[union-attr]
+        self._write(line, [self._evalsha, b"$%d\r\n" % len(payload), payload, b"\r\n"])
 
     def _write(self, line: _Line, command: list[bytes]) -> None:
         line.write(command)
@@ -431,7 +438,7 @@ class Batched:
         batch, line.batch = line.batch, None
         assert batch is not None
         self._busy.discard(line)
-        admits, after = _kinds(batch)
+        admits, after = line.kinds
         self._sent_admits -= admits
         self._sent_after -= after
         if isinstance(answer, NoScriptError):  # a Redis that lost its scripts: load it again
@@ -439,9 +446,32 @@ class Batched:
             return
         if isinstance(answer, (RedisConnectionError, RedisTimeoutError)):
             line.close()  # what is left on it is unknown
+            if isinstance(answer, RedisConnectionError) and line.answered and not self._closed:
+                self._again(line, batch, answer)
+                return
             self._reach.went_down()
+        else:
+            line.answered += 1
         self._deliver(batch, answer)
         self._next(line)
+
+    def _again(self, line: _Line, batch: list[_Queued], lost: Exception) -> None:
+        """Send a run lost with a connection that had answered before, once more, on a new one.
+
+        The connection went stale (Redis restarted, a proxy forgot it): every
+        step is safe to run twice (an admission whose lease is there answers
+        "admitted", the others look before they act), so its callers are
+        answered, not refused. The idle connections are as old: they go too.
+        A run lost on a connection's first run is its callers' (Redis is away).
+        """
+        for idle in self._lines:
+            idle.close()
+        self._lines = []
+        # An admission whose caller left is not sent again: undone if the lost run took it.
+        self._deliver([q for q in batch if q[3].cancelled()], lost)
+        self._queue[:0] = [q for q in batch if not q[3].cancelled()]
+        self._done_with(line)
+        self._kick(admit=True)
 
     def _deliver(self, batch: list[_Queued], raw: Any) -> None:
         answers: list[Any]
@@ -543,6 +573,7 @@ class Ask:
     tokens: int
     tpm: int | None
     window: int
+    now: float  # the clock reading `window` and the lease come from
     budget_key: str | None
     cost: int
     budget_limit: int | None
@@ -582,10 +613,28 @@ class SharedAdmission:
         self._open = 0  # calls admitted here and not settled yet
         leases.batched = lambda keys, ids: self._batch.submit("written", keys, ids)
         self.version_key = version_key
+        self._names_of: dict[str, tuple[str, str, str]] = {}
+        self._names_window = 0
         self.counter = counter
         self.in_flight = in_flight
         self.budgets = budgets
         self.leases = leases
+
+    def _names(self, key_id: str, window: int) -> tuple[str, str, str]:
+        """A key's counters in Redis for a minute: requests, calls in flight, tokens.
+
+        Worked out once a minute per key, not once a call; the last minute's go.
+        """
+        if window != self._names_window:
+            self._names_of, self._names_window = {}, window
+        names = self._names_of.get(key_id)
+        if names is None:
+            names = self._names_of[key_id] = (
+                self.counter.key(f"rpm:{key_id}", window),
+                self.in_flight.key(key_id),
+                self.counter.key(f"tpm:{key_id}", window),
+            )
+        return names
 
     @property
     def ready(self) -> bool:
@@ -598,14 +647,15 @@ class SharedAdmission:
         Once sent, the script runs whatever happens here: if the client
         leaves meanwhile, what it took is given back as soon as it answers.
         """
-        now = clock.now()
+        now = ask.now
         hold = self.in_flight.hold_seconds
         lease = ask.lease
+        rpm_key, in_flight_key, tpm_key = self._names(ask.key_id, ask.window)
         keys = [
             self.version_key,
-            self.counter.key(f"rpm:{ask.key_id}", ask.window),
-            self.in_flight.key(ask.key_id),
-            self.counter.key(f"tpm:{ask.key_id}", ask.window),
+            rpm_key,
+            in_flight_key,
+            tpm_key,
             ask.budget_key or self.version_key,
             self.leases.key(ask.call_id),
             self.leases.index,
@@ -624,7 +674,7 @@ class SharedAdmission:
             str(ask.cost),
             _limit(ask.budget_limit),
             self.leases.epoch_seen,
-            *lease.args(self.leases.seconds),
+            *lease.args(self.leases.seconds, now),
         ]
         unused = functools.partial(self._unused, ask, keys)
         sent = self._batch.submit("admit", keys, args, unused)

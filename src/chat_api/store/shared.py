@@ -38,6 +38,10 @@ SOCKET_TIMEOUT = 2.0
 
 # While Redis is away, it is asked (one PING) this often; requests do not wait on it.
 PROBE_EVERY = 1.0
+# A call that would be refused while Redis is away asks it itself first, if nobody did
+# in the last ASK_GAP seconds, and waits for that answer at most ASK_WAIT seconds.
+ASK_GAP = 0.05
+ASK_WAIT = 0.1
 
 
 # Connections a replica may hold at once. A burst asks for more: the rest wait for one
@@ -68,13 +72,59 @@ class Reachability:
     way (rate limits to this replica's share, budgets to 503, cached keys
     trusted a second at a time, the lease skipped), and a probe asks Redis
     every `PROBE_EVERY` until it answers; only then do requests use it again.
+    A call that would be refused meanwhile (a budget's 503) asks first
+    (`answers_again`): Redis back a moment ago is used at once, not up to a
+    second later.
     """
 
     def __init__(self, redis: Redis | None) -> None:
         self._redis = redis
         self.away = False
         self._probe: asyncio.Task[None] | None = None
+        self._asking: asyncio.Task[None] | None = None
+        self._asked_at = -ASK_GAP
         self._closed = False
+
+    async def answers_again(self) -> bool:
+        """Whether Redis answers now; without waiting on it while it is not counted away.
+
+        Calls at the same moment share one `PING`, sent at most every
+        `ASK_GAP`; each waits at most `ASK_WAIT` for it, and only for a
+        `PING` that young (a hung Redis holds one until its timeout: the calls
+        after it do not wait for that one, they fall back at once).
+        """
+        if not self.away:
+            return True
+        if self._redis is None or self._closed:
+            return False
+        loop = asyncio.get_running_loop()
+        if self._asking is None and loop.time() - self._asked_at >= ASK_GAP:
+            self._asked_at = loop.time()
+            self._asking = loop.create_task(self._ask(), name="redis-ask")
+        left = self._asked_at + ASK_WAIT - loop.time()
+        if self._asking is not None and left > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await asyncio.shield(self._asking)
+        return not self.away
+
+    async def _ask(self) -> None:
+        assert self._redis is not None
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError):
+            return
+        finally:
+            self._asking = None
+        self._back()
+
+    def _back(self) -> None:
+        if not self.away:
+            return
+        self.away = False
+        if self._probe is not None and self._probe is not asyncio.current_task():
+            self._probe.cancel()
+        log.warning("Redis answers again: limits are shared again")
 
     def went_down(self) -> bool:
         """Count Redis as away; True when it was not already (the caller may say so)."""
@@ -94,13 +144,13 @@ class Reachability:
                 await self._redis.ping()
             except (RedisError, OSError):
                 continue
-            self.away = False
-            log.warning("Redis answers again: limits are shared again")
+            self._back()
             return
 
     async def close(self) -> None:
         self._closed = True
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        for task in (self._probe, self._asking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
