@@ -157,3 +157,21 @@ def test_one_spend_reads_the_same_everywhere(
     monkeypatch.setenv("CHAT_API_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/gateway.db")
     assert cli.main(["usage", "--key", key_id]) == 0
     assert "0.0000135" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("period", ["daily", "monthly", "total", None])
+def test_a_period_worked_out_once_says_what_it_says_worked_out_each_time(
+    period: str | None,
+) -> None:
+    """Admission keeps a period's bounds until it ends: readings across a month's end agree."""
+    from datetime import UTC, datetime
+
+    from chat_api.limits.budgets import Periods, period_bounds
+
+    periods = Periods()
+    start = datetime(2026, 1, 31, 23, 59, 58, tzinfo=UTC).timestamp()
+    for now in (start, start + 1.5, start + 2.0, start + 2.5, start + 86_400, start + 3.0):
+        expected = period_bounds(period, datetime.fromtimestamp(now, UTC))
+        bucket, begins, reset_in = periods.bounds(period, now)
+        assert (bucket, begins) == expected[:2]
+        assert reset_in == pytest.approx(expected[2], abs=1e-3)

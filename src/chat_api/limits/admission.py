@@ -531,13 +531,20 @@ def reset_duration(seconds: float) -> str:
     return text
 
 
+_RATE_HEADERS = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
+
+
 def _rate_headers(kind: str, limit: int, used: int, reset: str) -> dict[str, str]:
     """OpenAI's `x-ratelimit-*` headers; `reset` as `reset_duration` writes it."""
-    return {
-        f"x-ratelimit-limit-{kind}": str(limit),
-        f"x-ratelimit-remaining-{kind}": str(max(0, limit - used)),
-        f"x-ratelimit-reset-{kind}": reset,
-    }
+    named_limit, remaining, reset_at = _RATE_HEADERS[kind]
+    return {named_limit: str(limit), remaining: str(max(0, limit - used)), reset_at: reset}
 
 
 def _duration(seconds: float) -> str:

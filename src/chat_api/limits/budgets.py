@@ -20,6 +20,7 @@ reached it fails closed (503), because money is not guessed.
 from __future__ import annotations
 
 import calendar
+import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 Seed = Callable[[], Awaitable[int]]
 
 
+TOTAL_RESETS_IN = 86_400.0  # what a total budget says of its reset (it never resets)
+
+
 def period_bounds(period: str | None, now: datetime) -> tuple[str, datetime | None, float]:
     """(bucket name, start of the period, seconds until it resets)."""
     if period == "daily":
@@ -50,7 +54,7 @@ def period_bounds(period: str | None, now: datetime) -> tuple[str, datetime | No
         days = calendar.monthrange(start.year, start.month)[1]
         end = start + timedelta(days=days)
         return f"m{start:%Y%m}", start, (end - now).total_seconds()
-    return "t", None, 86_400.0
+    return "t", None, TOTAL_RESETS_IN
 
 
 class Periods:
@@ -68,8 +72,11 @@ class Periods:
         if known is None or not known[2] <= now < known[3]:
             bucket, start, reset_in = period_bounds(period, datetime.fromtimestamp(now, UTC))
             if start is None:  # a total: one bucket, that never renews
+                self._known[period] = (bucket, start, -math.inf, math.inf)
                 return bucket, start, reset_in
             known = self._known[period] = (bucket, start, start.timestamp(), now + reset_in)
+        if known[1] is None:
+            return known[0], None, TOTAL_RESETS_IN
         return known[0], known[1], known[3] - now
 
 

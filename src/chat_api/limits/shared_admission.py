@@ -90,8 +90,8 @@ local function admit(K, A)
     rpm = tonumber(redis.call('GET', K[2]) or '0')
     if rpm + 1 > tonumber(A[2]) then return {2, rpm, 0, 0} end
   end
-  if A[3] ~= '' then
-    redis.call('ZREMRANGEBYSCORE', K[3], '-inf', A[4])
+  if A[3] ~= '' and redis.call('ZCARD', K[3]) >= tonumber(A[3]) then
+    redis.call('ZREMRANGEBYSCORE', K[3], '-inf', A[4])  -- at the cap: the expired ones go
     if redis.call('ZCARD', K[3]) >= tonumber(A[3]) then return {3, rpm, 0, 0} end
   end
   local tpm = 0
@@ -418,13 +418,14 @@ class Batched:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
         line.batch = batch
         self._busy.add(line)
+        self._write(line, [self._evalsha, b"$%d\r\n" % len(payload), payload, b"\r\n"])
+        # The rest while Redis runs it:
         admits, after = line.kinds = _kinds(batch)
         self._sent_admits += admits
         self._sent_after += after
         if self._timeout is not None:
             loop = asyncio.get_running_loop()
             line.timer = loop.call_later(self._timeout, self._timed_out, line)
-        self._write(line, [self._evalsha, b"$%d\r\n" % len(payload), payload, b"\r\n"])
 
     def _write(self, line: _Line, command: list[bytes]) -> None:
         line.write(command)
