@@ -80,12 +80,20 @@ class ThrowawayPostgres:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with a reset (RST), not a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 class _Flow:
     """One connection through the proxy: its two sides, and whether it was forgotten."""
 
     def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
         self.client, self.upstream = client, upstream
         self.forgotten = False
+        self.lose_answer = False
 
 
 class TcpProxy:
@@ -98,6 +106,8 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._flows: set[_Flow] = set()
+        self._lose_answer = b""  # in a request: its answer is lost
+        self._refuse = 0
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -119,6 +129,10 @@ class TcpProxy:
         self.loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refuse > 0:  # answered with a reset, as a port nothing listens on
+            self._refuse -= 1
+            _reset(writer)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -145,13 +159,16 @@ class TcpProxy:
     ) -> None:
         try:
             while data := await reader.read(65536):
+                if from_client and self._lose_answer and self._lose_answer in data:
+                    self._lose_answer, flow.lose_answer = b"", True
+                if not from_client and flow.lose_answer:  # dropped; the client is reset
+                    flow.forgotten = True
+                    flow.upstream.close()
+                    _reset(flow.client)
+                    return
                 if flow.forgotten:
                     if from_client:  # what a forgotten flow's client sends is answered RST
-                        sock = flow.client.get_extra_info("socket")
-                        sock.setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                        )
-                        flow.client.transport.abort()
+                        _reset(flow.client)
                     return
                 await self._flowing.wait()
                 writer.write(data)
@@ -161,6 +178,17 @@ class TcpProxy:
                 writer.close()
             elif from_client:  # the client is done with a forgotten flow (left, or reset)
                 flow.client.close()
+
+    def lose_the_next_answer(self, to: bytes, *, then_refuse: int = 0) -> None:
+        """The answer to the next request containing `to` is dropped and its client reset:
+        what it asked ran, but it never hears so. Then `then_refuse` new connections are reset."""
+
+        def arm() -> None:
+            self._lose_answer, self._refuse = to, then_refuse
+
+        done = threading.Event()
+        self.loop.call_soon_threadsafe(lambda: (arm(), done.set()))
+        done.wait(5)
 
     def forget(self) -> None:
         """Forget every connection open now, as a NAT or load balancer that timed them out.

@@ -592,3 +592,31 @@ def test_a_run_on_a_connection_that_went_stale_goes_again_on_a_fresh_one(
         assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
     finally:
         proxy.stop()
+
+
+def test_an_admission_that_ran_but_could_not_be_sent_again_is_undone(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+    fake: FakeOpenAI,
+) -> None:
+    """Redis ran an admission, its answer was lost with the connection, and the fresh
+    connection to send it again was refused: the call falls back (503, nothing sent to
+    OpenAI), and what the lost run took is given back, not left for the reaper to bill."""
+    proxy = TcpProxy(private_redis.port)
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        (gateway,) = _replicas(gateway_factory, postgres_url, url, "t:", 1)
+        secret, key_id = make_key(gateway.url, budget_usd="1", max_in_flight=100)
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 200
+        client = redis.Redis.from_url(private_redis.url)
+        budget = f"t:budget:{key_id}:t"
+        _quiet(client, key_id)
+        before, hits = int(client.get(budget) or 0), fake.hits
+        proxy.lose_the_next_answer(b"EVALSHA", then_refuse=2)  # redis-py connects twice
+        assert _call(gateway.url, secret, "/v1/chat/completions", CHAT) == 503
+        _quiet(client, key_id)  # no slot, no lease left for the reaper
+        assert int(client.get(budget) or 0) == before  # nothing stays reserved
+        assert fake.hits == hits
+    finally:
+        proxy.stop()

@@ -216,7 +216,7 @@ class KeyMeter:
         if caller is None or caller.key_id is None:
             return await self._unlimited(ctx, prepared)
         shared = self.shared
-        if shared is not None and (shared.ready or await shared.counter.reach.answers_again()):
+        if shared is not None and (shared.ready or await self._back_before_refusing(caller)):
             try:
                 try:
                     return await self._admit_shared(ctx, caller, prepared, shared)
@@ -228,6 +228,14 @@ class KeyMeter:
         if caller.key_version is not None:  # the step way does not check the key set
             caller = ctx.caller = await self._recheck(caller)
         return await self._admit_steps(ctx, caller, prepared)
+
+    async def _back_before_refusing(self, caller: Caller) -> bool:
+        """While Redis counts as away, a budgeted call (503 on the step way) asks it first.
+
+        Other calls fall back to this replica's share at once, without waiting on Redis.
+        """
+        assert self.shared is not None
+        return caller.budget_usd is not None and await self.shared.counter.reach.answers_again()
 
     async def _unlimited(self, ctx: CallContext, prepared: Prepared) -> Admission:
         """Only recorded; with Redis, under a lease too, so a replica's death loses no row.

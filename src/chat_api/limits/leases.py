@@ -101,14 +101,14 @@ return settle_lease(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
 )
 
 # Shared with the batch script of limits/shared_admission.py:
-# keys[index, lease...], ids[call id...] -> per lease 1 gone (deleted now, or before),
-# 0 marked written (not settled yet)
+# keys[index, lease...], ids[call id...] -> per lease 1 deleted, 0 marked written (not
+# settled yet), -1 no such lease (deleted before: its step ran twice, it was reaped, or
+# Redis lost its data, which the replica looks into)
 LEASES_WRITTEN = """
 local function leases_written(keys, ids)
   local out = {}
   for i = 2, #keys do
-    local settled = redis.call('HGET', keys[i], 'settled')
-    if settled == '1' then
+    if redis.call('HGET', keys[i], 'settled') == '1' then
       redis.call('DEL', keys[i])
       redis.call('ZREM', keys[1], ids[i - 1])
       out[#out + 1] = 1
@@ -116,7 +116,7 @@ local function leases_written(keys, ids)
       redis.call('HSET', keys[i], 'written', '1')
       out[#out + 1] = 0
     else
-      out[#out + 1] = 1  -- gone already (its step ran twice, or it was reaped): nothing to keep
+      out[#out + 1] = -1
     end
   end
   return out
@@ -373,12 +373,21 @@ class RedisLeases:
             for call_id in mine:  # not renewed any more: the reaper deletes them
                 self._gone(call_id)
             raise
-        for call_id, deleted in zip(mine, flags, strict=True):
+        missing = []
+        for call_id, flag in zip(mine, flags, strict=True):
             lease = self.held.get(call_id)
-            if deleted:
+            if flag == 1:
                 self._gone(call_id)
             elif lease is not None:
                 lease.written = True
+                if flag == -1:
+                    missing.append(call_id)
+        if missing:  # as a settlement that finds no lease: Redis may have lost its data
+            if await self._seen.changed():
+                await self.recover()  # counts their rows where a counter was rebuilt elsewhere
+            else:
+                for call_id in missing:
+                    self._gone(call_id)
 
     # --- the reaper -------------------------------------------------------------
 

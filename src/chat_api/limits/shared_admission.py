@@ -130,8 +130,8 @@ _SETTLE = """
 local function settle(K, A)
   if A[2] == '1' then redis.call('ZREM', K[1], A[1]) end
   local done = settle_lease(K[3], K[4], K[5], A[4], A[5], A[1])
-  if done ~= 0 and A[3] ~= '0' and redis.call('EXISTS', K[2]) == 1 then
-    redis.call('INCRBY', K[2], A[3])  -- once: a lease settled already was corrected then
+  if done > 0 and A[3] ~= '0' and redis.call('EXISTS', K[2]) == 1 then
+    redis.call('INCRBY', K[2], A[3])  -- once: a lease settled already (or gone) was then
   end
   return done
 end
@@ -183,6 +183,12 @@ return cjson.encode(out)
 # A run that failed this way may have run in Redis: what it took is undone if it did.
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 AFTER_WAITS = 0.001  # what comes after a call waits this long for an admission to go with
+
+
+def _may_have_run() -> RedisConnectionError:
+    """What a step to be sent again after a lost run gets if it cannot be: it may have run."""
+    return RedisConnectionError("Redis is away: a lost run of this step may have run")
+
 
 Op = Literal["admit", "settle", "release", "written"]
 Orphaned = Callable[[Any], None]
@@ -329,6 +335,7 @@ class Batched:
         self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
         self._lines: list[_Line] = []  # the idle ones
         self._busy: set[_Line] = set()
+        self._resent: set[asyncio.Future[Any]] = set()  # steps sent again (`_again`): once only
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -390,16 +397,23 @@ class Batched:
         else:
             batch = [q for q in self._queue if q[0] == "admit"]
             self._queue = [q for q in self._queue if q[0] != "admit"]
-        # An admission whose caller left before it was sent: nothing taken yet.
-        batch = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
+        # An admission whose caller left before it was sent: nothing taken yet, unless
+        # it is to be sent again (`_again`): its lost run may have taken it, so undone.
+        left = [q for q in batch if q[0] == "admit" and q[3].cancelled()]
+        if left:
+            self._deliver([q for q in left if q[3] in self._resent], _may_have_run())
+            batch = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
         if self._reach.away:
             # Admissions queued behind a run that was lost are not sent to wait out
             # a timeout too: their calls fall back at once (never sent: nothing to
-            # undo, so not a `_LOST` error). What comes after a call (settling,
-            # undoing) is still sent, off the response path.
+            # undo, so not a `_LOST` error, unless a lost run of theirs may have run).
+            # What comes after a call (settling, undoing) is still sent, off the path.
             for q in batch:
                 if q[0] == "admit" and not q[3].done():
-                    q[3].set_exception(RedisError("Redis is away: not sent"))
+                    resent = q[3] in self._resent
+                    self._resent.discard(q[3])
+                    error = _may_have_run() if resent else RedisError("Redis is away: not sent")
+                    q[3].set_exception(error)
             batch = [q for q in batch if q[0] != "admit"]
         return batch
 
@@ -418,14 +432,13 @@ class Batched:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
         line.batch = batch
         self._busy.add(line)
-        self._write(line, [self._evalsha, b"$%d\r\n" % len(payload), payload, b"\r\n"])
-        # The rest while Redis runs it:
         admits, after = line.kinds = _kinds(batch)
         self._sent_admits += admits
         self._sent_after += after
         if self._timeout is not None:
             loop = asyncio.get_running_loop()
             line.timer = loop.call_later(self._timeout, self._timed_out, line)
+        self._write(line, [self._evalsha, b"$%d\r\n" % len(payload), payload, b"\r\n"])
 
     def _write(self, line: _Line, command: list[bytes]) -> None:
         line.write(command)
@@ -447,8 +460,12 @@ class Batched:
             return
         if isinstance(answer, (RedisConnectionError, RedisTimeoutError)):
             line.close()  # what is left on it is unknown
-            if isinstance(answer, RedisConnectionError) and line.answered and not self._closed:
-                self._again(line, batch, answer)
+            if (
+                isinstance(answer, RedisConnectionError)
+                and line.answered
+                and not self._closed
+                and self._again(line, batch, answer)
+            ):
                 return
             self._reach.went_down()
         else:
@@ -456,23 +473,30 @@ class Batched:
         self._deliver(batch, answer)
         self._next(line)
 
-    def _again(self, line: _Line, batch: list[_Queued], lost: Exception) -> None:
+    def _again(self, line: _Line, batch: list[_Queued], lost: Exception) -> bool:
         """Send a run lost with a connection that had answered before, once more, on a new one.
 
         The connection went stale (Redis restarted, a proxy forgot it): every
         step is safe to run twice (an admission whose lease is there answers
         "admitted", the others look before they act), so its callers are
         answered, not refused. The idle connections are as old: they go too.
-        A run lost on a connection's first run is its callers' (Redis is away).
+        A run lost on a connection's first run, or a step lost a second time,
+        is its callers' (False: Redis is away).
         """
+        if any(q[3] in self._resent for q in batch):
+            return False
         for idle in self._lines:
             idle.close()
         self._lines = []
         # An admission whose caller left is not sent again: undone if the lost run took it.
-        self._deliver([q for q in batch if q[3].cancelled()], lost)
-        self._queue[:0] = [q for q in batch if not q[3].cancelled()]
+        left = [q for q in batch if q[0] == "admit" and q[3].cancelled()]
+        self._deliver(left, lost)
+        again = [q for q in batch if not (q[0] == "admit" and q[3].cancelled())]
+        self._resent.update(q[3] for q in again)
+        self._queue[:0] = again
         self._done_with(line)
         self._kick(admit=True)
+        return True
 
     def _deliver(self, batch: list[_Queued], raw: Any) -> None:
         answers: list[Any]
@@ -486,6 +510,7 @@ class Batched:
             except (orjson.JSONDecodeError, ResponseError) as exc:
                 answers = [ResponseError(str(exc))] * len(batch)
         for (*_, future, orphaned), answer in zip(batch, answers, strict=True):
+            self._resent.discard(future)
             if isinstance(answer, dict):
                 answer = ResponseError(answer.get("err", "script error"))
             if not future.done():

@@ -103,9 +103,15 @@ class Reachability:
             self._asking = loop.create_task(self._ask(), name="redis-ask")
         left = self._asked_at + ASK_WAIT - loop.time()
         if self._asking is not None and left > 0:
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(left):
                     await asyncio.shield(self._asking)
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this call is being cancelled, not the PING (closed at shutdown)
         return not self.away
 
     async def _ask(self) -> None:
