@@ -620,3 +620,56 @@ def test_an_admission_that_ran_but_could_not_be_sent_again_is_undone(
         assert fake.hits == hits
     finally:
         proxy.stop()
+
+
+async def _left_before_it_was_sent_again(proxy: TcpProxy) -> tuple[bool, bool]:
+    from redis.asyncio import Redis
+
+    from chat_api.limits.shared_admission import Batched
+
+    client = Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0")
+    batch = Batched(client)
+    release = ["t:i", "t:t", "t:v", "t:lease:call_1", "t:leases"]
+    now = time.time()
+    lease = [repr(now + 30), "60", "call_1", "estimate", "{}"]
+    keys = ["t:v", "t:r", "t:i", "t:t", "t:v", "t:lease:call_1", "t:leases", "t:epoch"]
+    args = ["", "", "", repr(now), repr(now + 1), "call_1", "3", "1", "", "0", "", "", *lease]
+    undone: list[asyncio.Future[Any]] = []
+    try:
+        await batch.submit("release", release, ["call_0", "1", "0"], idle=True)  # it answered
+        proxy.lose_the_next_answer(b"EVALSHA")
+        admitted = batch.submit(
+            "admit", keys, args, lambda _: undone.append(batch.submit("release", release, args))
+        )
+        again = batch._again
+
+        def and_the_caller_leaves(*what: Any) -> bool:
+            sent_again = again(*what)
+            admitted.cancel()  # while the fresh connection is being made
+            return sent_again
+
+        batch._again = and_the_caller_leaves  # type: ignore[method-assign]
+        with contextlib.suppress(asyncio.CancelledError):
+            await admitted
+        for _ in range(200):  # the undoing is asked for when the run would have gone again
+            if undone:
+                break
+            await asyncio.sleep(0.01)
+        answered = bool(undone) and await asyncio.wait_for(undone[0], 5) == 1
+        return answered, bool(await client.exists("t:lease:call_1"))
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+def test_an_admission_whose_caller_left_before_it_was_sent_again_is_undone(
+    private_redis: PrivateRedis,
+) -> None:
+    """Its lost run had run in Redis: the undoing is sent (it was left in the queue with
+    no run to take it, and the lease for the reaper to bill)."""
+    proxy = TcpProxy(private_redis.port)
+    try:
+        answered, lease_left = asyncio.run(_left_before_it_was_sent_again(proxy))
+    finally:
+        proxy.stop()
+    assert answered and not lease_left

@@ -277,10 +277,19 @@ class RedisLeases:
 
     async def settled(self, lease: Lease, done: int) -> None:
         """After Redis settled a lease (`SETTLE_LEASE`'s answer)."""
-        if done == -1 and await self._seen.changed():
-            await self.recover()  # Redis lost it: put it back, settled
-        else:
-            self.settled_now(lease, done)
+        if done == -1 and await self._lost_data():
+            return  # Redis lost it: put back, settled, with the rest (`recover`)
+        self.settled_now(lease, done)
+
+    async def _lost_data(self) -> bool:
+        """Whether Redis lost its data since this replica last looked (then put its calls back).
+
+        Through `check`, so a look at the same moment as another shares its one
+        putting back, and no admission goes on before it is done.
+        """
+        before = self._seen.value
+        await self.check()
+        return before is not None and self._seen.value != before
 
     def settled_now(self, lease: Lease, done: int) -> None:
         """As `settled`, for an answer other than -1 when Redis did not lose its data."""
@@ -383,9 +392,9 @@ class RedisLeases:
                 if flag == -1:
                     missing.append(call_id)
         if missing:  # as a settlement that finds no lease: Redis may have lost its data
-            if await self._seen.changed():
-                await self.recover()  # counts their rows where a counter was rebuilt elsewhere
-            else:
+            try:
+                await self.check()  # if it did, `recover` counted their rows, and let them go
+            finally:
                 for call_id in missing:
                     self._gone(call_id)
 

@@ -363,8 +363,8 @@ class Batched:
             self._kick(admit=True)
         elif idle:
             self._kick()
-        elif not self._runs and self._timer is None:
-            self._timer = loop.call_later(AFTER_WAITS, self._kick)
+        else:
+            self._soon()
         return future
 
     def _kick(self, *, admit: bool = False) -> None:
@@ -425,8 +425,15 @@ class Batched:
             if batch:  # the line was lost meanwhile: a fresh one takes them
                 self._queue[:0] = batch
                 self._kick(admit=_kinds(batch)[0])
+            else:
+                self._soon()  # a step asked while taking (a release), which no run will take
             return
         self._send(line, batch)
+
+    def _soon(self) -> None:
+        """With steps queued and no run on its way to take them: one goes in `AFTER_WAITS`."""
+        if self._queue and not self._runs and self._timer is None and not self._closed:
+            self._timer = asyncio.get_running_loop().call_later(AFTER_WAITS, self._kick)
 
     def _send(self, line: _Line, batch: list[_Queued]) -> None:
         payload = orjson.dumps([[op, keys, args] for op, keys, args, *_ in batch])
@@ -551,6 +558,7 @@ class Batched:
             )
             self._deliver(self._take(), error)  # never sent: nothing ran
             self._done_with(line)
+            self._soon()  # what the callers asked meanwhile (the undoing of a lost run)
             return
         except BaseException:  # cancelled (the loop is closing): nobody waits forever
             for *_, future, _ in self._queue:
