@@ -324,6 +324,15 @@ def test_the_steps_after_a_call_ride_with_the_next_admission(private_redis: Priv
     assert answers == [0, [1, 0, 0, "0"], 0]  # the releases had nothing to undo
 
 
+def _admit_step() -> tuple[list[str], list[str]]:
+    """The keys and arguments of an admission step for `call_1` with no limits, only its lease."""
+    now = time.time()
+    lease = [repr(now + 30), "60", "call_1", "estimate", "{}"]
+    keys = ["t:v", "t:r", "t:i", "t:t", "t:v", "t:lease:call_1", "t:leases", "t:epoch"]
+    args = ["", "", "", repr(now), repr(now + 1), "call_1", "3", "1", "", "0", "", "", *lease]
+    return keys, args
+
+
 async def _admission_behind_a_slow_run(url: str) -> tuple[list[str], float]:
     from redis.asyncio import Redis
 
@@ -348,10 +357,7 @@ async def _admission_behind_a_slow_run(url: str) -> tuple[list[str], float]:
         first = batch.submit("release", release, ["c1", "1", "0"], idle=True)
         await asyncio.wait_for(on_its_way.wait(), 5)  # connected, and the run sent
         second = batch.submit("release", release, ["c2", "1", "0"], idle=True)
-        now = time.time()
-        lease = [repr(now + 30), "60", "call_1", "estimate", "{}"]
-        keys = ["t:v", "t:r", "t:i", "t:t", "t:v", "t:lease:call_1", "t:leases", "t:epoch"]
-        args = ["", "", "", repr(now), repr(now + 1), "call_1", "3", "1", "", "0", "", "", *lease]
+        keys, args = _admit_step()
         started = time.monotonic()
         admitted = batch.submit("admit", keys, args)
         for name, step in (("first", first), ("second", second), ("admit", admitted)):
@@ -630,16 +636,14 @@ async def _left_before_it_was_sent_again(proxy: TcpProxy) -> tuple[bool, bool]:
     client = Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0")
     batch = Batched(client)
     release = ["t:i", "t:t", "t:v", "t:lease:call_1", "t:leases"]
-    now = time.time()
-    lease = [repr(now + 30), "60", "call_1", "estimate", "{}"]
-    keys = ["t:v", "t:r", "t:i", "t:t", "t:v", "t:lease:call_1", "t:leases", "t:epoch"]
-    args = ["", "", "", repr(now), repr(now + 1), "call_1", "3", "1", "", "0", "", "", *lease]
+    keys, args = _admit_step()
+    undo = ["call_1", "1", "0"]  # its id, tokens and cost, as `SharedAdmission._release` sends
     undone: list[asyncio.Future[Any]] = []
     try:
         await batch.submit("release", release, ["call_0", "1", "0"], idle=True)  # it answered
         proxy.lose_the_next_answer(b"EVALSHA")
         admitted = batch.submit(
-            "admit", keys, args, lambda _: undone.append(batch.submit("release", release, args))
+            "admit", keys, args, lambda _: undone.append(batch.submit("release", release, undo))
         )
         again = batch._again
 
@@ -656,7 +660,8 @@ async def _left_before_it_was_sent_again(proxy: TcpProxy) -> tuple[bool, bool]:
                 break
             await asyncio.sleep(0.01)
         answered = bool(undone) and await asyncio.wait_for(undone[0], 5) == 1
-        return answered, bool(await client.exists("t:lease:call_1"))
+        left = await client.exists("t:lease:call_1") or await client.zscore("t:leases", "call_1")
+        return answered, bool(left)
     finally:
         await batch.close()
         await client.aclose()
