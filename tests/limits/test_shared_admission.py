@@ -678,3 +678,58 @@ def test_an_admission_whose_caller_left_before_it_was_sent_again_is_undone(
     finally:
         proxy.stop()
     assert answered and not lease_left
+
+
+def test_the_budget_holds_while_a_proxy_keeps_forgetting_the_connections_to_redis(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+    upstream: tuple[BillingUpstream, str],
+) -> None:
+    """Two replicas, 200 budgeted calls 32 at a time, and every 20 ms the proxy to Redis
+    forgets every connection (each learns it from a reset when it next sends): runs go
+    again, calls fall back, and still OpenAI bills no more than the budget, every call it
+    served has one row, and nothing is left reserved or leased."""
+    fake = upstream[0]
+    fake.behaviour = Behaviour(write=5)
+    proxy = TcpProxy(private_redis.port)
+    stop = threading.Event()
+
+    def forget_often() -> None:
+        while not stop.wait(0.2):
+            proxy.forget()
+
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        one, two = _replicas(gateway_factory, postgres_url, url, "t:", 2, upstream)
+        budget = Decimal("0.0002")
+        secret, key_id = make_key(one.url, budget_usd=str(budget), max_in_flight=64)
+        body = {**CHAT, "max_tokens": 200}
+        forgetting = threading.Thread(target=forget_often)
+        forgetting.start()
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            statuses = list(
+                pool.map(
+                    lambda i: _call((one, two)[i % 2].url, secret, "/v1/chat/completions", body),
+                    range(200),
+                )
+            )
+        stop.set()
+        forgetting.join()
+        print({status: statuses.count(status) for status in set(statuses)}, fake.biller.total)
+        assert set(statuses) <= {200, 429, 503}, statuses
+        assert fake.biller.total <= budget  # what OpenAI billed never passed the budget
+        _quiet(redis.Redis.from_url(private_redis.url), key_id)  # nothing reserved is left
+        deadline = time.monotonic() + 15
+        while True:
+            usage = httpx.get(
+                one.url + "/admin/usage", params={"key_id": key_id}, headers=auth(MASTER)
+            ).json()["totals"]
+            if usage["requests"] >= fake.calls or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert usage["requests"] == statuses.count(200) == fake.calls  # one row a served call
+        assert Decimal(str(usage["cost_usd"])) >= fake.biller.total
+    finally:
+        stop.set()
+        proxy.stop()

@@ -52,6 +52,7 @@ LEASE_TTL = 7 * 86_400  # the hash outlives every replica stopping for a while
 _LEASE_TTL = str(LEASE_TTL)
 BUDGET_TTL = 60 * 60 * 24 * 40
 REAPED_OUTCOME = "replica_lost"
+WRITTEN_TRIES = 5  # "rows written" is sent this many times at most (waits 0.1, 0.2, 0.4, 0.8 s)
 
 WriteRows = Callable[[list[dict[str, Any]]], Awaitable[None]]
 Seed = Callable[[], Awaitable[int]]
@@ -373,15 +374,19 @@ class RedisLeases:
         if not mine:
             return
         keys = [self.index, *(self.key(call_id) for call_id in mine)]
-        try:
-            if self.batched is not None:
-                flags = await self.batched(keys, mine)
-            else:
-                flags = await self._written(keys=keys, args=mine)
-        except (RedisError, OSError):
-            for call_id in mine:  # not renewed any more: the reaper deletes them
-                self._gone(call_id)
-            raise
+        for attempt in range(WRITTEN_TRIES):  # safe to send twice; a moment later each time
+            try:
+                if self.batched is not None:
+                    flags = await self.batched(keys, mine)
+                else:
+                    flags = await self._written(keys=keys, args=mine)
+                break
+            except (RedisError, OSError):
+                if attempt + 1 == WRITTEN_TRIES:
+                    for call_id in mine:  # not renewed any more: the reaper deletes them
+                        self._gone(call_id)
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
         missing = []
         for call_id, flag in zip(mine, flags, strict=True):
             lease = self.held.get(call_id)

@@ -183,6 +183,11 @@ return cjson.encode(out)
 # A run that failed this way may have run in Redis: what it took is undone if it did.
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 AFTER_WAITS = 0.001  # what comes after a call waits this long for an admission to go with
+# A settlement, or the giving back of an admission that may have run unused, is sent this
+# many times at most, waiting 0.1, 0.2, 0.4... s between tries (6.3 s in all, well within
+# a lease's life).
+RELEASE_TRIES = 7
+RELEASE_FIRST_WAIT = 0.1
 
 
 def _may_have_run() -> RedisConnectionError:
@@ -581,6 +586,10 @@ class Batched:
             self._deliver(batch, RedisConnectionError("closing"))
             self._next(line)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def close(self) -> None:
         """At shutdown, after the last steps were answered (`SharedAdmission.drain`)."""
         self._closed = True
@@ -745,20 +754,29 @@ class SharedAdmission:
         ):
             self._release(ask, keys)
 
-    def _release(self, ask: Ask, keys: list[str]) -> None:
+    def _release(self, ask: Ask, keys: list[str], attempt: int = 0) -> None:
+        if self._batch.closed:
+            return  # stopping: left to the reaper
         tokens = ask.tokens if ask.tpm is not None else 0
         undo = [keys[2], keys[3], keys[4], keys[5], keys[6]]
         released = self._batch.submit("release", undo, [ask.call_id, str(tokens), str(ask.cost)])
         self._settling.add(released)  # `drain` waits for it too
-        released.add_done_callback(self._released)
+        released.add_done_callback(functools.partial(self._released, ask, keys, attempt))
 
-    def _released(self, future: asyncio.Future[Any]) -> None:
+    def _released(
+        self, ask: Ask, keys: list[str], attempt: int, future: asyncio.Future[Any]
+    ) -> None:
         self._settling.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            # Left to the reaper, which settles it at its reservation (the operator's side).
-            log.warning(
-                "could not give back an unused admission", extra={"error": repr(future.exception())}
-            )
+        if future.cancelled() or future.exception() is None:
+            return
+        if attempt + 1 < RELEASE_TRIES:  # safe to send twice: asked again, a moment later
+            delay = RELEASE_FIRST_WAIT * 2**attempt
+            asyncio.get_running_loop().call_later(delay, self._release, ask, keys, attempt + 1)
+            return
+        # Left to the reaper, which settles it at its reservation (the operator's side).
+        log.warning(
+            "could not give back an unused admission", extra={"error": repr(future.exception())}
+        )
 
     def settling(
         self,
@@ -785,20 +803,31 @@ class SharedAdmission:
         args = [call_id, "1" if holds_slot else "0", str(token_delta), str(budget_delta), encoded]
         return Settlement(keys, args, lease)
 
-    def settle(self, settlement: Settlement) -> None:
+    def settle(self, settlement: Settlement, attempt: int = 0) -> None:
         """Send `_SETTLE` with the next batch, off the response path (`drain` waits for it).
 
-        A call whose settlement failed has its lease given up to the reaper,
-        which settles it at its reservation (errs on the operator's side).
+        A settlement that failed is sent again a moment later (it is safe to
+        run twice), up to `RELEASE_TRIES` times; after that, or once the batch
+        closed, the call's lease is given up to the reaper, which settles it at
+        its reservation (errs on the operator's side).
         """
-        self._open -= 1
+        if attempt == 0:
+            self._open -= 1
+        if self._batch.closed:
+            self.leases.abandon(settlement.lease)
+            return
         sent = self._batch.submit("settle", settlement.keys, settlement.args, idle=self._open <= 0)
         self._settling.add(sent)
-        sent.add_done_callback(functools.partial(self._settled, settlement.lease))
+        sent.add_done_callback(functools.partial(self._settled, settlement, attempt))
 
-    def _settled(self, lease: Lease, sent: asyncio.Future[Any]) -> None:
+    def _settled(self, settlement: Settlement, attempt: int, sent: asyncio.Future[Any]) -> None:
         self._settling.discard(sent)
+        lease = settlement.lease
         error = None if sent.cancelled() else sent.exception()
+        if error is not None and attempt + 1 < RELEASE_TRIES:
+            delay = RELEASE_FIRST_WAIT * 2**attempt
+            asyncio.get_running_loop().call_later(delay, self.settle, settlement, attempt + 1)
+            return
         if sent.cancelled() or error is not None:
             self.leases.abandon(lease)
             if error is not None:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -58,7 +60,28 @@ def open_redis(url: str) -> Redis:
         socket_connect_timeout=SOCKET_TIMEOUT,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
+    kind = pool.connection_class  # by the URL's scheme: TCP, TLS or a Unix socket
+    pool.connection_class = type(kind.__name__, (_ClosedIsLost, kind), {})
     return Redis.from_pool(pool)  # closing the client closes its pool
+
+
+class _ClosedIsLost(AbstractConnection):
+    """A write on a connection Redis (or a proxy) reset meanwhile is a connection error.
+
+    uvloop raises `RuntimeError("... the handler is closed")` there, which
+    redis-py passes on as it is: a 500 instead of one retry on a fresh
+    connection, then the fallbacks of a Redis that is away (seen with a proxy
+    that resets connections while they connect).
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            if "closed" not in str(exc):
+                raise
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError("Redis closed the connection as it was written to") from exc
 
 
 class Reachability:
