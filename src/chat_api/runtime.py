@@ -145,9 +145,9 @@ async def open_runtime(
     ledger.on_written = meter.rows_written
     # At the end, in this order: the corrections of finished calls, the last rows (while
     # Redis is still open: committed rows free their calls' leases there), those frees.
-    stack.push_async_callback(meter.drain)
+    stack.push_async_callback(meter.stop)
     stack.push_async_callback(ledger.close)  # also registered above, for a failed start
-    stack.push_async_callback(meter.drain)
+    stack.push_async_callback(meter.stop)
 
     provider = build_provider(settings)
     if provider is not None:

@@ -26,7 +26,7 @@ import redis
 
 from tests.conftest import GatewayFactory
 from tests.fakes.billing_upstream import Behaviour, BillingUpstream
-from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI, Plan
 from tests.faults.storage import TcpProxy
 from tests.keys.conftest import MASTER, PrivateRedis, RedisPlace, auth, make_key
 
@@ -733,3 +733,29 @@ def test_the_budget_holds_while_a_proxy_keeps_forgetting_the_connections_to_redi
     finally:
         stop.set()
         proxy.stop()
+
+
+def test_a_stop_with_redis_hung_during_a_settlement_waits_a_few_seconds_at_most(
+    postgres_url: str,
+    private_redis: PrivateRedis,
+    gateway_factory: GatewayFactory,
+    fake: FakeOpenAI,
+) -> None:
+    """A settlement lost to Redis hanging is sent again a moment later, and again (each
+    try waits out the 2 s timeout); a stop waits for that at most `STOP_WAITS`, then
+    leaves the call to the reaper, instead of some 15 s of tries."""
+    from chat_api.limits.admission import STOP_WAITS
+
+    (gateway,) = _replicas(gateway_factory, postgres_url, private_redis.url, "t:", 1)
+    assert _call(gateway.url, MASTER, "/v1/chat/completions", CHAT) == 200
+    fake.queue(Plan(delay_before_headers=0.5))
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_call, gateway.url, MASTER, "/v1/chat/completions", CHAT)
+        time.sleep(0.2)  # admitted (its lease taken); Redis hangs before it settles
+        with private_redis.hung():
+            assert answer.result() == 200
+            time.sleep(2.5)  # the settlement timed out: it waits to be sent again
+            started = time.monotonic()
+            gateway.stop()
+            took = time.monotonic() - started
+    assert took < STOP_WAITS + 3, took

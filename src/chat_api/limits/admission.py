@@ -62,6 +62,7 @@ _UNLIMITED = Caller(key_id="", name="unlimited")
 log = logging.getLogger("chat_api.limits")
 
 MICRO = Decimal(1_000_000)
+STOP_WAITS = 5.0  # seconds a stop waits for the corrections on their way
 
 Sink = Callable[[CallResult, dict[str, Any]], None]  # a call's result, and its ledger row
 SpentSince = Callable[..., Coroutine[Any, Any, Decimal]]  # (key id, since, *, queued)
@@ -180,6 +181,7 @@ class KeyMeter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._recorded = _Recorded(self)
         self._periods = Periods()
+        self._stop_by: float | None = None  # the loop's time a stop waits until
 
     def later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(self._quietly(work))
@@ -196,6 +198,28 @@ class KeyMeter:
         """The ledger committed these rows: their calls' leases can go."""
         if self.leases is not None and any(c in self.leases.held for c in call_ids):
             self.later(self.leases.written(call_ids))
+
+    async def stop(self, limit: float = STOP_WAITS) -> None:
+        """At shutdown: wait for queued corrections, about `limit` seconds at most.
+
+        What is still on its way then (Redis not answering) is left to the
+        reaper, which settles each call at its reservation (the operator's side).
+        """
+        loop = asyncio.get_running_loop()
+        # One limit for the stop's waits together (it waits twice: before and after the
+        # ledger's last rows, whose "rows written" then get a second at least).
+        if self._stop_by is None:
+            self._stop_by = loop.time() + limit
+        deadline = max(self._stop_by, loop.time() + 1.0)
+        while loop.time() < deadline:
+            pending = [*self._tasks, *(self.shared.pending() if self.shared is not None else ())]
+            if not pending:
+                return
+            await asyncio.wait(pending, timeout=deadline - loop.time())
+        late = list(self._tasks)  # still waiting on Redis: given up (their leases run out)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     async def drain(self) -> None:
         """Wait for queued corrections (at shutdown, and in tests)."""

@@ -37,7 +37,9 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chat_api import clock
 from chat_api.calls import CallContext, Prepared
@@ -52,7 +54,9 @@ LEASE_TTL = 7 * 86_400  # the hash outlives every replica stopping for a while
 _LEASE_TTL = str(LEASE_TTL)
 BUDGET_TTL = 60 * 60 * 24 * 40
 REAPED_OUTCOME = "replica_lost"
-WRITTEN_TRIES = 5  # "rows written" is sent this many times at most (waits 0.1, 0.2, 0.4, 0.8 s)
+_LOST = (RedisConnectionError, RedisTimeoutError)  # a step lost on its way: it may be sent again
+WRITTEN_TRIES = 5  # "rows written" lost with its connection or its answer: sent again
+#                   0.1, 0.2, 0.4 and 0.8 s later
 
 WriteRows = Callable[[list[dict[str, Any]]], Awaitable[None]]
 Seed = Callable[[], Awaitable[int]]
@@ -381,8 +385,8 @@ class RedisLeases:
                 else:
                     flags = await self._written(keys=keys, args=mine)
                 break
-            except (RedisError, OSError):
-                if attempt + 1 == WRITTEN_TRIES:
+            except (RedisError, OSError) as exc:
+                if attempt + 1 == WRITTEN_TRIES or not isinstance(exc, _LOST):
                     for call_id in mine:  # not renewed any more: the reaper deletes them
                         self._gone(call_id)
                     raise
@@ -409,6 +413,7 @@ class RedisLeases:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_loop(), name="reaper")
 
     async def close(self) -> None:
+        self._checking.cancel()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

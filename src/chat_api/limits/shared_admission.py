@@ -183,10 +183,11 @@ return cjson.encode(out)
 # A run that failed this way may have run in Redis: what it took is undone if it did.
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
 AFTER_WAITS = 0.001  # what comes after a call waits this long for an admission to go with
-# A settlement, or the giving back of an admission that may have run unused, is sent this
-# many times at most, waiting 0.1, 0.2, 0.4... s between tries (6.3 s in all, well within
-# a lease's life).
-RELEASE_TRIES = 7
+# A settlement, or the giving back of an admission that may have run unused, lost with its
+# connection or its answer is sent this many times at most, waiting 0.1, 0.2, 0.4... s
+# between tries (3.1 s of waiting in all, well within a lease's life; a stop waits for
+# them at most `KeyMeter.stop`'s limit).
+RELEASE_TRIES = 6
 RELEASE_FIRST_WAIT = 0.1
 
 
@@ -769,9 +770,7 @@ class SharedAdmission:
         self._settling.discard(future)
         if future.cancelled() or future.exception() is None:
             return
-        if attempt + 1 < RELEASE_TRIES:  # safe to send twice: asked again, a moment later
-            delay = RELEASE_FIRST_WAIT * 2**attempt
-            asyncio.get_running_loop().call_later(delay, self._release, ask, keys, attempt + 1)
+        if self._again_later(future.exception(), attempt, self._release, ask, keys, attempt + 1):
             return
         # Left to the reaper, which settles it at its reservation (the operator's side).
         log.warning(
@@ -824,9 +823,7 @@ class SharedAdmission:
         self._settling.discard(sent)
         lease = settlement.lease
         error = None if sent.cancelled() else sent.exception()
-        if error is not None and attempt + 1 < RELEASE_TRIES:
-            delay = RELEASE_FIRST_WAIT * 2**attempt
-            asyncio.get_running_loop().call_later(delay, self.settle, settlement, attempt + 1)
+        if self._again_later(error, attempt, self.settle, settlement, attempt + 1):
             return
         if sent.cancelled() or error is not None:
             self.leases.abandon(lease)
@@ -841,6 +838,25 @@ class SharedAdmission:
         else:
             self.leases.settled_now(lease, done)
 
+    def _again_later(
+        self, error: BaseException | None, attempt: int, send: Callable[..., None], *args: Any
+    ) -> bool:
+        """Send a step lost with its connection or its answer again a moment later.
+
+        Only for what is safe to run twice; `drain` waits for it. False: not sent again.
+        """
+        if not isinstance(error, _LOST) or attempt + 1 >= RELEASE_TRIES or self._batch.closed:
+            return False
+
+        async def later() -> None:
+            await asyncio.sleep(RELEASE_FIRST_WAIT * 2**attempt)
+            send(*args)
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return True
+
     async def _lease_lost(self, lease: Lease, done: int) -> None:
         try:
             await self.leases.settled(lease, done)
@@ -849,11 +865,18 @@ class SharedAdmission:
             log.warning("could not correct limits after a call", extra={"error": repr(exc)})
 
     async def close(self) -> None:
+        for item in list(self._settling):  # steps waiting to be sent again: the reaper's now
+            if isinstance(item, asyncio.Task):
+                item.cancel()
         await self._batch.close()
 
     @property
     def busy(self) -> bool:
         return bool(self._settling)
+
+    def pending(self) -> list[asyncio.Future[Any]]:
+        """What `drain` waits for: settlements and undoings on their way, or to be sent again."""
+        return list(self._settling)
 
     async def drain(self) -> None:
         """Wait for the settlements on their way (at shutdown, and in tests)."""

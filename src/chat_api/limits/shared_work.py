@@ -21,3 +21,8 @@ class SharedWork:
             running = self._running[key] = asyncio.ensure_future(work())
             running.add_done_callback(lambda _: self._running.pop(key, None))
         await asyncio.shield(running)
+
+    def cancel(self) -> None:
+        """Stop the runs on their way (at shutdown: nobody is left to wait for them)."""
+        for running in list(self._running.values()):
+            running.cancel()
