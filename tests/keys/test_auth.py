@@ -219,6 +219,8 @@ def test_secrets_are_shown_once_and_stored_only_as_a_hash(
         ({"name": "x", "rpm": 0}, "'rpm' is out of range"),
         ({"name": "x", "max_in_flight": True}, "'max_in_flight'"),  # not a cap of 1
         ({"name": "x", "rpm": "60"}, "'rpm'"),
+        ({"name": "x", "expires_in_days": True}, "'expires_in_days'"),  # not 1 day (fuzz: ST201)
+        ({"name": "x", "expires_in_days": "3"}, "'expires_in_days'"),
         ({"name": "x", "models": ["gpt-99"]}, "not in CHAT_API_MODELS"),
         ({"name": "x", "budget_period": "weekly"}, "budget_period"),
         ({"name": "x", "colour": "red"}, "Unknown field 'colour'"),

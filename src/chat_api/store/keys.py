@@ -86,7 +86,7 @@ class KeySpec(BaseModel):
         default=None, description="An ISO 8601 date and time (numbers are refused)."
     )
     # A ceiling, or `now + timedelta(days=1e308)` overflows (a 500, found by schemathesis).
-    expires_in_days: float | None = Field(default=None, gt=0, le=36_500)
+    expires_in_days: float | None = Field(default=None, gt=0, le=36_500, strict=True)
 
     @field_validator("rpm", "tpm", "max_in_flight", mode="before")
     @classmethod
