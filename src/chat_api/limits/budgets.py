@@ -71,13 +71,10 @@ class Periods:
         known = self._known.get(period)
         if known is None or not known[2] <= now < known[3]:
             bucket, start, reset_in = period_bounds(period, datetime.fromtimestamp(now, UTC))
-            if start is None:  # a total: one bucket, that never renews
-                self._known[period] = (bucket, start, -math.inf, math.inf)
-                return bucket, start, reset_in
-            known = self._known[period] = (bucket, start, start.timestamp(), now + reset_in)
-        if known[1] is None:
-            return known[0], None, TOTAL_RESETS_IN
-        return known[0], known[1], known[3] - now
+            begins, ends = (start.timestamp(), now + reset_in) if start else (-math.inf, math.inf)
+            known = self._known[period] = (bucket, start, begins, ends)
+        bucket, start, _, ends = known
+        return bucket, start, ends - now if start else TOTAL_RESETS_IN  # a total never renews
 
 
 class Budgets(Protocol):

@@ -54,9 +54,14 @@ LEASE_TTL = 7 * 86_400  # the hash outlives every replica stopping for a while
 _LEASE_TTL = str(LEASE_TTL)
 BUDGET_TTL = 60 * 60 * 24 * 40
 REAPED_OUTCOME = "replica_lost"
-_LOST = (RedisConnectionError, RedisTimeoutError)  # a step lost on its way: it may be sent again
+LOST = (RedisConnectionError, RedisTimeoutError)  # a step lost on its way: it may be sent again
 WRITTEN_TRIES = 5  # "rows written" lost with its connection or its answer: sent again
-#                   0.1, 0.2, 0.4 and 0.8 s later
+
+
+def again_in(attempt: int) -> float:
+    """How long a lost step waits before it is sent again: 0.1, 0.2, 0.4... s."""
+    return 0.1 * 2.0**attempt
+
 
 WriteRows = Callable[[list[dict[str, Any]]], Awaitable[None]]
 Seed = Callable[[], Awaitable[int]]
@@ -386,11 +391,11 @@ class RedisLeases:
                     flags = await self._written(keys=keys, args=mine)
                 break
             except (RedisError, OSError) as exc:
-                if attempt + 1 == WRITTEN_TRIES or not isinstance(exc, _LOST):
+                if attempt + 1 == WRITTEN_TRIES or not isinstance(exc, LOST):
                     for call_id in mine:  # not renewed any more: the reaper deletes them
                         self._gone(call_id)
                     raise
-                await asyncio.sleep(0.1 * 2**attempt)
+                await asyncio.sleep(again_in(attempt))
         missing = []
         for call_id, flag in zip(mine, flags, strict=True):
             lease = self.held.get(call_id)

@@ -54,10 +54,12 @@ from chat_api.limits.counters import RedisCounter
 from chat_api.limits.in_flight import RedisInFlight
 from chat_api.limits.leases import (
     LEASES_WRITTEN,
+    LOST,
     SETTLE_LEASE,
     WRITE_LEASE,
     Lease,
     RedisLeases,
+    again_in,
 )
 from chat_api.store.shared import Reachability
 
@@ -181,14 +183,12 @@ return cjson.encode(out)
 )
 
 # A run that failed this way may have run in Redis: what it took is undone if it did.
-_LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+_LOST = (*LOST, OSError)
 AFTER_WAITS = 0.001  # what comes after a call waits this long for an admission to go with
 # A settlement, or the giving back of an admission that may have run unused, lost with its
-# connection or its answer is sent this many times at most, waiting 0.1, 0.2, 0.4... s
-# between tries (3.1 s of waiting in all, well within a lease's life; a stop waits for
-# them at most `KeyMeter.stop`'s limit).
+# connection or its answer is sent this many times at most, `again_in` apart (3.1 s of
+# waiting in all, well within a lease's life; a stop waits at most `KeyMeter.stop`'s limit).
 RELEASE_TRIES = 6
-RELEASE_FIRST_WAIT = 0.1
 
 
 def _may_have_run() -> RedisConnectionError:
@@ -849,7 +849,7 @@ class SharedAdmission:
             return False
 
         async def later() -> None:
-            await asyncio.sleep(RELEASE_FIRST_WAIT * 2**attempt)
+            await asyncio.sleep(again_in(attempt))
             send(*args)
 
         task = asyncio.get_running_loop().create_task(later())
